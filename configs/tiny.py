@@ -1,0 +1,70 @@
+"""Tiny Flamingo: a forward/backward in well under a second on a CPU (tests, demo).
+
+  python -m flamingo_jax.tools.count_params --config configs/tiny.py
+  python -m flamingo_jax.train --config configs/tiny.py --workdir /tmp/tiny
+  python -m flamingo_jax.train --config configs/tiny.py --workdir /tmp/tiny \
+      --fake_devices=8 --config.mesh.fsdp=2 --config.mesh.tensor=2 --config.mesh.zero1=True
+
+Trains on the deterministic synthetic image-text data of flamingo_jax/train_data.py
+(two datasets, combined by gradient accumulation as in the paper); the loss falls
+within a few dozen steps.
+"""
+import ml_collections
+
+from flamingo_jax.config import (FlamingoConfig, PatchEncoderConfig, ResamplerConfig,
+                                 VisionConfig, XAttnConfig, lm_preset, to_config_dict)
+
+VOCAB = 512
+
+
+def get_config():
+  model = FlamingoConfig(
+      vision=VisionConfig(name="patch", image_size=32,
+                          patch=PatchEncoderConfig(patch_size=8, width=32, depth=1)),
+      vision_feature_dim=32,
+      resampler=ResamplerConfig(depth=2, width=64, num_heads=4, head_dim=16, num_latents=8,
+                                max_frames=4),
+      xattn=XAttnConfig(every=1, num_heads=4, head_dim=16),
+      lm=lm_preset("chinchilla", vocab_size=VOCAB, num_layers=2, width=64, num_heads=4,
+                   head_dim=16, max_length=128),
+      image_token_id=VOCAB - 2,
+      eoc_token_id=VOCAB - 1,
+  )
+  config = ml_collections.ConfigDict({"model": to_config_dict(model)})
+
+  config.train = dict(
+      total_steps=200,
+      seed=0,
+      input="synthetic",  # or "pipeline" (flamingo_jax.data, reads config.data)
+      mixing="accumulate",  # or "round_robin"
+      micro_batches={},  # e.g. {"interleaved": 2}
+      frozen_dtype="bfloat16",
+      log_every=10,
+      max_consecutive_nonfinite=10,
+      peak_flops_per_device=0.0,
+  )
+  config.optim = dict(learning_rate=1e-3, warmup_steps=10, schedule="constant",
+                      end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
+                      clip_norm=1.0)
+  # One axis may be -1 (the devices the others leave).
+  config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1, zero1=False, fsdp_min_size=2 ** 18)
+  config.checkpoint = dict(every=50, keep=2, async_save=True)
+  config.distributed = dict(mode="auto", coordinator_address="", num_processes=0,
+                            process_id=-1)
+  # Pretrained weights per component (orbax parameter checkpoints), e.g.
+  # {"vision": "/ckpt/nfnet_f6", "lm": "/ckpt/chinchilla_1b"}.
+  config.model_init = {}
+  # Batch sizes are global (over all processes); weight is lambda_m of the loss.
+  config.synthetic = dict(
+      seed=0,
+      num_classes=8,
+      nan_batches=(),
+      feature_positions=16,
+      datasets=dict(
+          interleaved=dict(kind="interleaved", batch_size=8, seq_len=32, max_images=3,
+                           num_frames=1, weight=1.0),
+          pairs=dict(kind="pairs", batch_size=8, seq_len=16, max_images=1, num_frames=1,
+                     weight=0.2),
+      ),
+  )
+  return config

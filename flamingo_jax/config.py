@@ -1,0 +1,362 @@
+"""The model configuration schema.
+
+Users write configs as ml_collections ConfigDicts (configs/*.py, overridable
+from the command line). Modules take the frozen dataclasses defined here: the
+dataclasses are the schema, so an unknown or misspelled key, a wrong type or
+an inconsistent size fails with a ValueError that names the key, before any
+array is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Optional
+
+import ml_collections
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class NFNetConfig:
+  """NFNet-F{0..7} (Brock et al. 2021), as in DeepMind's code and timm.
+
+  Checked by flamingo_jax.models.nfnet.validate_nfnet_config; docs/nfnet.md
+  says which options reproduce DeepMind's and timm's numerics.
+  """
+  variant: str = "F6"
+  # Overrides of the variant's blocks per stage / widths, for tiny test models.
+  depths: Optional[tuple[int, ...]] = None
+  widths: tuple[int, ...] = (256, 512, 1536, 1536)
+  stem_widths: tuple[int, ...] = (16, 32, 64, 128)
+  group_width: int = 128
+  bottleneck_ratio: float = 0.5
+  se_ratio: float = 0.5
+  se_activation: str = "relu"  # released code; the paper says gelu
+  # gelu: exact erf GELU (timm); gelu_tanh: tanh approximation (DeepMind's
+  # jax.nn.gelu default); both scaled by gamma = 1.7015043497085571.
+  activation: str = "gelu"
+  # Scaled weight standardisation: "deepmind" W_hat = (W - mean) * gain /
+  # sqrt(max(var * fan_in, eps)), eps 1e-4; "timm" W_hat = (W - mean) * gain /
+  # sqrt(fan_in * (var + eps)), eps 1e-5. ws_eps None: the style's eps.
+  ws_style: str = "deepmind"
+  ws_eps: Optional[float] = None
+  alpha: float = 0.2
+  stochastic_depth_rate: float = 0.25
+  stochastic_depth_rescale: bool = False  # DeepMind: no 1/keep rescaling
+  final_conv: bool = True  # 1x1 conv to final_conv_mult * widths[-1] (3072)
+  final_conv_mult: int = 2
+  num_classes: int = 0  # 0: no classifier head
+  dropout_rate: Optional[float] = None  # None: the variant's (F0 0.2 ... F7 0.5)
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchEncoderConfig:
+  """A small patchify encoder (conv with stride = patch size, then an MLP).
+
+  Used by tiny configs and tests where an NFNet would be too slow on a CPU.
+  """
+  patch_size: int = 8
+  width: int = 64
+  depth: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  name: str = "nfnet"  # a registered encoder: see models/vision.py
+  image_size: int = 320
+  nfnet: NFNetConfig = NFNetConfig()
+  patch: PatchEncoderConfig = PatchEncoderConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResamplerConfig:
+  """Perceiver Resampler: visual features [T, S, d] -> num_latents tokens."""
+  kind: str = "perceiver"  # perceiver | mlp | transformer (paper Table 3 ablations)
+  depth: int = 6
+  width: int = 1536
+  num_heads: int = 16
+  head_dim: int = 96  # paper v2: 96; v1: 128
+  num_latents: int = 64
+  ffw_mult: int = 4
+  activation: str = "squared_relu"
+  # Project the encoder's features (input_dim) to `width` before resampling.
+  # With input_proj=False the features must already be `width` wide.
+  input_proj: bool = True
+  max_frames: int = 8  # learned temporal embeddings; interpolated beyond
+  temporal_embeddings: bool = True
+  # Learned embedding per image slot (OpenFlamingo's media_time_embs,
+  # flamingo-pytorch's media_pos_emb); 0 disables (the paper has none).
+  num_media_embeddings: int = 0
+  use_bias: bool = False
+  layernorm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class XAttnConfig:
+  """GATED XATTN-DENSE blocks inserted into the frozen LM."""
+  kind: str = "gated_dense"  # gated_dense | vanilla (Table 3 "vanilla xattn")
+  every: int = 1  # a block before LM blocks 0, N, 2N, ...
+  # paper: before blocks 0, N, ...; openflamingo: before block i where
+  # (i + 1) % N == 0; middle: a single block before the middle LM block.
+  placement: str = "paper"
+  num_heads: int = 16
+  head_dim: int = 128
+  ffw_mult: int = 4
+  activation: str = "squared_relu"
+  gating: str = "tanh"  # tanh | none (Table 3 "w/o tanh gating")
+  gate_shape: str = "scalar"  # scalar | vector (one gate per channel)
+  attend_previous: str = "last"  # last | all (Table 10 "all previous images")
+  # What a text token with no image to attend to gets (the paper is silent):
+  #   zero_attention: attention weights 0 (out = out-proj of 0), FFW still
+  #                   applied (OpenFlamingo);
+  #   zero_output:    cross-attention output 0 after its out-projection, FFW
+  #                   still applied (IDEFICS);
+  #   skip:           the whole gated block is the identity for that token.
+  no_image: str = "zero_attention"
+  query_layernorm: bool = True
+  kv_layernorm: bool = True  # paper v1; OpenFlamingo has none
+  ffw_layernorm: bool = True
+  use_bias: bool = False
+  layernorm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Decoder-only LM. `lm_preset(family, ...)` fills a family's defaults."""
+  family: str = "chinchilla"  # chinchilla | llama | gpt2
+  vocab_size: int = 32000
+  num_layers: int = 24
+  width: int = 2048
+  num_heads: int = 16
+  head_dim: int = 128
+  num_kv_heads: int = 0  # 0: same as num_heads; fewer: grouped-query attention
+  ffw_dim: int = 0  # 0: ffw_mult * width
+  ffw_mult: int = 4
+  activation: str = "gelu"  # or swiglu / geglu for gated FFW
+  norm: str = "layernorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  positions: str = "rotary"  # rotary | learned | none
+  rotary_base: float = 10000.0
+  max_length: int = 2048  # for learned positions
+  use_bias: bool = False  # biases in attention and FFW projections
+  tie_embeddings: bool = True
+  parallel_residual: bool = False  # GPT-NeoX style attn and FFW in parallel
+  embedding_scale: float = 1.0  # multiply token embeddings (Gemma-style sqrt(D))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlamingoConfig:
+  vision: VisionConfig = VisionConfig()
+  # Width C of the vision features fed to the resampler; derived from the
+  # encoder config when 0, required when the model runs on precomputed features.
+  vision_feature_dim: int = 0
+  resampler: ResamplerConfig = ResamplerConfig()
+  xattn: XAttnConfig = XAttnConfig()
+  lm: LMConfig = LMConfig()
+  image_token_id: int = 32000 - 2
+  eoc_token_id: int = 32000 - 1
+  # Give <image> and <EOC> trainable rows in both the input and output
+  # embeddings (the frozen LM's rows for those ids are then unused).
+  train_new_token_embeddings: bool = True
+  # Components whose parameters get no update (and no optimizer state).
+  frozen: tuple[str, ...] = ("vision", "lm")
+  # Parameter paths (regexes over "component/sub/.../leaf") without weight
+  # decay. Paper: every trainable parameter decays except the resampler.
+  no_weight_decay: tuple[str, ...] = ("resampler/.*",)
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16
+  param_dtype: str = "float32"
+  remat: str = "none"  # none | block | dots (activation checkpointing per block)
+
+
+COMPONENTS = ("vision", "resampler", "xattn", "lm", "new_tokens")
+
+LM_FAMILIES = {
+    # The paper's frozen LM as the Flamingo paper describes it.
+    "chinchilla": dict(norm="layernorm", activation="gelu", positions="rotary",
+                       use_bias=False, tie_embeddings=True, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", activation="swiglu", positions="rotary", use_bias=False,
+                  tie_embeddings=False, norm_eps=1e-6),
+    "gpt2": dict(norm="layernorm", activation="gelu_tanh", positions="learned", use_bias=True,
+                 tie_embeddings=True, norm_eps=1e-5, max_length=1024),
+}
+
+
+def lm_preset(family: str, **overrides) -> LMConfig:
+  """An LMConfig with `family`'s conventions and the given sizes."""
+  if family not in LM_FAMILIES:
+    raise ValueError(f"unknown LM family {family!r}; expected one of {sorted(LM_FAMILIES)}")
+  return LMConfig(family=family, **{**LM_FAMILIES[family], **overrides})
+
+
+# --------------------------------------------------------------------------
+# ConfigDict <-> dataclass
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def to_config_dict(obj) -> ml_collections.ConfigDict:
+  """A dataclass (and nested ones) as a ConfigDict with the same keys."""
+  out = {}
+  for name in _fields(type(obj)):
+    value = getattr(obj, name)
+    out[name] = to_config_dict(value) if dataclasses.is_dataclass(value) else value
+  return ml_collections.ConfigDict(out)
+
+
+def from_config_dict(cls, cfg: Any, prefix: str = "model"):
+  """Builds dataclass `cls` from a ConfigDict/dict, rejecting unknown keys."""
+  if dataclasses.is_dataclass(cfg):
+    cfg = to_config_dict(cfg)
+  items = cfg.items() if hasattr(cfg, "items") else None
+  if items is None:
+    raise ValueError(f"config {prefix!r} must be a mapping, got {type(cfg).__name__}")
+  fields = _fields(cls)
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in items:
+    path = f"{prefix}.{key}"
+    if key not in fields:
+      raise ValueError(
+          f"unknown config key {path!r}; valid keys under {prefix!r}: "
+          f"{', '.join(sorted(fields))}")
+    hint = hints[key]
+    if dataclasses.is_dataclass(hint):
+      kwargs[key] = from_config_dict(hint, value, path)
+    else:
+      kwargs[key] = _coerce(value, hint, path)
+  return cls(**kwargs)
+
+
+def _coerce(value, hint, path):
+  origin = typing.get_origin(hint)
+  args = typing.get_args(hint)
+  if origin is typing.Union and type(None) in args:  # Optional[X]
+    if value is None:
+      return None
+    (hint,) = [a for a in args if a is not type(None)]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"config key {path!r} must be a sequence, got {value!r}")
+    return tuple(_coerce(v, args[0], path) for v in value)
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint in (int, float, str, bool) and not isinstance(value, hint) or (
+      hint is int and isinstance(value, bool)):
+    raise ValueError(
+        f"config key {path!r} must be {hint.__name__}, got {value!r}")
+  return value
+
+
+def model_config(cfg) -> FlamingoConfig:
+  """The validated FlamingoConfig of a ConfigDict (its `model` field) or dict."""
+  if isinstance(cfg, FlamingoConfig):
+    config = cfg
+  else:
+    if hasattr(cfg, "model") and not isinstance(cfg, dict):
+      cfg = cfg.model
+    config = from_config_dict(FlamingoConfig, cfg, "model")
+  validate(config)
+  return config
+
+
+def _check(cond: bool, msg: str):
+  if not cond:
+    raise ValueError(msg)
+
+
+def _choice(value, choices, key):
+  _check(value in choices, f"config key {key!r} is {value!r}; expected one of {list(choices)}")
+
+
+def validate(c: FlamingoConfig) -> None:
+  """Cross-field checks; every message names the offending key."""
+  r, x, lm = c.resampler, c.xattn, c.lm
+  _choice(r.kind, ("perceiver", "mlp", "transformer"), "model.resampler.kind")
+  _choice(r.activation, ACTIVATIONS, "model.resampler.activation")
+  _choice(x.kind, ("gated_dense", "vanilla"), "model.xattn.kind")
+  _choice(x.placement, ("paper", "openflamingo", "middle"), "model.xattn.placement")
+  _choice(x.activation, ACTIVATIONS, "model.xattn.activation")
+  _choice(x.gating, ("tanh", "none"), "model.xattn.gating")
+  _choice(x.gate_shape, ("scalar", "vector"), "model.xattn.gate_shape")
+  _choice(x.attend_previous, ("last", "all"), "model.xattn.attend_previous")
+  _choice(x.no_image, ("zero_attention", "zero_output", "skip"), "model.xattn.no_image")
+  _choice(lm.family, ("chinchilla", "llama", "gpt2"), "model.lm.family")
+  _choice(lm.activation, ACTIVATIONS + GATED_ACTIVATIONS, "model.lm.activation")
+  _choice(lm.norm, ("layernorm", "rmsnorm"), "model.lm.norm")
+  _choice(lm.positions, ("rotary", "learned", "none"), "model.lm.positions")
+  _choice(c.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+  _choice(c.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
+  _choice(c.remat, ("none", "block", "dots"), "model.remat")
+  for key, v in [("model.resampler.depth", r.depth), ("model.resampler.width", r.width),
+                 ("model.resampler.num_heads", r.num_heads),
+                 ("model.resampler.head_dim", r.head_dim),
+                 ("model.resampler.num_latents", r.num_latents),
+                 ("model.xattn.every", x.every), ("model.xattn.num_heads", x.num_heads),
+                 ("model.xattn.head_dim", x.head_dim), ("model.lm.num_layers", lm.num_layers),
+                 ("model.lm.width", lm.width), ("model.lm.num_heads", lm.num_heads),
+                 ("model.lm.head_dim", lm.head_dim), ("model.lm.vocab_size", lm.vocab_size)]:
+    _check(v > 0, f"config key {key!r} must be positive, got {v}")
+  kv = lm.num_kv_heads or lm.num_heads
+  _check(lm.num_heads % kv == 0,
+         f"config key 'model.lm.num_kv_heads' ({kv}) must divide model.lm.num_heads "
+         f"({lm.num_heads})")
+  _check(lm.positions != "rotary" or lm.head_dim % 2 == 0,
+         "config key 'model.lm.head_dim' must be even with rotary positions")
+  for key, tid in [("model.image_token_id", c.image_token_id),
+                   ("model.eoc_token_id", c.eoc_token_id)]:
+    _check(0 <= tid < lm.vocab_size,
+           f"config key {key!r} = {tid} is outside the vocabulary [0, {lm.vocab_size})")
+  for comp in c.frozen:
+    _choice(comp, COMPONENTS, "model.frozen")
+  _check(c.image_token_id != c.eoc_token_id,
+         "config keys 'model.image_token_id' and 'model.eoc_token_id' must differ")
+  _check(r.input_proj or c.vision_feature_dim in (0, r.width),
+         f"config key 'model.resampler.input_proj' is False but the vision features are "
+         f"{c.vision_feature_dim} wide and the resampler {r.width}")
+
+
+# --------------------------------------------------------------------------
+# The paper's models (Table 4)
+
+PAPER_SIZES = {
+    # size: (LM layers, LM width, LM heads, xattn every)
+    "3b": (24, 2048, 16, 1),
+    "9b": (40, 4096, 32, 4),
+    "80b": (80, 8192, 64, 7),
+}
+PAPER_VOCAB = 32000  # Chinchilla's SentencePiece vocabulary
+
+
+def paper_model(size: str, version: str = "v2") -> FlamingoConfig:
+  """Flamingo-{3B,9B,80B} as in paper Table 4.
+
+  version: "v2" (head size 96 in the resampler, 128 elsewhere) or "v1" (128
+  everywhere). The vocabulary is Chinchilla's 32,000 plus `<image>` and `<EOC>`
+  appended at 32000 and 32001 (their rows are trained in `new_token_*`).
+  """
+  if size not in PAPER_SIZES:
+    raise ValueError(f"unknown Flamingo size {size!r}; expected one of {sorted(PAPER_SIZES)}")
+  if version not in ("v1", "v2"):
+    raise ValueError(f"paper version must be 'v1' or 'v2', got {version!r}")
+  layers_, width, heads, every = PAPER_SIZES[size]
+  vocab = PAPER_VOCAB + 2
+  return FlamingoConfig(
+      vision=VisionConfig(name="nfnet", image_size=320, nfnet=NFNetConfig(variant="F6")),
+      vision_feature_dim=3072,
+      resampler=ResamplerConfig(depth=6, width=1536, num_heads=16,
+                                head_dim=96 if version == "v2" else 128, num_latents=64,
+                                activation="squared_relu", input_proj=True, max_frames=8),
+      xattn=XAttnConfig(every=every, placement="paper", num_heads=heads, head_dim=128,
+                        activation="squared_relu"),
+      lm=lm_preset("chinchilla", vocab_size=vocab, num_layers=layers_, width=width,
+                   num_heads=heads, head_dim=128, max_length=2048),
+      image_token_id=PAPER_VOCAB,
+      eoc_token_id=PAPER_VOCAB + 1,
+      dtype="bfloat16",
+  )

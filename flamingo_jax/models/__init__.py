@@ -1,0 +1,15 @@
+"""Flamingo model components, one concept per module.
+
+  layers.py         Dense / LayerNorm / FFW / attention primitives with logical axes
+  masking.py        image-causal masking (phi per token, p_next)
+  resampler.py      Perceiver Resampler
+  xattn.py          GATED XATTN-DENSE block
+  lm.py             decoder-only LM (Chinchilla / Llama / GPT-2 families)
+  vision.py         registry of vision encoders (nfnet.py, patch_encoder.py)
+  flamingo.py       the composite model
+  labels.py         frozen / trainable / trainable-without-decay labels per parameter
+"""
+from flamingo_jax.models.flamingo import Flamingo, merged_lm_params, xattn_layer_indices
+from flamingo_jax.models.lm import DecoderLM
+
+__all__ = ["Flamingo", "DecoderLM", "merged_lm_params", "xattn_layer_indices"]

@@ -1,0 +1,152 @@
+"""Decoder-only language model: the frozen LM that Flamingo conditions on images.
+
+One module covers three families by config (see `config.lm_preset`):
+  chinchilla  pre-LayerNorm, GeLU FFW 4x, rotary positions, tied embeddings
+              (the paper's frozen LM; Chinchilla itself used RMSNorm and
+              relative positions: both are config options, see docs)
+  llama       RMSNorm, SwiGLU, rotary positions, grouped KV heads, untied
+  gpt2        learned positions, LayerNorm with biases, GeLU (tanh), tied
+
+The Flamingo model drives the pieces separately (embed -> blocks with
+cross-attention in between -> logits), so they are exposed as methods.
+Self-attention takes the positions and mask explicitly, so a KV cache for
+decoding only has to replace how keys and values are gathered.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.config import LMConfig
+from flamingo_jax.models import layers
+
+
+def _norm(c: LMConfig, name: str, dtype, param_dtype):
+  return layers.LayerNorm(name=name, eps=c.norm_eps, rms=c.norm == "rmsnorm",
+                          dtype=dtype, param_dtype=param_dtype)
+
+
+class SelfAttention(nn.Module):
+  config: LMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    """x [B, L, D], positions [B, L], mask [B, 1, L, L] (True = attend) -> [B, L, D]."""
+    c = self.config
+    kw = dict(head_dim=c.head_dim, use_bias=c.use_bias, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    kv_heads = c.num_kv_heads or c.num_heads
+    q = layers.HeadProjection(c.num_heads, name="query", **kw)(x)
+    k = layers.HeadProjection(kv_heads, name="key", **kw)(x)
+    v = layers.HeadProjection(kv_heads, name="value", **kw)(x)
+    if c.positions == "rotary":
+      q = layers.rotary_embedding(q, positions, c.rotary_base)
+      k = layers.rotary_embedding(k, positions, c.rotary_base)
+    out = layers.dot_product_attention(q, k, v, mask)
+    return layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out",
+                                dtype=self.dtype, param_dtype=self.param_dtype)(out)
+
+
+class DecoderBlock(nn.Module):
+  config: LMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    """x [B, L, D] -> [B, L, D]."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ffw = layers.FeedForward(c.ffw_dim or c.ffw_mult * c.width, c.activation, c.use_bias,
+                             name="ffw", **kw)
+    attn = SelfAttention(c, name="attn", **kw)(_norm(c, "attn_norm", **kw)(x), positions, mask)
+    if c.parallel_residual:
+      y = x + attn + ffw(_norm(c, "ffw_norm", **kw)(x))
+    else:
+      y = x + attn
+      y = y + ffw(_norm(c, "ffw_norm", **kw)(y))
+    return nn.with_logical_constraint(
+        y.astype(x.dtype), ("activation_batch", "activation_length", "activation_embed"))
+
+
+def causal_mask(attention_mask: Optional[jax.Array], length: int, batch: int):
+  """[B, 1, L, L] bool: causal, and padded keys (attention_mask 0) hidden."""
+  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  if attention_mask is None:
+    return jnp.broadcast_to(causal, (batch, 1, length, length))
+  return causal & attention_mask.astype(bool)[:, None, None, :]
+
+
+def default_positions(attention_mask: Optional[jax.Array], batch: int, length: int):
+  """[B, L] positions counting only real tokens (left padding safe)."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class DecoderLM(nn.Module):
+  """tokens [B, L] -> logits [B, L, V]."""
+  config: LMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    embed_init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / c.width ** 0.5),
+                                              ("vocab", "embed"))
+    self.embedding = self.param("embedding", embed_init, (c.vocab_size, c.width),
+                                self.param_dtype)
+    if c.positions == "learned":
+      self.position_embedding = self.param(
+          "position_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+          (c.max_length, c.width), self.param_dtype)
+    block = DecoderBlock
+    if self.remat == "block":
+      block = nn.remat(DecoderBlock)
+    elif self.remat == "dots":
+      block = nn.remat(DecoderBlock, policy=jax.checkpoint_policies.dots_saveable)
+    self.blocks = [block(c, name=f"blocks_{i}", **kw) for i in range(c.num_layers)]
+    self.final_norm = _norm(c, "final_norm", **kw)
+    if not c.tie_embeddings:
+      self.unembed = layers.Dense(c.vocab_size, ("embed", "vocab"), name="unembed", **kw)
+
+  def embed(self, tokens, positions):
+    """tokens [B, L] int, positions [B, L] -> [B, L, D]."""
+    c = self.config
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    if c.embedding_scale != 1.0:
+      x = x * jnp.asarray(c.embedding_scale, self.dtype)
+    if c.positions == "learned":
+      x = x + jnp.take(self.position_embedding, positions, axis=0).astype(self.dtype)
+    return x
+
+  def block(self, i: int, x, positions, mask):
+    return self.blocks[i](x, positions, mask)
+
+  def hidden_to_logits(self, h):
+    """h [B, L, D] (before the final norm) -> (normed h [B, L, D], logits [B, L, V] f32)."""
+    h = self.final_norm(h)
+    if self.config.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", h, self.embedding.astype(self.dtype))
+    else:
+      logits = self.unembed(h)
+    return h, logits.astype(jnp.float32)
+
+  def __call__(self, tokens, attention_mask=None, positions=None):
+    """tokens [B, L] int, attention_mask [B, L] (1 = real token) -> logits [B, L, V]."""
+    b, length = tokens.shape
+    if positions is None:
+      positions = default_positions(attention_mask, b, length)
+    mask = causal_mask(attention_mask, length, b)
+    x = self.embed(tokens, positions)
+    for i in range(self.config.num_layers):
+      x = self.block(i, x, positions, mask)
+    return self.hidden_to_logits(x)[1]

@@ -1,0 +1,98 @@
+"""GATED XATTN-DENSE: the trainable block inserted before frozen LM blocks.
+
+    y = y + tanh(alpha_xattn) * CrossAttention(q=LN(y), kv=LN(visual_tokens))
+    y = y + tanh(alpha_dense) * FFW(LN(y))
+
+The gates start at 0, so at initialisation the Flamingo model computes exactly
+the frozen LM. Which visual tokens a text token may see comes from
+`models.masking` (image-causal mask); what a token with no image gets is
+`XAttnConfig.no_image` (see config.py for the three conventions).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.config import XAttnConfig
+from flamingo_jax.models import layers
+
+
+class CrossAttention(nn.Module):
+  """Text queries attend to visual tokens under the image-causal mask."""
+  config: XAttnConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, visual, mask, has_image):
+    """x [B, L, D], visual [B, V, Dv], mask [B, L, V] bool, has_image [B, L] bool -> [B, L, D]."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if c.query_layernorm:
+      x = layers.LayerNorm(name="norm_query", eps=c.layernorm_eps, **kw)(x)
+    if c.kv_layernorm:
+      visual = layers.LayerNorm(name="norm_kv", axis_name="visual_embed", eps=c.layernorm_eps,
+                                **kw)(visual)
+    proj = dict(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.use_bias, **kw)
+    q = layers.HeadProjection(name="query", **proj)(x)
+    k = layers.HeadProjection(name="key", in_axis="visual_embed", **proj)(visual)
+    v = layers.HeadProjection(name="value", in_axis="visual_embed", **proj)(visual)
+    zero_rows = None
+    if c.no_image == "zero_attention":
+      zero_rows = ~has_image[:, None, :, None]
+    out = layers.dot_product_attention(q, k, v, mask[:, None], zero_rows=zero_rows)
+    out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out", **kw)(out)
+    if c.no_image == "zero_output":
+      out = jnp.where(has_image[..., None], out, 0)
+    return out
+
+
+class GatedCrossAttentionBlock(nn.Module):
+  """One GATED XATTN-DENSE block (or its ablations, by config)."""
+  config: XAttnConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def gate(self, name: str, width: int):
+    """tanh(alpha), alpha a scalar (or per-channel vector) initialised to 0."""
+    c = self.config
+    if c.gating == "none":
+      return jnp.ones((), self.dtype)
+    shape, axes = ((1,), (None,)) if c.gate_shape == "scalar" else ((width,), ("embed",))
+    alpha = layers.param_with_axes(self, name, nn.initializers.zeros, shape, jnp.float32, axes)
+    return jnp.tanh(alpha).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x, visual, mask, has_image):
+    """x [B, L, D], visual [B, V, Dv], mask [B, L, V], has_image [B, L] -> [B, L, D]."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    y = x + self.gate("attn_gate", width) * CrossAttention(c, name="attn", **kw)(
+        x, visual, mask, has_image)
+    if c.kind == "gated_dense":
+      h = y
+      if c.ffw_layernorm:
+        h = layers.LayerNorm(name="norm_ffw", eps=c.layernorm_eps, **kw)(h)
+      h = layers.FeedForward(c.ffw_mult * width, c.activation, c.use_bias, name="ffw", **kw)(h)
+      y = y + self.gate("ffw_gate", width) * h
+    if c.no_image == "skip":
+      y = jnp.where(has_image[..., None], y, x)
+    return y.astype(x.dtype)
+
+
+def tanh_gates(params) -> dict[str, jax.Array]:
+  """|tanh(alpha)| per block and gate (paper Fig. 6), e.g. {'xattn_block_0/attn_gate': 0.1}.
+
+  `params` is the Flamingo param tree (boxed or not); vector gates are averaged.
+  """
+  out = {}
+  blocks = [k for k in params if k.startswith("xattn_block_")]
+  for block in sorted(blocks, key=lambda k: int(k.rsplit("_", 1)[-1])):
+    for gate in ("attn_gate", "ffw_gate"):
+      if gate in params[block]:
+        value = params[block][gate]
+        value = getattr(value, "value", value)  # unbox logical partitioning
+        out[f"{block}/{gate}"] = jnp.mean(jnp.abs(jnp.tanh(value)))
+  return out
