@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "squared_relu", "silu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 
@@ -64,11 +64,28 @@ class PatchEncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """OpenCLIP / OpenAI CLIP vision transformer (OpenFlamingo's ViT-L/14 by default).
+
+  Features are the patch tokens after ln_post (the class token dropped), as
+  OpenFlamingo feeds its resampler.
+  """
+  patch_size: int = 14
+  width: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  activation: str = "quick_gelu"  # OpenAI-pretrained CLIP; open_clip's own models use gelu
+  layernorm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionConfig:
   name: str = "nfnet"  # a registered encoder: see models/vision.py
   image_size: int = 320
   nfnet: NFNetConfig = NFNetConfig()
   patch: PatchEncoderConfig = PatchEncoderConfig()
+  vit: ViTConfig = ViTConfig()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,8 @@ def activation(name: str):
     return lambda x: jax.nn.gelu(x, approximate=False)
   if name == "gelu_tanh":
     return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "quick_gelu":  # OpenAI CLIP
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
   if name == "relu":
     return jax.nn.relu
   if name == "squared_relu":

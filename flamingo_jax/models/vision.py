@@ -61,7 +61,7 @@ def vision_feature_dim(vision_config) -> int:
 
 def _import_builtin_encoders():
   # Imported for their registration side effect.
-  from flamingo_jax.models import patch_encoder  # noqa: F401
+  from flamingo_jax.models import patch_encoder, vit  # noqa: F401
   try:
     from flamingo_jax.models import nfnet  # noqa: F401
   except ImportError as e:  # pragma: no cover - only while nfnet is absent
