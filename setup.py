@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6.5,<3",
     "matplotlib>=3.11,<4",
     "safetensors>=0.8,<0.9",
+    "msgpack>=1.0,<2",  # ArrayRecord record encoding
+    "av>=18.1,<19",  # video decoding (FFmpeg libraries bundled in the wheel)
 ]
 
 # Reference implementations for parity tests. torch 2.13.0 is the CPU build

@@ -58,3 +58,9 @@ def test_count_params_cli_json():
   assert set(counts) >= {"vision", "resampler", "xattn", "lm", "total", "trainable"}
   assert counts["total"] == sum(counts[k] for k in ("vision", "resampler", "xattn", "lm",
                                                     "new_tokens"))
+
+
+def test_paper_3b_with_nfnet_f6_vision():
+  counts = count_params(paper_model("3b"))
+  assert counts["vision"] == 435_286_116  # timm dm_nfnet_f6 without its 1000-class head
+  assert counts["frozen"] == counts["vision"] + counts["lm"]
