@@ -220,6 +220,17 @@ def flatten_dims(x, start: int, end: int):
   return x.reshape(shape[:start] + (-1,) + shape[end:])
 
 
+def patchify(images, patch_size: int):
+  """images [B, H, W, C] -> non-overlapping patches [B, H/p, W/p, p*p*C] (row-major p, p, C)."""
+  check_rank("images", images, 4, "[B, H, W, 3]")
+  b, h, w, ch = images.shape
+  p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+  x = images.reshape(b, h // p, p, w // p, p, ch)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * ch)
+
+
 def check_rank(name: str, x, rank: int, layout: str):
   if x.ndim != rank:
     raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")

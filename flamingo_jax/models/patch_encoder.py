@@ -25,13 +25,7 @@ class PatchEncoder(nn.Module):
     """images [B, H, W, 3] -> [B, H/p, W/p, width]."""
     del train
     c = self.config
-    layers.check_rank("images", images, 4, "[B, H, W, 3]")
-    b, h, w, ch = images.shape
-    p = c.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, ch)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * ch)
+    x = layers.patchify(images.astype(self.dtype), c.patch_size)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.Dense(c.width, ("conv_in", "conv_out"), use_bias=True, name="patch_embed",
                      **kw)(x)

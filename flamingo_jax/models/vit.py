@@ -49,17 +49,14 @@ class VisionTransformer(nn.Module):
     del train
     c = self.config
     layers.check_rank("images", images, 4, "[B, H, W, 3]")
-    b, h, w, ch = images.shape
-    p = c.patch_size
+    b, h, w, _ = images.shape
     if (h, w) != (self.image_size, self.image_size):
       raise ValueError(f"the ViT was built for {self.image_size}x{self.image_size} images "
                        f"(model.vision.image_size), got {h}x{w}")
-    if h % p:
-      raise ValueError(f"image size {h} is not a multiple of the patch size {p}")
-    gh, gw = h // p, w // p
+    x = layers.patchify(images.astype(self.dtype), c.patch_size)
+    gh, gw = x.shape[1], x.shape[2]
+    x = x.reshape(b, gh * gw, x.shape[-1])
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = images.astype(self.dtype).reshape(b, gh, p, gw, p, ch)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
     x = layers.Dense(c.width, ("conv_in", "embed"), name="patch_embed", **kw)(x)
     cls = layers.param_with_axes(self, "class_embedding", nn.initializers.normal(c.width ** -0.5),
                                  (c.width,), self.param_dtype, ("embed",))
