@@ -50,3 +50,19 @@ def test_unsupported_family(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "bloom"}')
   with pytest.raises(ValueError, match="unsupported HF model_type 'bloom'"):
     load_hf_lm(str(tmp_path))
+
+
+def test_hf_lm_cli(tmp_path):
+  import json
+
+  import orbax.checkpoint as ocp
+
+  from flamingo_jax.convert.__main__ import main
+  build("llama").save_pretrained(tmp_path / "hf", safe_serialization=True)
+  assert main(["hf-lm", "--input", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
+  lm = json.loads((tmp_path / "out" / "model_config.json").read_text())["lm"]
+  assert lm["family"] == "llama" and lm["num_kv_heads"] == 2
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(str(tmp_path / "out" / "params"))
+  assert params["blocks_1"]["attn"]["key"]["kernel"].shape == (32, 2, 8)
+  assert main(["hf-lm", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2

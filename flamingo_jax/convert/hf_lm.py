@@ -154,3 +154,37 @@ def load_hf_lm(path: str) -> tuple[LMConfig, dict]:
   with open(cfg_path) as f:
     config = lm_config_from_hf(json.load(f))
   return config, convert_state_dict(load_safetensors_dir(path), config)
+
+
+# --------------------------------------------------------------------------
+# CLI: python -m flamingo_jax.convert hf-lm --input DIR --out DIR
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("--input", required=True, help="HF model directory (config.json + "
+                      "safetensors, sharded or not)")
+  parser.add_argument("--out", required=True, help="directory to write")
+
+
+def main(args) -> int:
+  from flamingo_jax.config import to_config_dict
+  config, params = load_hf_lm(args.input)
+  write_converted(args.out, params, {"lm": to_config_dict(config).to_dict()})
+  count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  print(f"wrote {count:,} {config.family} LM parameters to {args.out}/params and its "
+        f"model.lm config to {args.out}/model_config.json")
+  return 0
+
+
+def _leaves(tree):
+  for v in tree.values():
+    yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
+def write_converted(out: str, params: dict, model_config: dict) -> None:
+  """DIR/params (orbax params checkpoint) + DIR/model_config.json (the `model` section)."""
+  from flamingo_jax import checkpoint
+  os.makedirs(out, exist_ok=True)
+  checkpoint.save_params(os.path.join(out, "params"), params)
+  with open(os.path.join(out, "model_config.json"), "w") as f:
+    json.dump(model_config, f, indent=1, default=list)
