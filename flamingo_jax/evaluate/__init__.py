@@ -1,9 +1,12 @@
-"""Evaluation: metrics, prompts, shot selection and dataset readers.
+"""Evaluation: metrics, prompts, shot selection and dataset readers; decoding,
+scoring and the evaluation run.
 
-Everything here is model-independent (NumPy and the standard library), so
-scores can be recomputed from saved predictions and tested against the
-reference implementations without a model. docs/evaluation.md describes the
-protocol, the file layouts and the metric definitions.
+The metrics, prompts, shot selection and readers are model-independent (NumPy
+and the standard library), so scores can be recomputed from saved predictions
+and tested against the reference implementations without a model. The
+model side (`decode`, `scoring`, `runner`, the CLI in `__main__`) imports JAX,
+so its names below load on first use. docs/evaluation.md describes the
+protocol, the file layouts, the metric definitions, decoding and the CLI.
 """
 from flamingo_jax.evaluate.cider import (CiderScores, cider_d, coco_tokenize,
                                          ptb_tokenize)
@@ -23,3 +26,21 @@ from flamingo_jax.evaluate.prompts import (EOC_MARKER, IMAGE_MARKER, Prompt,
 from flamingo_jax.evaluate.rices import rices_shots
 from flamingo_jax.evaluate.vqa import (VQAScores, normalize_answer, question_accuracy,
                                        vqa_accuracy)
+
+# Model-side names, imported on first use (they need JAX; the rest does not).
+_LAZY = {
+    "DecodeConfig": "decode", "Generation": "decode", "Generator": "decode",
+    "generate": "decode", "filter_logits": "decode", "left_pad": "decode",
+    "Scorer": "scoring", "option_logprobs": "scoring", "encode_prompts": "scoring",
+    "continuation_logprobs": "scoring",
+    "EvalConfig": "runner", "EvalTaskConfig": "runner", "eval_config": "runner",
+    "evaluate": "runner", "load_image": "runner", "encode_prompt": "runner",
+    "results_markdown": "runner",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,12 +17,20 @@ Parameter tree (top level = component, used by labels and sharding rules):
 The two new tokens `<image>` and `<EOC>` have trainable rows in both the input
 and the output embedding (`new_tokens/`), so an LM with untied embeddings can
 still learn to emit `<EOC>` (OpenFlamingo never trains its output rows).
+
+Decoding (methods `prefill` and `extend`, state `DecodeCache`): the vision
+encoder, the resampler and every cross-attention block's keys/values run once
+per prompt; each new token then costs one query against cached self-attention
+keys/values and the cached visual keys/values. New tokens use previous-image
+mode: their image index phi is the number of `<image>` tokens so far, kept in
+the cache. Equal to the full forward (`__call__`) on the whole sequence.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +61,53 @@ def xattn_layer_indices(num_layers: int, every: int, placement: str) -> list[int
 
 def _is_concrete(x) -> bool:
   return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+@flax.struct.dataclass
+class DecodeCache:
+  """What decoding keeps between steps; a pytree of arrays, batch-major (row b).
+
+  keys/values: per LM block [B, S, Hkv, Dh], S slots (prompt + new tokens).
+  xattn_keys/xattn_values: per GATED XATTN-DENSE block [B, N, n, H, Dh]
+    (N images of n visual tokens), computed once per prompt; or () when the
+    cache holds `visual` instead and they are recomputed every step (the
+    OpenFlamingo behaviour, kept for benchmarks).
+  visual: [B, N, n, D_r] resampled visual tokens, only when xattn_* are ().
+  key_mask: [B, S] bool, slots holding real tokens (left padding and unwritten
+    slots are False).
+  index: [] int32, the next slot to write (shared by the batch: left padding).
+  num_tokens: [B] int32, real tokens so far = the next token's position.
+  image_count: [B] int32, `<image>` tokens so far = phi of the next token.
+  """
+  keys: tuple
+  values: tuple
+  xattn_keys: tuple
+  xattn_values: tuple
+  visual: Optional[jax.Array]
+  key_mask: jax.Array
+  index: jax.Array
+  num_tokens: jax.Array
+  image_count: jax.Array
+
+  @property
+  def length(self) -> int:
+    """S, the number of slots."""
+    return self.key_mask.shape[1]
+
+  def take_rows(self, rows, cross: bool = True) -> "DecodeCache":
+    """The cache of rows `rows` [R] int (beam reordering, replicating prompts).
+
+    cross=False leaves the per-prompt visual part alone (a beam reorder within
+    each prompt's own rows does not change it).
+    """
+    take = lambda tree: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), tree)  # noqa: E731
+    new = self.replace(keys=take(self.keys), values=take(self.values),
+                       key_mask=take(self.key_mask), num_tokens=take(self.num_tokens),
+                       image_count=take(self.image_count))
+    if cross:
+      new = new.replace(xattn_keys=take(self.xattn_keys), xattn_values=take(self.xattn_values),
+                        visual=take(self.visual))
+    return new
 
 
 class Flamingo(nn.Module):
@@ -164,6 +219,117 @@ class Flamingo(nn.Module):
     logits = self.logits_from_hidden(x)
     aux = {"xattn/phi": phi, "resampler/num_visual_tokens": n_tok}
     return logits, aux
+
+  # ------------------------------------------------------------------ decoding
+  def visual_tokens(self, batch: int, images=None, visual_features=None):
+    """images or features (or neither: text only) -> visual tokens [B, N, n, D_r]."""
+    if images is not None:
+      visual_features = self.encode_images(images)
+    if visual_features is None:  # as __call__: one zero token no text attends to
+      return jnp.zeros((batch, 1, 1, self.config.resampler.width),
+                       layers.dtype_of(self.config.dtype))
+    return self.resample(visual_features)
+
+  def cross_kv(self, visual):
+    """visual [B, N, n, D_r] -> per xattn block (keys, values), each [B, N, n, H, Dh]."""
+    b, n_img, n_tok, d = visual.shape
+    flat = visual.reshape(b, n_img * n_tok, d)
+    out = []
+    for block in self.xattn:
+      k, v = block(None, flat, None, None)
+      out.append((k.reshape(b, n_img, n_tok, *k.shape[2:]),
+                  v.reshape(b, n_img, n_tok, *v.shape[2:])))
+    return tuple(out)
+
+  def prefill(self, tokens, images=None, visual_features=None, attention_mask=None, *,
+              cache_length: int, cache_cross_kv: bool = True):
+    """Runs the prompt and returns (logits [B, L, V] f32, DecodeCache).
+
+    tokens [B, L] (left padded, attention_mask [B, L] 1 = real token), images
+    [B, N, T, H, W, 3] or visual_features [B, N, T, S, C] as in `__call__`.
+    cache_length: S >= L, slots for the prompt and every token to come.
+    cache_cross_kv=False keeps the visual tokens instead of their keys/values,
+    so `extend` recomputes them each step (the peers' way; benchmarks only).
+    """
+    c = self.config
+    check_inputs(c, tokens, images, visual_features, None, attention_mask, None)
+    b, length = tokens.shape
+    if cache_length < length:
+      raise ValueError(f"cache_length {cache_length} is shorter than the prompt ({length} "
+                       "tokens)")
+    dtype = layers.dtype_of(c.dtype)
+    visual = self.visual_tokens(b, images, visual_features)
+    kv_heads = c.lm.num_kv_heads or c.lm.num_heads
+    zeros = lambda: jnp.zeros((b, cache_length, kv_heads, c.lm.head_dim), dtype)  # noqa: E731
+    if cache_cross_kv:
+      kv = self.cross_kv(visual)
+      xk, xv, visual = tuple(k for k, _ in kv), tuple(v for _, v in kv), None
+    else:
+      xk, xv = (), ()
+    cache = DecodeCache(
+        keys=tuple(zeros() for _ in range(c.lm.num_layers)),
+        values=tuple(zeros() for _ in range(c.lm.num_layers)),
+        xattn_keys=xk, xattn_values=xv, visual=visual,
+        key_mask=jnp.zeros((b, cache_length), bool), index=jnp.zeros((), jnp.int32),
+        num_tokens=jnp.zeros((b,), jnp.int32), image_count=jnp.zeros((b,), jnp.int32))
+    return self.extend(tokens, cache, attention_mask)
+
+  def extend(self, tokens, cache: DecodeCache, attention_mask=None):
+    """Appends tokens [B, L] to the cache -> (logits [B, L, V] f32, new DecodeCache).
+
+    attention_mask [B, L] marks real tokens (left padding of a prompt); the
+    tokens' positions, image indices phi (previous-image mode) and the
+    attention over earlier slots all continue from the cache.
+    """
+    c = self.config
+    layers.check_rank("tokens", tokens, 2, "[B, L]")
+    b, length = tokens.shape
+    if cache.key_mask.shape[0] != b:
+      raise ValueError(f"tokens has batch size {b} but the cache {cache.key_mask.shape[0]}")
+    if length > cache.length:
+      raise ValueError(f"{length} tokens do not fit a cache of {cache.length} slots")
+    if attention_mask is not None and attention_mask.shape != tokens.shape:
+      raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape "
+                       f"{tuple(tokens.shape)}")
+    real = (jnp.ones(tokens.shape, bool) if attention_mask is None
+            else attention_mask.astype(bool))
+    is_image = (tokens == c.image_token_id) & real
+    phi = cache.image_count[:, None] + jnp.cumsum(is_image, axis=-1, dtype=jnp.int32)
+    counts = jnp.cumsum(real, axis=-1, dtype=jnp.int32)
+    positions = jnp.maximum(cache.num_tokens[:, None] + counts - 1, 0)
+    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.index))
+    slots = cache.index + jnp.arange(length)
+    causal = jnp.arange(cache.length)[None, :] <= slots[:, None]  # [L, S]
+    mask = key_mask[:, None, None, :] & causal[None, None]
+
+    if cache.xattn_keys:
+      kv = list(zip(cache.xattn_keys, cache.xattn_values))
+      n_img, n_tok = cache.xattn_keys[0].shape[1:3]
+    else:
+      kv = self.cross_kv(cache.visual)
+      n_img, n_tok = cache.visual.shape[1:3]
+    xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous)
+    has_image = phi > 0
+    flat = lambda a: a.reshape(b, n_img * n_tok, *a.shape[3:])  # noqa: E731
+
+    x = self.embed_tokens(tokens, positions)
+    xattn_at = dict(zip(self.xattn_indices, zip(self.xattn, kv)))
+    keys, values = [], []
+    for i in range(c.lm.num_layers):
+      if i in xattn_at:
+        block, (k, v) = xattn_at[i]
+        x = block(x, (flat(k), flat(v)), xmask, has_image)
+      x, (k, v) = self.lm.block(i, x, positions, mask,
+                                (cache.keys[i], cache.values[i], cache.index))
+      keys.append(k)
+      values.append(v)
+    logits = self.logits_from_hidden(x)
+    new = cache.replace(
+        keys=tuple(keys), values=tuple(values), key_mask=key_mask,
+        index=cache.index + length,
+        num_tokens=cache.num_tokens + counts[:, -1],
+        image_count=cache.image_count + jnp.sum(is_image, axis=-1, dtype=jnp.int32))
+    return logits, new
 
 
 def check_inputs(c: FlamingoConfig, tokens, images, visual_features, next_image,

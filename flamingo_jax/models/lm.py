@@ -9,8 +9,10 @@ One module covers three families by config (see `config.lm_preset`):
 
 The Flamingo model drives the pieces separately (embed -> blocks with
 cross-attention in between -> logits), so they are exposed as methods.
-Self-attention takes the positions and mask explicitly, so a KV cache for
-decoding only has to replace how keys and values are gathered.
+Self-attention takes the positions and mask explicitly, so the KV cache for
+decoding (`cache=`) only replaces how keys and values are gathered: the new
+tokens' keys and values are written into fixed-size buffers and the queries
+attend over the whole buffer under the caller's mask.
 """
 from __future__ import annotations
 
@@ -35,8 +37,14 @@ class SelfAttention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask):
-    """x [B, L, D], positions [B, L], mask [B, 1, L, L] (True = attend) -> [B, L, D]."""
+  def __call__(self, x, positions, mask, cache=None):
+    """x [B, L, D], positions [B, L], mask [B, 1, L, L] (True = attend) -> [B, L, D].
+
+    cache (decoding): (keys, values, index) with keys/values [B, S, Hkv, Dh]
+    and index an int32 scalar. The L new keys/values are written at slots
+    index..index+L-1, the queries attend over all S slots with mask
+    [B, 1, L, S], and the result is (out [B, L, D], (keys, values)).
+    """
     c = self.config
     kw = dict(head_dim=c.head_dim, use_bias=c.use_bias, dtype=self.dtype,
               param_dtype=self.param_dtype)
@@ -47,9 +55,15 @@ class SelfAttention(nn.Module):
     if c.positions == "rotary":
       q = layers.rotary_embedding(q, positions, c.rotary_base)
       k = layers.rotary_embedding(k, positions, c.rotary_base)
+    if cache is not None:
+      keys, values, index = cache
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+      v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
     out = layers.dot_product_attention(q, k, v, mask)
-    return layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out",
-                                dtype=self.dtype, param_dtype=self.param_dtype)(out)
+    out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out",
+                               dtype=self.dtype, param_dtype=self.param_dtype)(out)
+    return out if cache is None else (out, (k, v))
 
 
 class DecoderBlock(nn.Module):
@@ -58,20 +72,24 @@ class DecoderBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask):
-    """x [B, L, D] -> [B, L, D]."""
+  def __call__(self, x, positions, mask, cache=None):
+    """x [B, L, D] -> [B, L, D]; with a `SelfAttention` cache -> (y, new cache)."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ffw = layers.FeedForward(c.ffw_dim or c.ffw_mult * c.width, c.activation, c.use_bias,
                              name="ffw", **kw)
-    attn = SelfAttention(c, name="attn", **kw)(_norm(c, "attn_norm", **kw)(x), positions, mask)
+    attn = SelfAttention(c, name="attn", **kw)(_norm(c, "attn_norm", **kw)(x), positions, mask,
+                                               cache)
+    if cache is not None:
+      attn, cache = attn
     if c.parallel_residual:
       y = x + attn + ffw(_norm(c, "ffw_norm", **kw)(x))
     else:
       y = x + attn
       y = y + ffw(_norm(c, "ffw_norm", **kw)(y))
-    return nn.with_logical_constraint(
+    y = nn.with_logical_constraint(
         y.astype(x.dtype), ("activation_batch", "activation_length", "activation_embed"))
+    return y if cache is None else (y, cache)
 
 
 def causal_mask(attention_mask: Optional[jax.Array], length: int, batch: int):
@@ -128,8 +146,11 @@ class DecoderLM(nn.Module):
       x = x + jnp.take(self.position_embedding, positions, axis=0).astype(self.dtype)
     return x
 
-  def block(self, i: int, x, positions, mask):
-    return self.blocks[i](x, positions, mask)
+  def block(self, i: int, x, positions, mask, cache=None):
+    """Block i; with a cache (see `SelfAttention`) -> (x, new cache)."""
+    if cache is None:
+      return self.blocks[i](x, positions, mask)
+    return self.blocks[i](x, positions, mask, cache)
 
   def hidden_to_logits(self, h):
     """h [B, L, D] (before the final norm) -> (normed h [B, L, D], logits [B, L, V] f32)."""

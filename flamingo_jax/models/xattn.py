@@ -7,6 +7,10 @@ The gates start at 0, so at initialisation the Flamingo model computes exactly
 the frozen LM. Which visual tokens a text token may see comes from
 `models.masking` (image-causal mask); what a token with no image gets is
 `XAttnConfig.no_image` (see config.py for the three conventions).
+
+Decoding computes the keys and values of the visual tokens once per prompt
+(`x=None` returns them) and passes them back as `visual=(keys, values)` at
+every step, instead of recomputing them from the visual tokens.
 """
 from __future__ import annotations
 
@@ -26,18 +30,27 @@ class CrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, visual, mask, has_image):
-    """x [B, L, D], visual [B, V, Dv], mask [B, L, V] bool, has_image [B, L] bool -> [B, L, D]."""
+    """x [B, L, D], visual [B, V, Dv], mask [B, L, V] bool, has_image [B, L] bool -> [B, L, D].
+
+    visual may instead be precomputed (keys, values), each [B, V, H, Dh];
+    with x=None the call returns those (keys, values) of `visual`.
+    """
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = dict(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.use_bias, **kw)
+    if isinstance(visual, tuple):
+      k, v = visual
+    else:
+      if c.kv_layernorm:
+        visual = layers.LayerNorm(name="norm_kv", axis_name="visual_embed",
+                                  eps=c.layernorm_eps, **kw)(visual)
+      k = layers.HeadProjection(name="key", in_axis="visual_embed", **proj)(visual)
+      v = layers.HeadProjection(name="value", in_axis="visual_embed", **proj)(visual)
+    if x is None:
+      return k, v
     if c.query_layernorm:
       x = layers.LayerNorm(name="norm_query", eps=c.layernorm_eps, **kw)(x)
-    if c.kv_layernorm:
-      visual = layers.LayerNorm(name="norm_kv", axis_name="visual_embed", eps=c.layernorm_eps,
-                                **kw)(visual)
-    proj = dict(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.use_bias, **kw)
     q = layers.HeadProjection(name="query", **proj)(x)
-    k = layers.HeadProjection(name="key", in_axis="visual_embed", **proj)(visual)
-    v = layers.HeadProjection(name="value", in_axis="visual_embed", **proj)(visual)
     zero_rows = None
     if c.no_image == "zero_attention":
       zero_rows = ~has_image[:, None, :, None]
@@ -65,9 +78,15 @@ class GatedCrossAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, visual, mask, has_image):
-    """x [B, L, D], visual [B, V, Dv], mask [B, L, V], has_image [B, L] -> [B, L, D]."""
+    """x [B, L, D], visual [B, V, Dv], mask [B, L, V], has_image [B, L] -> [B, L, D].
+
+    As in `CrossAttention`: visual may be precomputed (keys, values), and
+    x=None returns the (keys, values) of `visual` (decoding computes them once).
+    """
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if x is None:
+      return CrossAttention(c, name="attn", **kw)(None, visual, None, None)
     width = x.shape[-1]
     y = x + self.gate("attn_gate", width) * CrossAttention(c, name="attn", **kw)(
         x, visual, mask, has_image)

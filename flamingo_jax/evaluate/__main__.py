@@ -1,0 +1,8 @@
+"""`python -m flamingo_jax.evaluate`: see flamingo_jax/evaluate/runner.py."""
+import logging
+
+from flamingo_jax.evaluate.runner import main
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  main()
