@@ -3,18 +3,25 @@ applying `--config.a.b=value` overrides, with errors that name the bad key."""
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import inspect
 import os
+import re
 from typing import Optional, Sequence
 
 import ml_collections
 
 
 def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
-  """Imports `path` and returns its `get_config(arg)` (arg after a ':' in path too)."""
-  if ":" in os.path.basename(path):
-    path, arg = path.rsplit(":", 1)
+  """Imports `path` and returns its `get_config(arg)`.
+
+  The argument may also follow the file name after a colon, and may itself be
+  a path: "configs/from_checkpoint.py:/ckpts/of9b".
+  """
+  match = re.fullmatch(r"(.+?\.py):(.*)", path)
+  if match:
+    path, arg = match.group(1), match.group(2)
   if not os.path.exists(path):
     raise ValueError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location(
@@ -39,7 +46,7 @@ def _parse_value(text: str):
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies "a.b.c=value" strings (Python literals, or bare strings)."""
-  config = ml_collections.ConfigDict(config)
+  config = copy.deepcopy(config)  # never modify the caller's config
   for item in overrides:
     item = item.removeprefix("--config.").removeprefix("config.")
     if "=" not in item:

@@ -30,6 +30,18 @@ def test_overrides_apply_and_reject_unknown_keys():
     load_config("configs/nope.py")
 
 
+def test_overrides_leave_the_original_alone():
+  base = cfg("tiny.py")
+  apply_overrides(base, ["model.xattn.every=3"])
+  assert base.model.xattn.every == 1
+
+
+def test_config_argument_may_be_a_path(tmp_path):
+  (tmp_path / "model_config.json").write_text('{"lm": {"num_layers": 3}}')
+  c = load_config(os.path.join(REPO, "configs", "from_checkpoint.py") + ":" + str(tmp_path))
+  assert c.model.lm.num_layers == 3
+
+
 @pytest.mark.parametrize("size,lm,xattn", [
     ("3b", 1_273_700_352, 1_157_898_288),
     ("9b", 8_184_807_424, 1_803_745_300),
