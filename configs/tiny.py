@@ -48,7 +48,7 @@ def get_config():
                       clip_norm=1.0)
   # One axis may be -1 (the devices the others leave).
   config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1, zero1=False, fsdp_min_size=2 ** 18)
-  config.checkpoint = dict(every=50, keep=2, async_save=True)
+  config.checkpoint = dict(every=50, keep=2, async_save=True, enabled=True)
   config.distributed = dict(mode="auto", coordinator_address="", num_processes=0,
                             process_id=-1)
   # Pretrained weights per component (orbax parameter checkpoints), e.g.

@@ -13,9 +13,10 @@ from their own directories (`model_init.<component>`, e.g. the output of
 and dtype (ShapeDtypeStruct leaves), so no host ever holds a full copy.
 
 Saves are asynchronous (device->host copy blocks; the write does not) and
-atomic: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames on commit
-(commit_success.txt on object stores), so an interrupted save is never listed
-as a step and never restored. Restoring onto a different mesh is a restore
+atomic: orbax writes into `<step>.orbax-checkpoint-tmp-*`, renames it on commit
+and marks it with commit_success.txt; a temporary directory is never listed as
+a step, and a step directory without the marker (an interrupted save on a
+filesystem without atomic renames) is removed, never restored. Restoring onto a different mesh is a restore
 with other target shardings.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,8 +33,11 @@ from etils import epath
 from flax import traverse_util
 
 from flamingo_jax.config import from_config_dict
+from flamingo_jax.models.labels import component_of
 
 log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"  # written by orbax when a step is complete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +114,25 @@ class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig):
     self.cfg = cfg
     self.directory = os.path.abspath(directory)
+    self._discard_uncommitted()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
+
+  def _discard_uncommitted(self):
+    """Step directories without orbax's commit marker are leftovers of an
+    interrupted save on a filesystem without atomic renames: never restore them."""
+    root = epath.Path(self.directory)
+    if jax.process_index() == 0 and root.exists():
+      for path in root.iterdir():
+        if path.name.isdigit() and not (path / COMMIT_MARKER).exists():
+          log.warning("removing unfinished checkpoint %s (no %s)", path, COMMIT_MARKER)
+          path.rmtree()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("flamingo_jax checkpoint cleanup")
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -163,7 +181,8 @@ def params_exist(directory: str) -> bool:
   return os.path.isdir(directory) and bool(os.listdir(directory))
 
 
-def restore_params(directory: str, abstract: Any, what: str = "parameters") -> Any:
+def restore_params(directory: str, abstract: Any, what: str = "parameters",
+                   quiet_extra: bool = False) -> Any:
   """Restores a parameter tree into abstract's shardings and dtypes.
 
   abstract: tree of jax.ShapeDtypeStruct with .sharding. Tensors the checkpoint
@@ -187,13 +206,73 @@ def restore_params(directory: str, abstract: Any, what: str = "parameters") -> A
   if bad:
     raise ValueError(f"{what}: shape mismatch in {directory}: {bad[:8]}")
   extra = sorted(set(have) - set(want))
-  if extra:
+  if extra and not quiet_extra:
     log.warning("%s: ignoring %d tensors of %s the model does not use: %s", what, len(extra),
                 directory, extra[:8])
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   with ocp.PyTreeCheckpointer() as ckptr:
     return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=restore_args, partial_restore=bool(extra)))
+
+
+def stored_top_keys(directory: str) -> list[str]:
+  """Top-level keys of a parameter checkpoint (without reading any array)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return sorted(_plain(ckptr.metadata(os.path.abspath(directory)).item_metadata.tree))
+
+
+# --------------------------------------------------------------------------
+# Components of the Flamingo parameter tree
+
+# Components spread over several top-level keys (xattn_block_{i}, new_token_*).
+MULTI_KEY_COMPONENTS = ("xattn", "new_tokens")
+
+
+def top_keys_of(params: Mapping, components) -> list[str]:
+  """Top-level param keys belonging to `components` (see models.labels.component_of)."""
+  return [k for k in params if component_of(k) in components]
+
+
+def component_tree(params: Mapping, component: str) -> Any:
+  """A component's own checkpoint tree: params[component], or {top key: subtree}
+  for the components spread over several keys (xattn, new_tokens)."""
+  if component in MULTI_KEY_COMPONENTS:
+    return {k: params[k] for k in top_keys_of(params, [component])}
+  return params[component]
+
+
+def with_component(params: Mapping, component: str, tree: Any) -> dict:
+  """params with `component` set to `tree` (the inverse of component_tree)."""
+  params = dict(params)
+  if component in MULTI_KEY_COMPONENTS:
+    params.update(tree)
+  else:
+    params[component] = tree
+  return params
+
+
+def restore_component(directory: str, component: str, abstract: Any) -> Any:
+  """One component's weights, from either checkpoint layout:
+    * the component's own tree (`python -m flamingo_jax.convert nfnet`, the
+      trainer's workdir/frozen/<component>), or
+    * a whole Flamingo parameter tree (the converters' OUT/params), from which
+      only this component is read.
+  abstract: component_tree of ShapeDtypeStructs with target shardings/dtypes.
+  """
+  if not params_exist(directory):
+    raise ValueError(f"model_init / frozen weights of {component!r}: checkpoint directory "
+                     f"{os.path.abspath(directory)!r} does not exist or is empty")
+  stored = stored_top_keys(directory)
+  if component in MULTI_KEY_COMPONENTS:
+    whole_tree = any(component_of(k) != component for k in stored)
+  else:
+    whole_tree = component in stored
+  what = f"model_init / frozen weights of {component!r}"
+  if not whole_tree:
+    return restore_params(directory, abstract, what)
+  target = {component: abstract} if component not in MULTI_KEY_COMPONENTS else abstract
+  restored = restore_params(directory, target, what, quiet_extra=True)
+  return restored[component] if component not in MULTI_KEY_COMPONENTS else restored
 
 
 def _plain(tree):

@@ -1,0 +1,205 @@
+"""The training objective and the update step (pure functions, jitted by train.py).
+
+Objective (paper appendix B.1.2):  sum_m lambda_m * E_m[ mean NLL of the target
+tokens ], m over datasets. Each update draws one batch from every dataset (each
+with its own batch size), splits it into micro-batches when memory needs
+(`train.micro_batches`), weights each gradient by lambda_m and sums them; then
+one optimizer update: gradient clipping happens once, on the sum (OpenFlamingo
+clips every micro-step). Round-robin (one dataset per update) is the same step
+called with a single dataset.
+
+Per dataset the loss is the mean over its loss_mask tokens of the *whole*
+batch (all micro-batches, all hosts), so splitting a batch into micro-batches
+or devices never changes the gradient. A batch without any target token
+contributes exactly 0 (never 0/0 = NaN).
+
+Batch contract per dataset (B its own batch size):
+  tokens [B, L] int32         targets [B, L] int32 (next token at each position)
+  loss_mask [B, L] float32    images [B, N, T, H, W, 3] float32
+  image_count [B] int32       next_image [B] bool
+  optional: visual_features [B, N, T, S, C] instead of images, attention_mask [B, L]
+
+Non-finite gradients (or loss) skip the update: parameters and optimizer state
+are returned unchanged, only the step and the non-finite counters move
+(OpenFlamingo's NaN skip threw away the accumulated gradients of the other
+datasets; here nothing is applied and nothing is lost but that one step).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flamingo_jax.models.xattn import tanh_gates
+from flamingo_jax.optim import merge_params
+from flamingo_jax.sharding import BATCH_AXES
+
+MODEL_INPUTS = ("images", "visual_features", "next_image", "attention_mask", "image_count")
+BATCH_KEYS = ("tokens", "targets", "loss_mask") + MODEL_INPUTS
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
+  """logits [B, L, V], targets [B, L] int, loss_mask [B, L] -> (sum of masked NLL, mask sum).
+
+  Computed in float32 as logsumexp - logit[target]; masked positions are
+  selected out (not multiplied), so a non-finite logit there cannot leak in.
+  """
+  logits = logits.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  mask = loss_mask.astype(jnp.float32)
+  total = jnp.sum(jnp.where(mask > 0, nll * mask, 0.0))
+  return total, jnp.sum(mask)
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], k: int,
+                        mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...], micro-batch i = rows i, i+k, i+2k, ...
+
+  Strided so that every device keeps its own rows (no resharding) when the
+  batch dimension is sharded in contiguous blocks.
+  """
+  out = {}
+  for name, x in batch.items():
+    b = x.shape[0]
+    if b % k:
+      raise ValueError(f"batch {name!r} of size {b} cannot be split into {k} micro-batches")
+    y = jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+    if mesh is not None:
+      spec = P(None, BATCH_AXES, *([None] * (x.ndim - 1)))
+      y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+    out[name] = y
+  return out
+
+
+def make_grad_fn(model, *, weights: Mapping[str, float], micro_batches: Mapping[str, int],
+                 train_vision: bool = False, mesh: Optional[Mesh] = None) -> Callable:
+  """-> grad_fn(params, frozen, batches, rng) -> (grads, metrics).
+
+  params: trainable subtree (float32); frozen: the rest (any dtype);
+  batches: {dataset name: batch}; rng: a PRNG key. grads is
+  sum_m lambda_m * d(mean NLL_m)/d(params), accumulated in float32.
+  `train_vision` is the model's `train` flag (it only switches the vision
+  encoder's stochastic depth / dropout, which must stay off while it is frozen).
+  """
+
+  def loss_fn(params, frozen, batch, rng, denom, weight):
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits, _ = model.apply({"params": merge_params(params, frozen)}, batch["tokens"],
+                            train=train_vision, rngs={"dropout": rng}, **inputs)
+    nll, _ = token_nll(logits, batch["targets"], batch["loss_mask"])
+    return weight * nll / denom, nll
+
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def dataset_grads(params, frozen, batch, rng, weight, k):
+    count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    denom = jnp.maximum(count, 1.0)
+    if k == 1:
+      (_, nll), grads = value_and_grad(params, frozen, batch, rng, denom, weight)
+      return _f32(grads), nll, count
+
+    def body(carry, xs):
+      acc, nll_acc = carry
+      micro, i = xs
+      (_, nll), g = value_and_grad(params, frozen, micro, jax.random.fold_in(rng, i), denom,
+                                   weight)
+      return (jax.tree.map(jnp.add, acc, _f32(g)), nll_acc + nll), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    micro = split_micro_batches(batch, k, mesh)
+    (grads, nll), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                   (micro, jnp.arange(k)))
+    return grads, nll, count
+
+  def grad_fn(params, frozen, batches, rng):
+    if not batches:
+      raise ValueError("a train step needs at least one dataset batch")
+    grads, metrics, total = None, {}, jnp.zeros((), jnp.float32)
+    for i, name in enumerate(sorted(batches)):
+      if name not in weights:
+        raise ValueError(f"dataset {name!r} has no loss weight; known: {sorted(weights)}")
+      g, nll, count = dataset_grads(params, frozen, batches[name], jax.random.fold_in(rng, i),
+                                    weights[name], micro_batches.get(name, 1))
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      loss = nll / jnp.maximum(count, 1.0)
+      metrics[f"loss/{name}"] = loss
+      metrics[f"target_tokens/{name}"] = count
+      total = total + weights[name] * loss
+    metrics["loss"] = total
+    return grads, metrics
+
+  return grad_fn
+
+
+def _f32(tree):
+  return jax.tree.map(lambda g: g.astype(jnp.float32), tree)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
+  """The training state (everything a checkpoint holds but frozen weights and data).
+
+  params: trainable subtree; rng: a PRNG key (stored as raw uint32 key data).
+  """
+  return {
+      "step": jnp.zeros((), jnp.int32),  # updates attempted (= batches consumed per dataset)
+      "opt_step": jnp.zeros((), jnp.int32),  # updates applied (drives the LR schedule)
+      "params": params,
+      "opt_state": tx.init(params),
+      "rng": jax.random.key_data(rng),
+      "nonfinite_consecutive": jnp.zeros((), jnp.int32),
+      "nonfinite_total": jnp.zeros((), jnp.int32),
+  }
+
+
+def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_shardings: Any = None) -> Callable:
+  """-> step(state, frozen, batches) -> (state, metrics): one optimizer update.
+
+  grad_shardings (optional NamedSharding tree): layout for the accumulated
+  gradient, e.g. the ZeRO-1 layout of the optimizer moments, so the reduction
+  over data-parallel devices becomes a reduce-scatter.
+  """
+
+  def step(state, frozen, batches):
+    params = state["params"]
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    grads, metrics = grad_fn(params, frozen, batches, step_rng)
+    if grad_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+
+    def apply(operands):
+      params, opt_state = operands
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, new_opt_state = jax.lax.cond(finite, apply, lambda operands: operands,
+                                             (params, state["opt_state"]))
+    consecutive = jnp.where(finite, 0, state["nonfinite_consecutive"] + 1)
+    new_state = {
+        "step": state["step"] + 1,
+        "opt_step": state["opt_step"] + finite.astype(jnp.int32),
+        "params": new_params,
+        "opt_state": new_opt_state,
+        "rng": jax.random.key_data(rng),
+        "nonfinite_consecutive": consecutive.astype(jnp.int32),
+        "nonfinite_total": (state["nonfinite_total"] + (~finite).astype(jnp.int32)),
+    }
+    metrics = dict(metrics)
+    metrics.update(
+        grad_norm=grad_norm,
+        learning_rate=jnp.asarray(schedule(state["opt_step"]), jnp.float32),
+        update_skipped=(~finite).astype(jnp.int32),
+        nonfinite_consecutive=new_state["nonfinite_consecutive"],
+        nonfinite_total=new_state["nonfinite_total"],
+    )
+    # |tanh(alpha)| of every gate after the update (paper Fig. 6).
+    metrics.update({f"gates/{k}": v for k, v in tanh_gates(new_params).items()})
+    return new_state, metrics
+
+  return step
