@@ -403,6 +403,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   lay = state_layout(model, s.model, tx, mesh, s.mesh, frozen_dtype)
   train_abs, frozen_abs, state_abs = lay.train_abs, lay.frozen_abs, lay.state_abs
   state_sh, frozen_sh, grad_sh = lay.state_sh, lay.frozen_sh, lay.grad_sh
+  if is_main:  # parameter -> PartitionSpec, so a change of layout is a visible diff
+    with open(os.path.join(workdir, "shardings.json"), "w") as f:
+      json.dump({"mesh": dict(mesh.shape), "params": sharding.describe(lay.param_specs)}, f,
+                indent=1, sort_keys=True)
   n_train = sum(x.size for x in jax.tree.leaves(train_abs))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen_abs))
   log.info("parameters: %s trainable (float32), %s frozen (%s)", f"{n_train:,}",

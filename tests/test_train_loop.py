@@ -64,6 +64,8 @@ def test_resume_repeats_the_uninterrupted_run_exactly(reference, tmp_path):
   # Workdir artefacts: resolved config, code version, JSONL and TensorBoard events.
   assert json.load(open(ref_dir / "config.json"))["model"]["lm"]["num_layers"] == 1
   assert (ref_dir / "version.txt").read_text().strip()
+  layout = json.load(open(ref_dir / "shardings.json"))
+  assert layout["params"]["lm/embedding"] == "P(None, None)"
   rows = [json.loads(line) for line in open(ref_dir / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert {"tokens_per_second", "mfu", "mfu_all_3x", "gates/xattn_block_0/ffw_gate"} <= set(rows[0])
