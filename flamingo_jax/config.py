@@ -68,7 +68,10 @@ class ViTConfig:
   """OpenCLIP / OpenAI CLIP vision transformer (OpenFlamingo's ViT-L/14 by default).
 
   Features are the patch tokens after ln_post (the class token dropped), as
-  OpenFlamingo feeds its resampler.
+  OpenFlamingo feeds its resampler. IDEFICS feeds the last block's output as
+  it is (transformers' last_hidden_state): include_class_token=True,
+  post_layernorm=False; the features are then [B, 1, 1 + P, width] (class
+  token first) instead of the patch grid [B, h, w, width].
   """
   patch_size: int = 14
   width: int = 1024
@@ -77,6 +80,8 @@ class ViTConfig:
   mlp_ratio: float = 4.0
   activation: str = "quick_gelu"  # OpenAI-pretrained CLIP; open_clip's own models use gelu
   layernorm_eps: float = 1e-5
+  include_class_token: bool = False
+  post_layernorm: bool = True  # ln_post on the features (CLIP applies it to the pooled token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,9 @@ class ResamplerConfig:
   num_media_embeddings: int = 0
   use_bias: bool = False
   layernorm_eps: float = 1e-5
+  # LayerNorm (with bias) of each head's queries and keys after the projections
+  # (IDEFICS qk_layer_norms_perceiver).
+  qk_layernorm: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +124,15 @@ class XAttnConfig:
   """GATED XATTN-DENSE blocks inserted into the frozen LM."""
   kind: str = "gated_dense"  # gated_dense | vanilla (Table 3 "vanilla xattn")
   every: int = 1  # a block before LM blocks 0, N, 2N, ...
-  # paper: before blocks 0, N, ...; openflamingo: before block i where
-  # (i + 1) % N == 0; middle: a single block before the middle LM block.
+  # paper: before blocks 0, N, ... (also IDEFICS: i % cross_layer_interval
+  # == 0); openflamingo: before block i where (i + 1) % N == 0; middle: a
+  # single block before the middle LM block.
   placement: str = "paper"
   num_heads: int = 16
   head_dim: int = 128
   ffw_mult: int = 4
-  activation: str = "squared_relu"
+  ffw_dim: int = 0  # FFW hidden width; 0: ffw_mult * LM width (IDEFICS: its intermediate_size)
+  activation: str = "squared_relu"  # or swiglu / geglu (IDEFICS: swiglu, the LM's MLP)
   gating: str = "tanh"  # tanh | none (Table 3 "w/o tanh gating")
   gate_shape: str = "scalar"  # scalar | vector (one gate per channel)
   attend_previous: str = "last"  # last | all (Table 10 "all previous images")
@@ -136,14 +146,24 @@ class XAttnConfig:
   query_layernorm: bool = True
   kv_layernorm: bool = True  # paper v1; OpenFlamingo has none
   ffw_layernorm: bool = True
+  # The kind of those three norms: layernorm (paper, OpenFlamingo) or rmsnorm
+  # (IDEFICS, like its LM).
+  norm: str = "layernorm"
+  # Normalise each head's queries and keys after the projections, with `norm`
+  # (IDEFICS qk_layer_norms).
+  qk_norm: bool = False
   use_bias: bool = False
   layernorm_eps: float = 1e-5
+  # Initial gate alphas: zeros (paper: the model starts as the frozen LM),
+  # ones, or normal(0, gate_init_std) (IDEFICS alpha_initializer).
+  gate_init: str = "zeros"
+  gate_init_std: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   """Decoder-only LM. `lm_preset(family, ...)` fills a family's defaults."""
-  family: str = "chinchilla"  # chinchilla | llama | gpt2
+  family: str = "chinchilla"  # chinchilla | llama | gpt2 | gpt_neox | mpt
   vocab_size: int = 32000
   num_layers: int = 24
   width: int = 2048
@@ -155,8 +175,16 @@ class LMConfig:
   activation: str = "gelu"  # or swiglu / geglu for gated FFW
   norm: str = "layernorm"  # layernorm | rmsnorm
   norm_eps: float = 1e-5
-  positions: str = "rotary"  # rotary | learned | none
+  norm_bias: bool = True  # LayerNorm with a bias (MPT has none)
+  positions: str = "rotary"  # rotary | learned | alibi | none
   rotary_base: float = 10000.0
+  # Rotate only the first rotary_dim dims of each head (GPT-NeoX rotary_pct);
+  # 0: the whole head.
+  rotary_dim: int = 0
+  # ALiBi (MPT): head h adds -slope_h * distance to its attention logits,
+  # slopes 2^(-alibi_bias_max * i / H') as in MosaicML's build_alibi_bias.
+  alibi_bias_max: float = 8.0
+  attention_scale: float = 0.0  # softmax temperature on q.k; 0: head_dim ** -0.5
   max_length: int = 2048  # for learned positions
   use_bias: bool = False  # biases in attention and FFW projections
   tie_embeddings: bool = True
@@ -175,6 +203,10 @@ class FlamingoConfig:
   lm: LMConfig = LMConfig()
   image_token_id: int = 32000 - 2
   eoc_token_id: int = 32000 - 1
+  # A token after which text sees no image until the next <image> (IDEFICS:
+  # `</s>`, so a packed document never sees the previous one's image); the
+  # token itself still sees its image. -1: none (the paper, OpenFlamingo).
+  image_reset_token_id: int = -1
   # Give <image> and <EOC> trainable rows in both the input and output
   # embeddings (the frozen LM's rows for those ids are then unused).
   train_new_token_embeddings: bool = True
@@ -198,6 +230,13 @@ LM_FAMILIES = {
                   tie_embeddings=False, norm_eps=1e-6),
     "gpt2": dict(norm="layernorm", activation="gelu_tanh", positions="learned", use_bias=True,
                  tie_embeddings=True, norm_eps=1e-5, max_length=1024),
+    # Pythia, RedPajama-INCITE (OpenFlamingo-4B): the converter sets rotary_dim
+    # from rotary_pct (Pythia 0.25, RedPajama 1.0).
+    "gpt_neox": dict(norm="layernorm", activation="gelu", positions="rotary", use_bias=True,
+                     tie_embeddings=False, norm_eps=1e-5, parallel_residual=True),
+    # MPT-7B (OpenFlamingo-9B): ALiBi, no biases anywhere, tied embeddings.
+    "mpt": dict(norm="layernorm", norm_bias=False, activation="gelu", positions="alibi",
+                use_bias=False, tie_embeddings=True, norm_eps=1e-5, alibi_bias_max=8.0),
 }
 
 
@@ -298,15 +337,21 @@ def validate(c: FlamingoConfig) -> None:
   _choice(r.activation, ACTIVATIONS, "model.resampler.activation")
   _choice(x.kind, ("gated_dense", "vanilla"), "model.xattn.kind")
   _choice(x.placement, ("paper", "openflamingo", "middle"), "model.xattn.placement")
-  _choice(x.activation, ACTIVATIONS, "model.xattn.activation")
+  _choice(x.activation, ACTIVATIONS + GATED_ACTIVATIONS, "model.xattn.activation")
+  _choice(x.norm, ("layernorm", "rmsnorm"), "model.xattn.norm")
+  _choice(x.gate_init, ("zeros", "ones", "normal"), "model.xattn.gate_init")
+  _check(x.gate_init_std >= 0,
+         f"config key 'model.xattn.gate_init_std' must be >= 0, got {x.gate_init_std}")
+  _check(x.ffw_dim >= 0, f"config key 'model.xattn.ffw_dim' must be >= 0 (0: ffw_mult * "
+         f"model.lm.width), got {x.ffw_dim}")
   _choice(x.gating, ("tanh", "none"), "model.xattn.gating")
   _choice(x.gate_shape, ("scalar", "vector"), "model.xattn.gate_shape")
   _choice(x.attend_previous, ("last", "all"), "model.xattn.attend_previous")
   _choice(x.no_image, ("zero_attention", "zero_output", "skip"), "model.xattn.no_image")
-  _choice(lm.family, ("chinchilla", "llama", "gpt2"), "model.lm.family")
+  _choice(lm.family, tuple(LM_FAMILIES), "model.lm.family")
   _choice(lm.activation, ACTIVATIONS + GATED_ACTIVATIONS, "model.lm.activation")
   _choice(lm.norm, ("layernorm", "rmsnorm"), "model.lm.norm")
-  _choice(lm.positions, ("rotary", "learned", "none"), "model.lm.positions")
+  _choice(lm.positions, ("rotary", "learned", "alibi", "none"), "model.lm.positions")
   _choice(c.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   _choice(c.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
   _choice(c.remat, ("none", "block", "dots"), "model.remat")
@@ -325,6 +370,13 @@ def validate(c: FlamingoConfig) -> None:
          f"({lm.num_heads})")
   _check(lm.positions != "rotary" or lm.head_dim % 2 == 0,
          "config key 'model.lm.head_dim' must be even with rotary positions")
+  _check(0 <= lm.rotary_dim <= lm.head_dim and lm.rotary_dim % 2 == 0,
+         f"config key 'model.lm.rotary_dim' ({lm.rotary_dim}) must be even and in "
+         f"[0, model.lm.head_dim = {lm.head_dim}]")
+  _check(lm.positions != "alibi" or lm.alibi_bias_max > 0,
+         f"config key 'model.lm.alibi_bias_max' must be positive, got {lm.alibi_bias_max}")
+  _check(lm.attention_scale >= 0,
+         f"config key 'model.lm.attention_scale' must be >= 0, got {lm.attention_scale}")
   for key, tid in [("model.image_token_id", c.image_token_id),
                    ("model.eoc_token_id", c.eoc_token_id)]:
     _check(0 <= tid < lm.vocab_size,
@@ -333,6 +385,11 @@ def validate(c: FlamingoConfig) -> None:
     _choice(comp, COMPONENTS, "model.frozen")
   _check(c.image_token_id != c.eoc_token_id,
          "config keys 'model.image_token_id' and 'model.eoc_token_id' must differ")
+  _check(c.image_reset_token_id == -1 or 0 <= c.image_reset_token_id < lm.vocab_size,
+         f"config key 'model.image_reset_token_id' = {c.image_reset_token_id} must be -1 "
+         f"(none) or in the vocabulary [0, {lm.vocab_size})")
+  _check(c.image_reset_token_id != c.image_token_id,
+         "config keys 'model.image_reset_token_id' and 'model.image_token_id' must differ")
   _check(r.input_proj or c.vision_feature_dim in (0, r.width),
          f"config key 'model.resampler.input_proj' is False but the vision features are "
          f"{c.vision_feature_dim} wide and the resampler {r.width}")

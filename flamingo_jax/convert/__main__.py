@@ -16,6 +16,9 @@ SUBCOMMANDS = {
     "hf-lm": ("flamingo_jax.convert.hf_lm", "a Hugging Face causal LM (GPT-2, Llama, Mistral)"),
     "openflamingo": ("flamingo_jax.convert.openflamingo",
                      "an OpenFlamingo checkpoint.pt + its base LM + OpenCLIP vision weights"),
+    "idefics": ("flamingo_jax.convert.idefics",
+                "an IDEFICS model directory (IdeficsForVisionText2Text: config.json + "
+                "safetensors)"),
 }
 
 

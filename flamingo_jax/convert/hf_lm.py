@@ -1,6 +1,7 @@
 """Hugging Face causal LMs (local directory: config.json + safetensors) -> our DecoderLM.
 
-Supported families: GPT-2 and the Llama family (Llama, Mistral-style GQA).
+Supported families: GPT-2, the Llama family (Llama, Mistral-style GQA),
+GPT-NeoX (Pythia, RedPajama-INCITE) and MPT (model_type "mpt", e.g. MPT-7B).
 A mapping table per family names, for each of our parameters, the HF tensor
 and the transform (transpose / head split); `convert_state_dict` reports
 missing, unused and misshapen tensors by name.
@@ -40,7 +41,82 @@ def lm_config_from_hf(hf: Mapping) -> LMConfig:
                      rotary_base=float(rope),
                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                      use_bias=bool(hf.get("attention_bias", False)))
-  raise ValueError(f"unsupported HF model_type {model_type!r}; supported: gpt2, llama, mistral")
+  if model_type == "gpt_neox":
+    return _gpt_neox_config(hf)
+  if model_type == "mpt":
+    return _mpt_config(hf)
+  raise ValueError(f"unsupported HF model_type {model_type!r}; supported: gpt2, llama, "
+                   "mistral, gpt_neox, mpt")
+
+
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
+
+
+def _gpt_neox_config(hf: Mapping) -> LMConfig:
+  """GPT-NeoX: rotary settings live in rope_parameters (transformers >= 5) or, in
+  older configs (Pythia, RedPajama-INCITE on the Hub), in rotary_pct / rotary_emb_base."""
+  d, h = hf["hidden_size"], hf["num_attention_heads"]
+  dh = d // h
+  rope = dict(hf.get("rope_parameters") or {})
+  if hf.get("rope_scaling"):
+    raise ValueError(f"rope_scaling {hf['rope_scaling']!r} is not supported")
+  if rope.get("rope_type", "default") != "default":
+    raise ValueError(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported")
+  pct = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor",
+                                                  hf.get("rotary_pct", 0.25)))
+  base = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+  act = hf.get("hidden_act", "gelu")
+  if act not in _HF_ACTIVATIONS:
+    raise ValueError(f"gpt_neox hidden_act {act!r} is not supported; expected one of "
+                     f"{sorted(_HF_ACTIVATIONS)}")
+  if not hf.get("attention_bias", True):
+    raise ValueError("gpt_neox attention_bias=false is not supported (the MLP keeps its "
+                     "biases, our LM has one use_bias for both)")
+  rotary_dim = int(dh * pct)
+  if rotary_dim % 2:
+    raise ValueError(f"gpt_neox rotary dims int(head_dim {dh} * rotary_pct {pct}) = "
+                     f"{rotary_dim} must be even")
+  return lm_preset("gpt_neox", vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
+                   width=d, num_heads=h, head_dim=dh, ffw_dim=hf.get("intermediate_size") or 4 * d,
+                   norm_eps=hf.get("layer_norm_eps", 1e-5), rotary_base=float(base),
+                   rotary_dim=0 if rotary_dim == dh else rotary_dim,
+                   activation=_HF_ACTIVATIONS[act],
+                   parallel_residual=bool(hf.get("use_parallel_residual", True)),
+                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                   max_length=hf.get("max_position_embeddings", 2048))
+
+
+def _mpt_config(hf: Mapping) -> LMConfig:
+  """MPT (transformers' MptForCausalLM and MosaicML's own model_type "mpt" code).
+
+  Options that change the forward pass and that we do not implement are refused
+  by name; defaults are transformers' MptConfig's.
+  """
+  d, h = hf["d_model"], hf["n_heads"]
+  attn = dict(hf.get("attn_config") or {})
+  refused = {"attn_config.alibi": not attn.get("alibi", True),
+             "attn_config.qk_ln": bool(attn.get("qk_ln", False)),
+             "attn_config.clip_qkv": attn.get("clip_qkv") is not None,
+             "attn_config.prefix_lm": bool(attn.get("prefix_lm", False)),
+             "attn_config.attn_type": attn.get("attn_type", "multihead_attention")
+             != "multihead_attention",
+             "logit_scale": hf.get("logit_scale") is not None,
+             "norm_type": hf.get("norm_type", "low_precision_layernorm")
+             not in ("layernorm", "low_precision_layernorm")}
+  bad = [k for k, v in refused.items() if v]
+  if bad:
+    values = {k: (attn if k.startswith("attn_config.") else hf).get(k.split(".")[-1])
+              for k in bad}
+    raise ValueError(f"mpt config options not supported: {values}")
+  no_bias = bool(hf.get("no_bias", True))
+  return lm_preset("mpt", vocab_size=hf["vocab_size"], num_layers=hf["n_layers"], width=d,
+                   num_heads=h, head_dim=d // h, ffw_dim=hf.get("expansion_ratio", 4) * d,
+                   norm_eps=hf.get("layer_norm_epsilon", 1e-5), use_bias=not no_bias,
+                   norm_bias=not no_bias, alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
+                   attention_scale=float(attn.get("softmax_scale") or 0.0),
+                   tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                   max_length=hf.get("max_seq_len", 2048))
 
 
 def _split_heads(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
@@ -115,34 +191,171 @@ def _llama(sd: StateDict, c: LMConfig) -> dict:
   return p
 
 
-_FAMILIES = {"gpt2": _gpt2, "llama": _llama}
+def _layernorm(sd: StateDict, name: str, d: int, bias: bool) -> dict:
+  out = {"scale": sd.get(name + ".weight", (d,))}
+  if bias:
+    out["bias"] = sd.get(name + ".bias", (d,))
+  return out
+
+
+def _unembed(sd: StateDict, c: LMConfig, name: str) -> dict:
+  """{"unembed": ...} when untied; a tied copy of the embedding is consumed."""
+  if not c.tie_embeddings:
+    return {"unembed": {"kernel": sd.get(name, (c.vocab_size, c.width)).T}}
+  if sd.has(name):
+    sd.get(name, (c.vocab_size, c.width))
+  return {}
+
+
+def _dense(sd: StateDict, name: str, out_dim: int, in_dim: int, bias: bool) -> dict:
+  """torch Linear [out, in] (+ bias [out]) -> our Dense {kernel [in, out], bias}."""
+  p = {"kernel": sd.get(name + ".weight", (out_dim, in_dim)).T}
+  if bias:
+    p["bias"] = sd.get(name + ".bias", (out_dim,))
+  return p
+
+
+def _gpt_neox(sd: StateDict, c: LMConfig) -> dict:
+  """query_key_value's output rows are per head [H, 3, Dh] (q, k, v of head 0 first)."""
+  d, h, dh, ff = c.width, c.num_heads, c.head_dim, c.ffw_dim or c.ffw_mult * c.width
+  p = {"embedding": sd.get("gpt_neox.embed_in.weight", (c.vocab_size, d)),
+       "final_norm": _layernorm(sd, "gpt_neox.final_layer_norm", d, True),
+       # transformers >= 5 saves embed_out but names it lm_head in memory
+       **_unembed(sd, c, "lm_head.weight" if sd.has("lm_head.weight")
+                  and not sd.has("embed_out.weight") else "embed_out.weight")}
+  for i in range(c.num_layers):
+    pre = f"gpt_neox.layers.{i}."
+    qkv_w = sd.get(pre + "attention.query_key_value.weight", (3 * h * dh, d))
+    qkv_b = sd.get(pre + "attention.query_key_value.bias", (3 * h * dh,))
+    qkv_w = qkv_w.reshape(h, 3, dh, d)
+    qkv_b = qkv_b.reshape(h, 3, dh)
+    attn = {name: {"kernel": qkv_w[:, j].transpose(2, 0, 1), "bias": qkv_b[:, j]}
+            for j, name in enumerate(("query", "key", "value"))}
+    attn["out"] = {
+        "kernel": sd.get(pre + "attention.dense.weight", (d, h * dh)).T.reshape(h, dh, d),
+        "bias": sd.get(pre + "attention.dense.bias", (d,))}
+    p[f"blocks_{i}"] = {
+        "attn_norm": _layernorm(sd, pre + "input_layernorm", d, True),
+        "attn": attn,
+        "ffw_norm": _layernorm(sd, pre + "post_attention_layernorm", d, True),
+        "ffw": {"up": _dense(sd, pre + "mlp.dense_h_to_4h", ff, d, True),
+                "down": _dense(sd, pre + "mlp.dense_4h_to_h", d, ff, True)},
+    }
+  return p
+
+
+def _mpt(sd: StateDict, c: LMConfig) -> dict:
+  """Wqkv's output rows are [q; k; v], each [H * Dh]."""
+  d, h, dh, ff = c.width, c.num_heads, c.head_dim, c.ffw_dim or c.ffw_mult * c.width
+  bias = c.use_bias
+  p = {"embedding": sd.get("transformer.wte.weight", (c.vocab_size, d)),
+       "final_norm": _layernorm(sd, "transformer.norm_f", d, c.norm_bias),
+       **_unembed(sd, c, "lm_head.weight")}
+  for i in range(c.num_layers):
+    pre = f"transformer.blocks.{i}."
+    qkv_w = sd.get(pre + "attn.Wqkv.weight", (3 * h * dh, d))
+    qkv_b = sd.get(pre + "attn.Wqkv.bias", (3 * h * dh,)) if bias else None
+    attn = {}
+    for j, name in enumerate(("query", "key", "value")):
+      attn[name] = {"kernel": _split_heads(qkv_w[j * h * dh:(j + 1) * h * dh], h, dh)}
+      if bias:
+        attn[name]["bias"] = qkv_b[j * h * dh:(j + 1) * h * dh].reshape(h, dh)
+    attn["out"] = {"kernel": sd.get(pre + "attn.out_proj.weight", (d, h * dh)).T.reshape(
+        h, dh, d)}
+    if bias:
+      attn["out"]["bias"] = sd.get(pre + "attn.out_proj.bias", (d,))
+    p[f"blocks_{i}"] = {
+        "attn_norm": _layernorm(sd, pre + "norm_1", d, c.norm_bias),
+        "attn": attn,
+        "ffw_norm": _layernorm(sd, pre + "norm_2", d, c.norm_bias),
+        "ffw": {"up": _dense(sd, pre + "ffn.up_proj", ff, d, bias),
+                "down": _dense(sd, pre + "ffn.down_proj", d, ff, bias)},
+    }
+  return p
+
+
+_FAMILIES = {"gpt2": _gpt2, "llama": _llama, "gpt_neox": _gpt_neox, "mpt": _mpt}
+# Non-parameter buffers some checkpoints carry (causal masks, rotary tables).
+_BUFFERS = (".attn.bias", ".attention.bias", "masked_bias", "rotary_emb.inv_freq")
 
 
 def convert_state_dict(tensors: Mapping[str, np.ndarray], config: LMConfig) -> dict:
   """A HF state dict (name -> array) -> our DecoderLM params."""
-  sd = StateDict({k: v for k, v in tensors.items() if not k.endswith(".attn.bias")
-                  and not k.endswith("masked_bias") and "rotary_emb.inv_freq" not in k})
+  sd = StateDict({k: v for k, v in tensors.items()
+                  if not any(k.endswith(b) for b in _BUFFERS)})
   params = _FAMILIES[config.family](sd, config)
   sd.check_all_used(f"HF {config.family} checkpoint")
   return params
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": "bfloat16", "I64": np.int64, "I32": np.int32, "I16": np.int16,
+                       "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """One .safetensors file -> float32 arrays.
+
+  Read directly (an 8-byte header size, a JSON header, raw little-endian
+  tensors) because safetensors.numpy cannot represent bfloat16, the dtype of
+  most released LMs; ml_dtypes (a jax dependency) can.
+  """
+  import ml_dtypes
+  try:
+    with open(path, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(size))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+  body = os.path.getsize(path) - 8 - size
+  data = (np.memmap(path, np.uint8, mode="r", offset=8 + size) if body > 0
+          else np.zeros(0, np.uint8))
+  out = {}
+  for name, meta in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(meta.get("dtype"))
+    if dtype is None:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    begin, stop = meta["data_offsets"]
+    out[name] = np.asarray(data[begin:stop]).view(dtype).reshape(meta["shape"]).astype(
+        np.float32)
+  return out
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  """A pytorch_model*.bin, unpickled with weights_only=True (tensors only)."""
+  try:
+    import torch
+  except ImportError:
+    raise ValueError(f"{path}: reading pytorch_model .bin files needs torch; install it or "
+                     "convert the checkpoint to safetensors") from None
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy().astype(np.float32)
+          for k, v in state.items()}
+
+
 def load_safetensors_dir(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a HF model directory (single or sharded safetensors)."""
-  from safetensors.numpy import load_file
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(path, "model.safetensors")):
-    files = ["model.safetensors"]
+  """All tensors of a HF model directory as float32: single or sharded safetensors, or,
+  when there are none, pytorch_model.bin (sharded or not; MPT-7B and RedPajama-INCITE
+  ship only those)."""
+  formats = [("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)]
+  for single, reader in formats:
+    index = os.path.join(path, single + ".index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+      break
+    if os.path.exists(os.path.join(path, single)):
+      files = [single]
+      break
   else:
-    raise ValueError(f"{path!r} holds neither model.safetensors nor "
-                     "model.safetensors.index.json")
+    raise ValueError(f"{path!r} holds none of model.safetensors, model.safetensors.index.json,"
+                     " pytorch_model.bin, pytorch_model.bin.index.json")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    for k, v in load_file(os.path.join(path, name)).items():
-      tensors[k] = v.astype(np.float32) if v.dtype != np.float32 else v
+    tensors.update(reader(os.path.join(path, name)))
   return tensors
 
 

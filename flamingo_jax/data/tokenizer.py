@@ -1,4 +1,5 @@
-"""A sentencepiece tokenizer with Flamingo's special tokens made explicit.
+"""Tokenizers (sentencepiece, or a Hugging Face tokenizer.json) with Flamingo's
+special tokens made explicit.
 
 `<image>` and `<EOC>` (end of chunk) are never produced by encoding text: a
 caption that literally contains "<image>" must not add an image slot, or the
@@ -6,12 +7,17 @@ number of `<image>` tokens would stop matching the number of images. When the
 sentencepiece model lacks them they are appended after its vocabulary (ids
 V and V+1), so the LM vocabulary grows by 2; when it has them (as
 user-defined pieces) their ids are used and filtered out of encoded text.
+
+`Tokenizer.load` also takes a Hugging Face `tokenizer.json` (or a directory
+holding one and no tokenizer.model): the byte-level BPE of GPT-NeoX, Pythia,
+RedPajama-INCITE and MPT has no sentencepiece model. See `HFTokenizer`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterable, Sequence
+import os
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import sentencepiece as spm
 
@@ -75,7 +81,16 @@ class Tokenizer:
     self._special = frozenset({self.info.image_token_id, self.info.eoc_token_id})
 
   @classmethod
-  def load(cls, path: str, **kwargs) -> "Tokenizer":
+  def load(cls, path: str, **kwargs) -> Union["Tokenizer", "HFTokenizer"]:
+    """A sentencepiece .model, or a HF tokenizer.json / a directory (see `HFTokenizer`).
+
+    A directory with a tokenizer.model loads that (Llama ships both files).
+    """
+    if path.endswith(".json") or (os.path.isdir(path) and not os.path.isfile(
+        os.path.join(path, "tokenizer.model"))):
+      return HFTokenizer.load(path, **kwargs)
+    if os.path.isdir(path):
+      path = os.path.join(path, "tokenizer.model")
     try:
       with open(path, "rb") as f:
         proto = f.read()
@@ -154,3 +169,167 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer({self._source!r}, {json.dumps(self.info.to_dict())})"
+
+
+def _token_name(value) -> Optional[str]:
+  """tokenizer_config.json writes special tokens as strings or {"content": ...}."""
+  if isinstance(value, dict):
+    return value.get("content")
+  return value if isinstance(value, str) else None
+
+
+# Names tried, in order, when no tokenizer_config.json says which token is BOS/EOS.
+_BOS_NAMES = ("<s>", "<|endoftext|>", "<bos>", "<|begin_of_text|>")
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+
+
+class HFTokenizer:
+  """Text <-> ids over a Hugging Face `tokenizers` tokenizer.json; the interface
+  (info, encode, decode, piece_size, pickling) is `Tokenizer`'s.
+
+  BOS/EOS/PAD come from the arguments, else tokenizer_config.json (or
+  special_tokens_map.json) next to tokenizer.json, else the usual names
+  (`<|endoftext|>` for GPT-NeoX: BOS = EOS). PAD defaults to EOS. `<image>` and
+  `<EOC>` use the tokenizer's ids when it has them (OpenFlamingo adds `<image>`
+  and `<|endofchunk|>`: pass eoc_piece="<|endofchunk|>"), else are appended
+  after its largest id.
+  """
+
+  def __init__(self, tokenizer_json: str, *, bos_token: Optional[str] = None,
+               eos_token: Optional[str] = None, pad_token: Optional[str] = None,
+               image_piece: str = IMAGE_PIECE, eoc_piece: str = EOC_PIECE,
+               source: str = "<tokenizer.json>"):
+    from tokenizers import Tokenizer as _HFTok
+    self._json = tokenizer_json
+    self._names = (bos_token, eos_token, pad_token)
+    self._pieces = (image_piece, eoc_piece)
+    self._source = source
+    try:
+      parsed = json.loads(tokenizer_json)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{source}: not valid JSON ({e})") from None
+    if isinstance(parsed, dict) and "image_token_id" in parsed and "model" not in parsed:
+      raise ValueError(f"{source} holds flamingo_jax TokenizerInfo ids (train_tokenizer "
+                       "writes it), not a Hugging Face tokenizer; load the tokenizer.model "
+                       "next to it")
+    try:
+      self._tok = _HFTok.from_str(tokenizer_json)
+    except Exception as e:  # tokenizers raises its own Exception subclasses
+      raise ValueError(f"{source}: not a Hugging Face tokenizer.json ({e})") from e
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self._size = max(vocab.values()) + 1 if vocab else 0
+    self.info = self._make_info(vocab)
+    info = self.info
+    self._special = frozenset({info.image_token_id, info.eoc_token_id, info.bos_id,
+                               info.eos_id, info.pad_id})
+
+  @classmethod
+  def load(cls, path: str, **kwargs) -> "HFTokenizer":
+    """path: a tokenizer.json, or a directory holding one (and maybe tokenizer_config.json)."""
+    directory, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (
+        os.path.dirname(path), path)
+    try:
+      with open(file) as f:
+        text = f.read()
+    except OSError as e:
+      raise ValueError(f"cannot read tokenizer {file!r}: {e}") from e
+    names = {}
+    for meta in ("tokenizer_config.json", "special_tokens_map.json"):
+      meta_path = os.path.join(directory, meta)
+      if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+          try:
+            cfg = json.load(f)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+        for key in ("bos_token", "eos_token", "pad_token"):
+          if names.get(key) is None:
+            names[key] = _token_name(cfg.get(key))
+    for key, value in names.items():
+      kwargs.setdefault(key, value)
+    return cls(text, source=file, **kwargs)
+
+  def _id(self, vocab: dict, name: str, what: str) -> int:
+    if name not in vocab:
+      raise ValueError(f"{self._source}: {what} token {name!r} is not in the vocabulary")
+    return vocab[name]
+
+  def _make_info(self, vocab: dict) -> TokenizerInfo:
+    bos, eos, pad = self._names
+
+    def pick(given, candidates, what):
+      if given is not None:
+        return self._id(vocab, given, what)
+      for name in candidates:
+        if name in vocab:
+          return vocab[name]
+      raise ValueError(f"{self._source}: no {what} token: none of {list(candidates)} is in "
+                       f"the vocabulary and no tokenizer_config.json names one; pass "
+                       f"{what.lower()}_token=")
+
+    bos_id = pick(bos, _BOS_NAMES, "BOS")
+    eos_id = pick(eos, _EOS_NAMES, "EOS")
+    pad_id = self._id(vocab, pad, "PAD") if pad is not None else eos_id
+    n, extra = self._size, 0
+    image_id = vocab.get(self._pieces[0], -1)
+    eoc_id = vocab.get(self._pieces[1], -1)
+    if image_id < 0:
+      image_id, extra = n + extra, extra + 1
+    if eoc_id < 0:
+      eoc_id, extra = n + extra, extra + 1
+    return TokenizerInfo(vocab_size=n + extra, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                         image_token_id=image_id, eoc_token_id=eoc_id)
+
+  @property
+  def piece_size(self) -> int:
+    """Size of the tokenizer's own vocabulary (largest id + 1, appended tokens excluded)."""
+    return self._size
+
+  @property
+  def tokenizer_json(self) -> str:
+    return self._json
+
+  def encode(self, text: str) -> list[int]:
+    """Plain text -> ids; never yields <image>, <EOC>, BOS, EOS or PAD (even when the
+    text spells them: they are special tokens of the tokenizer)."""
+    if not isinstance(text, str):
+      raise TypeError(f"HFTokenizer.encode expects str, got {type(text).__name__}")
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return [i for i in ids if i not in self._special]
+
+  def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Ids -> text; <image> and <EOC> rendered as their pieces, BOS/EOS/PAD dropped."""
+    info = self.info
+    names = {info.image_token_id: self._pieces[0], info.eoc_token_id: self._pieces[1]}
+    drop = {info.bos_id, info.eos_id, info.pad_id}
+    out, run = [], []
+    for i in (int(x) for x in ids):
+      if i in names or i in drop or not 0 <= i < self._size:
+        if run:
+          out.append(self._tok.decode(run, skip_special_tokens=False))
+          run = []
+        if i in names:
+          out.append(names[i])
+        elif i not in drop:
+          raise ValueError(f"token id {i} is outside the vocabulary [0, {info.vocab_size})")
+      else:
+        run.append(i)
+    if run:
+      out.append(self._tok.decode(run, skip_special_tokens=False))
+    return "".join(out)
+
+  def __getstate__(self):
+    return {"json": self._json, "names": self._names, "pieces": self._pieces,
+            "source": self._source}
+
+  def __setstate__(self, state):
+    bos, eos, pad = state["names"]
+    self.__init__(state["json"], bos_token=bos, eos_token=eos, pad_token=pad,
+                  image_piece=state["pieces"][0], eoc_piece=state["pieces"][1],
+                  source=state["source"])
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self._source!r}, {json.dumps(self.info.to_dict())})"

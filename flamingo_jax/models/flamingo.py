@@ -23,7 +23,9 @@ encoder, the resampler and every cross-attention block's keys/values run once
 per prompt; each new token then costs one query against cached self-attention
 keys/values and the cached visual keys/values. New tokens use previous-image
 mode: their image index phi is the number of `<image>` tokens so far, kept in
-the cache. Equal to the full forward (`__call__`) on the whole sequence.
+the cache (with whether a reset token, `model.image_reset_token_id`, has cut
+the text off from it since). Equal to the full forward (`__call__`) on the
+whole sequence.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from flamingo_jax.models.xattn import GatedCrossAttentionBlock
 def xattn_layer_indices(num_layers: int, every: int, placement: str) -> list[int]:
   """LM block indices that get a GATED XATTN-DENSE block *before* them.
 
-  paper:        0, N, 2N, ...        (9B: 0, 4, ..., 36; 80B: 0, 7, ..., 77)
+  paper:        0, N, 2N, ...        (9B: 0, 4, ..., 36; 80B: 0, 7, ..., 77; IDEFICS)
   openflamingo: i with (i + 1) % N == 0  (N-1, 2N-1, ...)
   middle:       one block before num_layers // 2 (Table 3 "single in middle")
   """
@@ -78,6 +80,8 @@ class DecodeCache:
   index: [] int32, the next slot to write (shared by the batch: left padding).
   num_tokens: [B] int32, real tokens so far = the next token's position.
   image_count: [B] int32, `<image>` tokens so far = phi of the next token.
+  image_reset: [B] bool, a reset token came after the last `<image>`, so the
+    next text token sees no image (always False without a reset token).
   """
   keys: tuple
   values: tuple
@@ -88,6 +92,7 @@ class DecodeCache:
   index: jax.Array
   num_tokens: jax.Array
   image_count: jax.Array
+  image_reset: jax.Array
 
   @property
   def length(self) -> int:
@@ -103,7 +108,8 @@ class DecodeCache:
     take = lambda tree: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), tree)  # noqa: E731
     new = self.replace(keys=take(self.keys), values=take(self.values),
                        key_mask=take(self.key_mask), num_tokens=take(self.num_tokens),
-                       image_count=take(self.image_count))
+                       image_count=take(self.image_count),
+                       image_reset=take(self.image_reset))
     if cross:
       new = new.replace(xattn_keys=take(self.xattn_keys), xattn_values=take(self.xattn_values),
                         visual=take(self.visual))
@@ -197,7 +203,7 @@ class Flamingo(nn.Module):
     if visual_features is not None:
       visual = self.resample(visual_features)  # [B, N, n, D_r]
       n_img, n_tok = visual.shape[1], visual.shape[2]
-      phi = masking.phi(tokens, c.image_token_id, next_image)
+      phi = masking.phi(tokens, c.image_token_id, next_image, c.image_reset_token_id)
     else:  # text only: no token has an image
       n_img, n_tok = 1, 1
       visual = jnp.zeros((b, 1, 1, c.resampler.width), dtype)
@@ -271,7 +277,8 @@ class Flamingo(nn.Module):
         values=tuple(zeros() for _ in range(c.lm.num_layers)),
         xattn_keys=xk, xattn_values=xv, visual=visual,
         key_mask=jnp.zeros((b, cache_length), bool), index=jnp.zeros((), jnp.int32),
-        num_tokens=jnp.zeros((b,), jnp.int32), image_count=jnp.zeros((b,), jnp.int32))
+        num_tokens=jnp.zeros((b,), jnp.int32), image_count=jnp.zeros((b,), jnp.int32),
+        image_reset=jnp.zeros((b,), bool))
     return self.extend(tokens, cache, attention_mask)
 
   def extend(self, tokens, cache: DecodeCache, attention_mask=None):
@@ -295,6 +302,11 @@ class Flamingo(nn.Module):
             else attention_mask.astype(bool))
     is_image = (tokens == c.image_token_id) & real
     phi = cache.image_count[:, None] + jnp.cumsum(is_image, axis=-1, dtype=jnp.int32)
+    image_reset = cache.image_reset
+    if c.image_reset_token_id >= 0:
+      is_reset = (tokens == c.image_reset_token_id) & real
+      cut, image_reset = masking.after_reset(is_image, is_reset, cache.image_reset)
+      phi = jnp.where(cut, 0, phi)
     counts = jnp.cumsum(real, axis=-1, dtype=jnp.int32)
     positions = jnp.maximum(cache.num_tokens[:, None] + counts - 1, 0)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.index))
@@ -328,7 +340,8 @@ class Flamingo(nn.Module):
         keys=tuple(keys), values=tuple(values), key_mask=key_mask,
         index=cache.index + length,
         num_tokens=cache.num_tokens + counts[:, -1],
-        image_count=cache.image_count + jnp.sum(is_image, axis=-1, dtype=jnp.int32))
+        image_count=cache.image_count + jnp.sum(is_image, axis=-1, dtype=jnp.int32),
+        image_reset=image_reset)
     return logits, new
 
 

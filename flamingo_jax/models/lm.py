@@ -1,34 +1,99 @@
 """Decoder-only language model: the frozen LM that Flamingo conditions on images.
 
-One module covers three families by config (see `config.lm_preset`):
+One module covers five families by config (see `config.lm_preset`):
   chinchilla  pre-LayerNorm, GeLU FFW 4x, rotary positions, tied embeddings
               (the paper's frozen LM; Chinchilla itself used RMSNorm and
               relative positions: both are config options, see docs)
   llama       RMSNorm, SwiGLU, rotary positions, grouped KV heads, untied
   gpt2        learned positions, LayerNorm with biases, GeLU (tanh), tied
+  gpt_neox    parallel residual, rotary on part of each head, biases, untied
+              (Pythia, RedPajama-INCITE)
+  mpt         ALiBi, LayerNorm and projections without biases, tied (MPT-7B)
 
 The Flamingo model drives the pieces separately (embed -> blocks with
 cross-attention in between -> logits), so they are exposed as methods.
 Self-attention takes the positions and mask explicitly, so the KV cache for
 decoding (`cache=`) only replaces how keys and values are gathered: the new
 tokens' keys and values are written into fixed-size buffers and the queries
-attend over the whole buffer under the caller's mask.
+attend over the whole buffer under the caller's mask. ALiBi needs no
+positions in the cache: a query's distance to a key is the number of keys it
+may attend to after that key, which the mask already says.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flamingo_jax.config import LMConfig
 from flamingo_jax.models import layers
 
 
+POSITIONS = ("rotary", "learned", "alibi", "none")
+
+
 def _norm(c: LMConfig, name: str, dtype, param_dtype):
   return layers.LayerNorm(name=name, eps=c.norm_eps, rms=c.norm == "rmsnorm",
-                          dtype=dtype, param_dtype=param_dtype)
+                          use_bias=c.norm_bias, dtype=dtype, param_dtype=param_dtype)
+
+
+def partial_rotary(x, positions, rotary_dim: int, base: float):
+  """Rotary on the first rotary_dim dims of each head, the rest passed through.
+
+  x [B, L, H, Dh], positions [B, L]; rotary_dim 0 means all Dh (GPT-NeoX's
+  rotary_pct: frequencies and the half-rotation span only the rotated dims).
+  """
+  if not rotary_dim or rotary_dim == x.shape[-1]:
+    return layers.rotary_embedding(x, positions, base)
+  rotated = layers.rotary_embedding(x[..., :rotary_dim], positions, base)
+  return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
+
+
+def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
+  """[H] float32 ALiBi slopes, as MosaicML's (and transformers') build_mpt_alibi_tensor.
+
+  With H' the next power of two, slope_i = 2^(-i * bias_max / H') for i = 1..H';
+  when H < H' the odd-indexed slopes come first, then the even ones, cut to H.
+  """
+  n2 = 2 ** math.ceil(math.log2(num_heads))
+  base = np.arange(1, n2 + 1, dtype=np.float32) * np.float32(bias_max / n2)
+  slopes = (np.float32(1.0) / np.power(np.float32(2.0), base)).astype(np.float32)
+  if n2 != num_heads:
+    slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes
+
+
+def alibi_attention(q, k, v, mask, slopes, scale: float):
+  """Softmax attention with the ALiBi bias -slope_h * distance.
+
+  q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh], mask [B, 1, Lq, Lk] (True = attend),
+  slopes [H] -> [B, Lq, H, Dh]. The distance from a query to a key is the
+  number of keys the query attends to after that key: for a causal mask over
+  left-padded tokens or a cache with gaps, that is the distance in real tokens,
+  and the query's own key is at distance 0. transformers' MPT adds
+  slope * (key index - last index) instead, which differs per row by a
+  constant, so the softmax is the same.
+  """
+  b, lq, h, dh = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  if h % hkv:
+    raise ValueError(f"query heads {h} are not a multiple of key/value heads {hkv}")
+  group = h // hkv
+  mask = jnp.broadcast_to(mask, (b, 1, lq, lk))
+  m = mask.astype(jnp.int32)
+  after = jnp.sum(m, -1, keepdims=True) - jnp.cumsum(m, -1)  # [B, 1, Lq, Lk]
+  bias = -jnp.asarray(slopes, jnp.float32)[None, :, None, None] * after.astype(jnp.float32)
+  q = q.reshape(b, lq, hkv, group, dh)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * scale + bias.reshape(b, hkv, group, lq, lk)
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v)
+  return out.reshape(b, lq, h, dh)
 
 
 class SelfAttention(nn.Module):
@@ -53,14 +118,20 @@ class SelfAttention(nn.Module):
     k = layers.HeadProjection(kv_heads, name="key", **kw)(x)
     v = layers.HeadProjection(kv_heads, name="value", **kw)(x)
     if c.positions == "rotary":
-      q = layers.rotary_embedding(q, positions, c.rotary_base)
-      k = layers.rotary_embedding(k, positions, c.rotary_base)
+      q = partial_rotary(q, positions, c.rotary_dim, c.rotary_base)
+      k = partial_rotary(k, positions, c.rotary_dim, c.rotary_base)
     if cache is not None:
       keys, values, index = cache
       start = (0, index, 0, 0)
       k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
       v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-    out = layers.dot_product_attention(q, k, v, mask)
+    scale = c.attention_scale or c.head_dim ** -0.5
+    if c.positions == "alibi":
+      out = alibi_attention(q, k, v, mask, alibi_slopes(c.num_heads, c.alibi_bias_max), scale)
+    else:
+      if c.attention_scale:  # dot_product_attention scales by head_dim ** -0.5
+        q = q * jnp.asarray(scale * c.head_dim ** 0.5, q.dtype)
+      out = layers.dot_product_attention(q, k, v, mask)
     out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out",
                                dtype=self.dtype, param_dtype=self.param_dtype)(out)
     return out if cache is None else (out, (k, v))
@@ -116,6 +187,11 @@ class DecoderLM(nn.Module):
 
   def setup(self):
     c = self.config
+    if c.positions not in POSITIONS:
+      raise ValueError(f"LMConfig.positions is {c.positions!r}; expected one of {POSITIONS}")
+    if not 0 <= c.rotary_dim <= c.head_dim or c.rotary_dim % 2:
+      raise ValueError(f"LMConfig.rotary_dim {c.rotary_dim} must be even and in "
+                       f"[0, head_dim = {c.head_dim}]")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / c.width ** 0.5),
                                               ("vocab", "embed"))
@@ -162,7 +238,11 @@ class DecoderLM(nn.Module):
     return h, logits.astype(jnp.float32)
 
   def __call__(self, tokens, attention_mask=None, positions=None):
-    """tokens [B, L] int, attention_mask [B, L] (1 = real token) -> logits [B, L, V]."""
+    """tokens [B, L] int, attention_mask [B, L] (1 = real token) -> logits [B, L, V].
+
+    positions [B, L] feed learned and rotary positions; ALiBi derives its
+    distances from the mask (see `alibi_attention`).
+    """
     b, length = tokens.shape
     if positions is None:
       positions = default_positions(attention_mask, b, length)

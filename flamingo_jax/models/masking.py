@@ -14,6 +14,12 @@ phi(l) for a token at position l:
 
 With `attend_previous="all"` (paper Table 10 ablation) a token sees every
 image 1..phi(l) instead of only image phi(l).
+
+A reset token (`FlamingoConfig.image_reset_token_id`; IDEFICS: `</s>`, which
+ends a packed document) cuts the link: in previous-image mode the tokens after
+it get 0 until the next `<image>` (the reset token itself keeps its image); in
+next-image mode the reset token and the tokens before it (back to the previous
+`<image>`) get 0. This is the image_attention_mask IDEFICS's processor builds.
 """
 from __future__ import annotations
 
@@ -29,21 +35,58 @@ def image_positions(tokens: jax.Array, image_token_id: int) -> jax.Array:
 
 
 def phi(tokens: jax.Array, image_token_id: int,
-        next_image: Optional[jax.Array] = None) -> jax.Array:
+        next_image: Optional[jax.Array] = None, reset_token_id: int = -1) -> jax.Array:
   """Index (1-based, 0 = none) of the image each token attends to.
 
   tokens [B, L] int, next_image [B] bool or None -> [B, L] int32.
+  reset_token_id >= 0: that token cuts text off from earlier (later) images.
   """
   is_image = image_positions(tokens, image_token_id).astype(jnp.int32)
   count_incl = jnp.cumsum(is_image, axis=-1)  # images at positions <= l
   prev = count_incl
+  if reset_token_id >= 0:
+    is_reset = tokens == reset_token_id
+    prev = jnp.where(after_reset(is_image > 0, is_reset)[0], 0, prev)
+  if next_image is None:
+    return prev
   # The first image at or after l is image (images strictly before l) + 1.
   total = count_incl[:, -1:]
   nxt = count_incl - is_image + 1
   nxt = jnp.where(nxt <= total, nxt, 0)
-  if next_image is None:
-    return prev
+  if reset_token_id >= 0:
+    nxt = jnp.where(before_reset(is_image > 0, is_reset), 0, nxt)
   return jnp.where(next_image[:, None], nxt, prev).astype(jnp.int32)
+
+
+def after_reset(is_image: jax.Array, is_reset: jax.Array,
+                carry: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """Previous-image mode: which tokens a reset token cut off from their image.
+
+  is_image, is_reset [B, L] bool; carry [B] bool: the state before the first
+  token (decoding continues a prompt), None = no reset pending. Returns
+  (cut [B, L] bool: a reset token lies strictly before l and after the last
+  `<image>` at or before l, new carry [B] bool: the state after the last token).
+  """
+  pos = jnp.arange(is_image.shape[1])
+  last_image = jax.lax.cummax(jnp.where(is_image, pos, -1), axis=1)
+  last_reset = jax.lax.cummax(jnp.where(is_reset, pos, -1), axis=1)
+  before = jnp.concatenate([jnp.full_like(last_reset[:, :1], -1), last_reset[:, :-1]], axis=1)
+  # Equal only when both are -1 (no image nor reset yet): the carry decides.
+  cut = before > last_image
+  end = last_reset[:, -1] > last_image[:, -1]
+  if carry is not None:
+    cut = cut | ((before == last_image) & carry[:, None])
+    end = end | ((last_reset[:, -1] == last_image[:, -1]) & carry)
+  return cut, end
+
+
+def before_reset(is_image: jax.Array, is_reset: jax.Array) -> jax.Array:
+  """Next-image mode: [B, L] bool, a reset token at or after l comes before the next `<image>`."""
+  length = is_image.shape[1]
+  pos = jnp.arange(length)
+  next_image = jax.lax.cummin(jnp.where(is_image, pos, length), axis=1, reverse=True)
+  next_reset = jax.lax.cummin(jnp.where(is_reset, pos, length), axis=1, reverse=True)
+  return next_reset < next_image
 
 
 def visual_attention_mask(phi_: jax.Array, num_images: int, tokens_per_image: int,

@@ -8,6 +8,8 @@ flattened to [T*S, d], and `depth` layers update `num_latents` learned latents:
     latents += Attention(q=LN(latents), kv=concat(LN(features), LN(latents)))
     latents += FFW(LN(latents))
 
+(`qk_layernorm`: queries and keys are also LayerNormed per head, as IDEFICS does.)
+
 The output is LN(latents): [num_latents, width] per image, whatever T and S.
 The ablations of paper Table 3 (resampler -> MLP, -> Transformer) are
 `ResamplerConfig.kind` = "mlp" / "transformer".
@@ -64,6 +66,9 @@ class ResamplerAttention(nn.Module):
     q = layers.HeadProjection(name="query", **proj)(latents)
     k = layers.HeadProjection(name="key", **proj)(kv_in)
     v = layers.HeadProjection(name="value", **proj)(kv_in)
+    if c.qk_layernorm:  # IDEFICS: per head, over head_dim, before the 1/sqrt(Dh) scaling
+      q = layers.LayerNorm(name="query_norm", axis_name="kv", **ln)(q)
+      k = layers.LayerNorm(name="key_norm", axis_name="kv", **ln)(k)
     out = layers.dot_product_attention(q, k, v)
     return layers.OutProjection(latents.shape[-1], use_bias=c.use_bias, name="out", **kw)(out)
 

@@ -4,6 +4,10 @@ images [B, H, W, 3] -> patchify (conv, no bias) -> [CLS; patches] + positions ->
 -> depth x pre-LN blocks (MHA with biases, MLP 4x) -> ln_post -> patch tokens as a
 feature grid [B, H/p, W/p, width]. This is what OpenFlamingo feeds its resampler
 (ViT-L/14 at 224 px: 16 x 16 x 1024); the CLIP projection is not used.
+
+IDEFICS feeds its resampler the last block's output instead: the class token
+kept and no ln_post (`include_class_token`, `post_layernorm=False`), returned as
+one row of tokens [B, 1, 1 + P, width].
 """
 from __future__ import annotations
 
@@ -45,7 +49,10 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    """images [B, H, W, 3] -> patch features [B, H/p, W/p, width]."""
+    """images [B, H, W, 3] -> patch features [B, H/p, W/p, width].
+
+    With config.include_class_token: [B, 1, 1 + P, width], the class token first.
+    """
     del train
     c = self.config
     layers.check_rank("images", images, 4, "[B, H, W, 3]")
@@ -68,7 +75,10 @@ class VisionTransformer(nn.Module):
     x = layers.LayerNorm(name="ln_pre", eps=c.layernorm_eps, **kw)(x)
     for i in range(c.depth):
       x = ViTBlock(c, name=f"blocks_{i}", **kw)(x)
-    x = layers.LayerNorm(name="ln_post", eps=c.layernorm_eps, **kw)(x)
+    if c.post_layernorm:
+      x = layers.LayerNorm(name="ln_post", eps=c.layernorm_eps, **kw)(x)
+    if c.include_class_token:
+      return x.reshape(b, 1, 1 + gh * gw, c.width)
     return x[:, 1:].reshape(b, gh, gw, c.width)
 
 

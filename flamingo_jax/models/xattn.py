@@ -3,8 +3,10 @@
     y = y + tanh(alpha_xattn) * CrossAttention(q=LN(y), kv=LN(visual_tokens))
     y = y + tanh(alpha_dense) * FFW(LN(y))
 
-The gates start at 0, so at initialisation the Flamingo model computes exactly
-the frozen LM. Which visual tokens a text token may see comes from
+The gates start at 0 (`gate_init`), so at initialisation the Flamingo model
+computes exactly the frozen LM. LN is a LayerNorm or an RMSNorm (`norm`;
+IDEFICS: RMSNorm, per-head RMSNorm of queries and keys with `qk_norm`, and its
+LM's SwiGLU MLP as FFW). Which visual tokens a text token may see comes from
 `models.masking` (image-causal mask); what a token with no image gets is
 `XAttnConfig.no_image` (see config.py for the three conventions).
 
@@ -20,6 +22,11 @@ import jax.numpy as jnp
 
 from flamingo_jax.config import XAttnConfig
 from flamingo_jax.models import layers
+
+
+def _norm(c: XAttnConfig, name: str, axis_name: str = "embed", **kw):
+  return layers.LayerNorm(name=name, axis_name=axis_name, eps=c.layernorm_eps,
+                          rms=c.norm == "rmsnorm", **kw)
 
 
 class CrossAttention(nn.Module):
@@ -42,15 +49,18 @@ class CrossAttention(nn.Module):
       k, v = visual
     else:
       if c.kv_layernorm:
-        visual = layers.LayerNorm(name="norm_kv", axis_name="visual_embed",
-                                  eps=c.layernorm_eps, **kw)(visual)
+        visual = _norm(c, "norm_kv", "visual_embed", **kw)(visual)
       k = layers.HeadProjection(name="key", in_axis="visual_embed", **proj)(visual)
       v = layers.HeadProjection(name="value", in_axis="visual_embed", **proj)(visual)
+      if c.qk_norm:  # before caching: decoding reuses the normalised keys
+        k = _norm(c, "key_norm", "kv", **kw)(k)
     if x is None:
       return k, v
     if c.query_layernorm:
-      x = layers.LayerNorm(name="norm_query", eps=c.layernorm_eps, **kw)(x)
+      x = _norm(c, "norm_query", **kw)(x)
     q = layers.HeadProjection(name="query", **proj)(x)
+    if c.qk_norm:
+      q = _norm(c, "query_norm", "kv", **kw)(q)
     zero_rows = None
     if c.no_image == "zero_attention":
       zero_rows = ~has_image[:, None, :, None]
@@ -68,12 +78,14 @@ class GatedCrossAttentionBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def gate(self, name: str, width: int):
-    """tanh(alpha), alpha a scalar (or per-channel vector) initialised to 0."""
+    """tanh(alpha), alpha a scalar (or per-channel vector) initialised by `gate_init`."""
     c = self.config
     if c.gating == "none":
       return jnp.ones((), self.dtype)
     shape, axes = ((1,), (None,)) if c.gate_shape == "scalar" else ((width,), ("embed",))
-    alpha = layers.param_with_axes(self, name, nn.initializers.zeros, shape, jnp.float32, axes)
+    init = {"zeros": nn.initializers.zeros, "ones": nn.initializers.ones,
+            "normal": nn.initializers.normal(c.gate_init_std)}[c.gate_init]
+    alpha = layers.param_with_axes(self, name, init, shape, jnp.float32, axes)
     return jnp.tanh(alpha).astype(self.dtype)
 
   @nn.compact
@@ -93,8 +105,9 @@ class GatedCrossAttentionBlock(nn.Module):
     if c.kind == "gated_dense":
       h = y
       if c.ffw_layernorm:
-        h = layers.LayerNorm(name="norm_ffw", eps=c.layernorm_eps, **kw)(h)
-      h = layers.FeedForward(c.ffw_mult * width, c.activation, c.use_bias, name="ffw", **kw)(h)
+        h = _norm(c, "norm_ffw", **kw)(h)
+      h = layers.FeedForward(c.ffw_dim or c.ffw_mult * width, c.activation, c.use_bias,
+                             name="ffw", **kw)(h)
       y = y + self.gate("ffw_gate", width) * h
     if c.no_image == "skip":
       y = jnp.where(has_image[..., None], y, x)
