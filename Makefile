@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   installs what it needs and runs the main job on the embedded default
+#   (make ablations: every paper ablation at demo scale, after the demo)
 #   make test   installs and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo install clean
+.PHONY: test test-fast demo ablations install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m flamingo_jax.demo --workdir demo_workdir
+
+# Every paper ablation (configs/ablations/) at demo scale; reuses demo_workdir's
+# data, LM and vision tower (running the demo first when they are missing).
+ablations: $(STAMP)
+	$(PY) -m flamingo_jax.ablations --workdir demo_workdir
 
 clean:
 	rm -rf $(VENV) demo_workdir

@@ -35,7 +35,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -384,7 +384,8 @@ def abstract_state(s: Setup, mesh, tx=None):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool = False,
-        stop_at: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None) -> dict:
+        stop_at: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None,
+        on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
   """Trains (or only compiles) and returns a summary.
 
   Returns {'step', 'stopped', 'history': [metrics per step], 'eval': {...},
@@ -510,6 +511,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
     nonlocal last_log_time, last_log_step
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     history.append(metrics)
+    if on_step is not None:  # progress bars (the demo)
+      on_step(done_step, metrics)
     if metrics["nonfinite_consecutive"] >= s.train.max_consecutive_nonfinite:
       raise FloatingPointError(
           f"{int(metrics['nonfinite_consecutive'])} consecutive updates had non-finite "

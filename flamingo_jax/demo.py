@@ -1,105 +1,444 @@
-"""`make demo`: the main job on the embedded default.
+"""`make demo`: the whole Flamingo recipe in miniature, on the embedded shapes world.
 
-Today: builds the tiny Flamingo (configs/tiny.py), checks that at
-initialisation it computes exactly its frozen LM, then trains the resampler,
-the gated cross-attention and the new token rows for a few AdamW steps on a
-small batch of random images whose captions name the image (so the loss can
-only fall if the model reads the images), and prints the loss per step.
+  python -m flamingo_jax.demo --workdir demo_workdir [--scale demo|smoke] [--force STAGE]
+
+Stages (each skipped when its output exists, each resumable when interrupted:
+the trainers restart from their last checkpoint):
+  data      the synthetic dataset (flamingo_jax/data/synthetic.py) and its
+            sentencepiece tokenizer, trained on the text corpus
+  lm        a tiny Chinchilla-style LM pretrained on that corpus (lm_pretrain.py)
+  vision    a tiny NFNet + text tower pretrained contrastively on the image-text
+            pairs (contrastive.py, configs/contrastive_tiny.py:vision=nfnet)
+  flamingo  both frozen; the resampler and gated cross-attention trained on the
+            weighted mixture of documents, pairs, VQA pairs and videos
+            (train.py on configs/demo.py), exported as a model directory
+  eval      few-shot captioning and VQA (0/4/8 shots) and classification on the
+            held-out split, for the trained model, the same model with every
+            gate at 0 (its LM alone) and chance (evaluate/baselines.py)
+  report    report.md (results table, per-stage times) and PNG plots: loss per
+            dataset, |tanh(alpha)| per layer, metric vs shots
+
+Everything lands in one work directory; `python -m flamingo_jax.generate
+--checkpoint WORKDIR/model --image x.png --prompt "<image>"` then captions
+any image.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
+import sys
 import time
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-from flamingo_jax.config import model_config
-from flamingo_jax.config_file import load_config
-from flamingo_jax.models import labels as labels_lib
-from flamingo_jax.models.flamingo import Flamingo, merged_lm_params
-from flamingo_jax.models.lm import DecoderLM
+from typing import Callable, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("data", "lm", "vision", "flamingo", "eval", "report")
+RESULT = "result.json"  # a stage's marker, written last
+
+log = logging.getLogger("flamingo_jax.demo")
 
 
-def make_batch(config, batch=8, num_classes=4, seed=0):
-  """Images of one of `num_classes` random patterns; the caption is the class id.
-
-  tokens: <BOS> <image> class_token <EOC>; the loss is on predicting the class
-  token after <image> (and <EOC> after it).
-  """
-  rng = np.random.default_rng(seed)
-  size = config.vision.image_size
-  patterns = rng.normal(size=(num_classes, size, size, 3)).astype(np.float32)
-  labels = rng.integers(0, num_classes, batch)
-  images = patterns[labels] + 0.1 * rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-  bos, class0 = 1, 10
-  tokens = np.stack([[bos, config.image_token_id, class0 + y, config.eoc_token_id]
-                     for y in labels]).astype(np.int32)
-  targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], 1)
-  loss_mask = np.zeros_like(tokens, np.float32)
-  loss_mask[:, 1:3] = 1.0  # predict class token, then <EOC>
-  return dict(tokens=tokens, targets=targets, loss_mask=loss_mask,
-              images=images[:, None, None])
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """How much each stage does. `demo` is what `make demo` runs (~15 min on
+  2 CPU cores); `smoke` runs every stage in about two minutes (tests)."""
+  pairs: tuple[int, int] = (2000, 200)
+  documents: tuple[int, int] = (400, 50)
+  videos: tuple[int, int] = (300, 50)
+  corpus_lines: int = 20_000
+  samples_per_shard: int = 1000  # >= 2 pair shards: contrastive "ALIGN" and "LTIP"
+  lm_steps: int = 200
+  vision_steps: int = 150
+  flamingo_steps: int = 300
+  eval_samples: int = 64  # evaluated examples per task
+  shots: tuple[int, ...] = (0, 4, 8)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default="demo_workdir")
-  parser.add_argument("--config", default=os.path.join(REPO, "configs", "tiny.py"))
-  parser.add_argument("--steps", type=int, default=60)
-  args = parser.parse_args(argv)
-  os.makedirs(args.workdir, exist_ok=True)
+SCALES = {
+    "demo": Scale(),
+    "smoke": Scale(pairs=(96, 24), documents=(24, 8), videos=(8, 4), corpus_lines=2000,
+                   samples_per_shard=48, lm_steps=8, vision_steps=4, flamingo_steps=6, eval_samples=4,
+                   shots=(0, 2)),
+}
 
-  config = model_config(load_config(args.config))
-  model = Flamingo(config)
-  batch = jax.tree.map(jnp.asarray, make_batch(config))
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["tokens"],
-                                        images=batch["images"])["params"])
-  labels = labels_lib.param_labels(params, config)
-  trainable, frozen = labels_lib.partition(params, labels)
-  print(f"tiny Flamingo: {sum(x.size for x in trainable.values()):,} trainable, "
-        f"{sum(x.size for x in frozen.values()):,} frozen parameters")
 
-  logits, _ = jax.jit(model.apply)({"params": params}, batch["tokens"], images=batch["images"])
-  lm_logits = jax.jit(DecoderLM(config.lm).apply)(
-      {"params": merged_lm_params(params, config)}, batch["tokens"])
-  init_gap = float(jnp.abs(logits - lm_logits).max())
-  print(f"at init (gates 0) max |Flamingo - frozen LM| logits = {init_gap:.2e}")
+# ------------------------------------------------------------------------------ plumbing
 
-  def loss_fn(tr):
-    logits, _ = model.apply({"params": labels_lib.merge(tr, frozen)}, batch["tokens"],
-                            images=batch["images"])
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
-    return jnp.sum(nll * batch["loss_mask"]) / jnp.maximum(batch["loss_mask"].sum(), 1.0)
 
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=0.1))
-  opt_state = optimizer.init(trainable)
+def _write_json(path: str, obj) -> None:
+  """Atomic: a crash never leaves a half-written marker behind."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
 
-  @jax.jit
-  def step(tr, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(tr)
-    updates, opt_state = optimizer.update(grads, opt_state, tr)
-    return optax.apply_updates(tr, updates), opt_state, loss
 
-  history = []
-  start = time.time()
-  for i in range(args.steps):
-    trainable, opt_state, loss = step(trainable, opt_state)
-    history.append(float(loss))
-    if i % 10 == 0 or i == args.steps - 1:
-      print(f"step {i:3d}  loss {float(loss):.4f}")
-  print(f"{args.steps} steps in {time.time() - start:.1f}s; loss {history[0]:.3f} -> "
-        f"{history[-1]:.3f} (chance: {np.log(config.lm.vocab_size):.3f})")
-  with open(os.path.join(args.workdir, "demo_losses.json"), "w") as f:
-    json.dump({"init_gap": init_gap, "losses": history}, f)
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+class Bar:
+  """A tqdm progress bar over a trainer's steps (on_step callback)."""
+
+  def __init__(self, desc: str, total: int, done: int = 0):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, initial=done, desc=desc, unit="step", file=sys.stderr,
+                    dynamic_ncols=True)
+
+  def __call__(self, step: int, metrics: dict) -> None:
+    self.bar.n = step
+    loss = metrics.get("loss")
+    if loss is not None:
+      self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    self.bar.refresh()
+
+  def close(self):
+    self.bar.close()
+
+
+def demo_config(workdir: str, overrides: Sequence[str] = (), config_path: str = ""):
+  """configs/demo.py (or an ablation file) for this workdir, with overrides."""
+  from flamingo_jax.config_file import apply_overrides, load_config
+  path = config_path or os.path.join(REPO, "configs", "demo.py")
+  return apply_overrides(load_config(f"{path}:{os.path.abspath(workdir)}"), list(overrides))
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _configs_demo():
+  """configs/demo.py as a module (paths, sizes shared with the config)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_flamingo_demo_config",
+                                                os.path.join(REPO, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_data(paths: dict, scale: Scale) -> dict:
+  from flamingo_jax.data import synthetic
+  cfg = _configs_demo()
+  sizes = synthetic.Sizes(pairs=scale.pairs, documents=scale.documents, videos=scale.videos,
+                          corpus_lines=scale.corpus_lines,
+                          samples_per_shard=scale.samples_per_shard)
+  manifest = synthetic.write_synthetic(paths["data"], image_size=cfg.IMAGE_SIZE, sizes=sizes,
+                                       arrayrecord=False)
+  return {"examples": manifest["examples"], "tokenizer": manifest["tokenizer"],
+          "corpus_lines": manifest["corpus_lines"], "seconds": manifest["seconds"]}
+
+
+def run_lm(paths: dict, scale: Scale) -> dict:
+  from flamingo_jax import lm_pretrain
+  from flamingo_jax.data.tokenizer import Tokenizer
+  cfg = _configs_demo()
+  tokenizer = Tokenizer.load(paths["tokenizer"])
+  lm = cfg.lm_config(tokenizer.info.vocab_size)
+  c = lm_pretrain.PretrainConfig(steps=scale.lm_steps, batch_size=32, seq_len=64,
+                                 checkpoint_every=100, log_every=50)
+  with open(os.path.join(paths["data"], "corpus.txt")) as f:
+    corpus = f.read().splitlines()
+  bar = Bar("lm pretraining", c.steps)
+  try:
+    out = lm_pretrain.pretrain(lm, c, corpus, tokenizer, paths["lm"], on_step=bar)
+  finally:
+    bar.close()
+  losses = [r["loss"] for r in out["history"]]
+  return {"steps": out["step"], "first_loss": losses[0] if losses else None,
+          "final_loss": losses[-1] if losses else None, "val_loss": out["val_loss"],
+          "export": out["export"]}
+
+
+def run_vision(paths: dict, scale: Scale) -> dict:
+  from flamingo_jax import contrastive
+  spec = os.path.join(REPO, "configs", "contrastive_tiny.py") + \
+      f":data={paths['data']},vision=nfnet"
+  config = contrastive.load(spec, [
+      f"train.total_steps={scale.vision_steps}", "train.log_every=10",
+      f"export.vision='{paths['vision_export']}'",
+      "eval.retrieval.max_examples=200", "eval.classification.max_examples=200"])
+  bar = Bar("contrastive vision", scale.vision_steps)
+  try:
+    summary = contrastive.run(config, paths["vision"], on_step=bar)
+  finally:
+    bar.close()
+  if summary.get("stopped") not in (None, "done"):
+    raise RuntimeError(f"contrastive pretraining stopped early ({summary['stopped']})")
+  return {"steps": summary["step"], "eval": summary.get("eval", {}),
+          "final_loss": summary["history"][-1]["loss"] if summary["history"] else None,
+          "export": summary.get("export") or paths["vision_export"]}
+
+
+def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
+                 overrides: Sequence[str] = ()) -> dict:
+  from flamingo_jax import train
+  config = demo_config(paths["root"], [
+      f"train.total_steps={scale.flamingo_steps}", "train.log_every=10",
+      f"train.export_dir='{paths['model']}'", *overrides], config_path)
+  bar = Bar("flamingo training", scale.flamingo_steps)
+  t0 = time.perf_counter()
+  try:
+    summary = train.run(config, paths["flamingo"], on_step=bar)
+  finally:
+    bar.close()
+  if summary["stopped"] != "done":
+    raise RuntimeError(f"Flamingo training stopped early ({summary['stopped']})")
+  times = [r["step_time"] for r in summary["history"] if "step_time" in r]
+  return {"steps": summary["step"], "model": paths["model"],
+          "final_losses": {k[5:]: v for k, v in summary["history"][-1].items()
+                           if k.startswith("loss/")} if summary["history"] else {},
+          "median_step_time_s": sorted(times)[len(times) // 2] if times else None,
+          "seconds": time.perf_counter() - t0}
+
+
+def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
+             baselines: bool = True) -> dict:
+  """Evaluates the exported model (and, with baselines, gates-zero and chance)."""
+  from flamingo_jax.evaluate import baselines as baselines_lib
+  from flamingo_jax.evaluate import runner
+  from flamingo_jax.generate import load_model_dir
+  model = load_model_dir(model_dir or paths["model"])
+  config = demo_config(paths["root"])
+  ec = runner.eval_config(config)
+  tasks = list(ec.tasks)
+  out_dir = out_dir or paths["eval"]
+  runs = {"flamingo": model.params}
+  if baselines:
+    runs["gates_zero"] = baselines_lib.zero_gates(model.params)
+  results = {}
+  for name, params in runs.items():
+    report = runner.evaluate(model.config, ec, params, model.tokenizer, tasks=tasks,
+                             shots=list(scale.shots), num_samples=scale.eval_samples,
+                             out_dir=os.path.join(out_dir, name), progress=True)
+    results[name] = {t: {s: r["score"] for s, r in report["results"][t]["shots"].items()}
+                     for t in tasks}
+  metrics = {t: runner.METRICS[ec.tasks[t].kind] for t in tasks}
+  out = {"results": results, "metrics": metrics, "shots": list(scale.shots),
+         "num_examples": scale.eval_samples}
+  if baselines:
+    out["chance"] = {t: r["score"] for t, r in baselines_lib.chance(
+        model.config, ec, tasks, scale.eval_samples).items()}
+  return out
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def results_table(ev: dict) -> str:
+  """Rows task x model, columns shots (scores in percent; CIDEr x 100)."""
+  shots = ev["shots"]
+  lines = ["| task | metric | model | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+           "|---|---|---|" + "---:|" * len(shots)]
+  for task, metric in ev["metrics"].items():
+    for name, res in ev["results"].items():
+      cells = [f"{res[task][str(s)]:.1f}" for s in shots]
+      lines.append(f"| {task} | {metric} | {name} | " + " | ".join(cells) + " |")
+    if "chance" in ev:
+      lines.append(f"| {task} | {metric} | chance | " +
+                   " | ".join(f"{ev['chance'][task]:.1f}" for _ in shots) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _metrics_rows(path: str) -> list[dict]:
+  """metrics.jsonl rows, the last row per step (a resumed run logs some twice)."""
+  if not os.path.exists(path):
+    return []
+  by_step = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        by_step[row["step"]] = row
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def write_plots(paths: dict, ev: dict) -> list[str]:
+  """loss.png, gates.png, shots.png under the workdir; returns their paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = _metrics_rows(os.path.join(paths["flamingo"], "metrics.jsonl"))
+  out = []
+  steps = [r["step"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
+    ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key[5:])
+  ax.set(xlabel="step", ylabel="token NLL", title="Flamingo training loss per dataset")
+  ax.legend()
+  fig.tight_layout()
+  out.append(os.path.join(paths["root"], "loss.png"))
+  fig.savefig(out[-1], dpi=100)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  gate_keys = sorted({k for r in rows for k in r if k.startswith("gates/")},
+                     key=lambda k: int(k.split("/")[1].rsplit("_", 1)[1]))
+  for ax, gate in zip(axes, ("attn_gate", "ffw_gate")):
+    for key in [k for k in gate_keys if k.endswith(gate)]:
+      layer = key.split("/")[1].rsplit("_", 1)[1]
+      ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=f"layer {layer}")
+    ax.set(xlabel="step", title=f"|tanh({gate.replace('_gate', '')} gate)|")
+    ax.legend()
+  axes[0].set_ylabel("|tanh(alpha)|")
+  fig.tight_layout()
+  out.append(os.path.join(paths["root"], "gates.png"))
+  fig.savefig(out[-1], dpi=100)
+  plt.close(fig)
+
+  tasks = list(ev["metrics"])
+  fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5))
+  for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
+    for name, res in ev["results"].items():
+      ax.plot(ev["shots"], [res[task][str(s)] for s in ev["shots"]], marker="o", label=name)
+    if "chance" in ev:
+      ax.axhline(ev["chance"][task], color="grey", linestyle="--", label="chance")
+    ax.set(xlabel="shots", ylabel=ev["metrics"][task], title=task, xticks=ev["shots"])
+    ax.legend()
+  fig.tight_layout()
+  out.append(os.path.join(paths["root"], "shots.png"))
+  fig.savefig(out[-1], dpi=100)
+  plt.close(fig)
+  return out
+
+
+def margins(ev: dict) -> dict:
+  """Per task: the trained model's best-shot score minus each baseline's best."""
+  out = {}
+  for task in ev["metrics"]:
+    best = max(ev["results"]["flamingo"][task].values())
+    row = {"flamingo": best}
+    if "gates_zero" in ev["results"]:
+      row["over_gates_zero"] = best - max(ev["results"]["gates_zero"][task].values())
+    if "chance" in ev:
+      row["over_chance"] = best - ev["chance"][task]
+    out[task] = row
+  return out
+
+
+def write_report(paths: dict, results: dict, seconds: dict) -> str:
+  ev = results["eval"]
+  plots = write_plots(paths, ev)
+  lm, vision, fl = results["lm"], results["vision"], results["flamingo"]
+  lines = [
+      "# flamingo_jax demo report", "",
+      "The Flamingo recipe in miniature on the synthetic shapes world "
+      "(`python -m flamingo_jax.demo`).", "",
+      "## Results on the held-out split", "",
+      f"{ev['num_examples']} evaluated examples per task; demonstrations drawn at random "
+      "from the training split; greedy decoding. `gates_zero` is the trained model with "
+      "every tanh gate set to 0 (its frozen LM alone); `chance` ignores the image.", "",
+      results_table(ev),
+      "| task | best trained score | over gates-zero | over chance |",
+      "|---|---:|---:|---:|"]
+  for task, m in margins(ev).items():
+    lines.append(f"| {task} | {m['flamingo']:.1f} | {m.get('over_gates_zero', 0):+.1f} | "
+                 f"{m.get('over_chance', 0):+.1f} |")
+  lines += [
+      "", "## Stages", "",
+      "| stage | result | seconds |", "|---|---|---:|",
+      f"| data | {results['data']['examples']['train']} train examples, tokenizer "
+      f"{results['data']['tokenizer']['vocab_size']} ids | {seconds.get('data', 0):.0f} |",
+      f"| lm | {lm['steps']} steps, loss {lm['first_loss']:.2f} -> {lm['final_loss']:.2f}, "
+      f"held-out {lm['val_loss']:.2f} | {seconds.get('lm', 0):.0f} |",
+      f"| vision | {vision['steps']} steps, "
+      + ", ".join(f"{k} {v:.3g}" for k, v in sorted(vision["eval"].items())
+                  if isinstance(v, (int, float)) and k != "step")
+      + f" | {seconds.get('vision', 0):.0f} |",
+      f"| flamingo | {fl['steps']} steps, final losses "
+      + ", ".join(f"{k} {v:.2f}" for k, v in sorted(fl["final_losses"].items()))
+      + f" | {seconds.get('flamingo', 0):.0f} |",
+      f"| eval | 3 tasks x {len(ev['shots'])} shot counts x 2 models | "
+      f"{seconds.get('eval', 0):.0f} |", "",
+      "## Plots", ""]
+  lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+  lines += ["", "Model directory: `model/` (`python -m flamingo_jax.generate --checkpoint "
+            f"{paths['model']} --image IMAGE.png --prompt '<image>'`)."]
+  path = os.path.join(paths["root"], "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def run(workdir: str, scale: Scale, force: Sequence[str] = (),
+        stages: Sequence[str] = STAGES) -> dict:
+  """Runs the stages in order, skipping those whose result.json exists."""
+  paths = _configs_demo().paths(workdir)
+  os.makedirs(paths["root"], exist_ok=True)
+  runners: dict[str, Callable[[], dict]] = {
+      "data": lambda: run_data(paths, scale), "lm": lambda: run_lm(paths, scale),
+      "vision": lambda: run_vision(paths, scale), "flamingo": lambda: run_flamingo(paths, scale),
+      "eval": lambda: run_eval(paths, scale)}
+  results, seconds = {}, {}
+  scale_file = os.path.join(paths["root"], "scale.json")
+  want = json.loads(json.dumps(dataclasses.asdict(scale)))
+  if os.path.exists(scale_file) and _read_json(scale_file) != want and not force:
+    raise ValueError(f"{workdir} was made with another scale ({_read_json(scale_file)}); use "
+                     "a new --workdir or --force data")
+  _write_json(scale_file, dataclasses.asdict(scale))
+  forced = False
+  for stage in STAGES:
+    if stage not in stages:
+      continue
+    if stage == "report":
+      path = write_report(paths, results, seconds)
+      results["report"] = {"path": path}
+      continue
+    marker = os.path.join(paths[stage], RESULT)
+    forced = forced or stage in force  # a forced stage invalidates the later ones
+    if os.path.exists(marker) and not forced:
+      log.info("stage %s: done (%s), skipped", stage, marker)
+      results[stage] = _read_json(marker)
+      seconds[stage] = results[stage].get("_seconds", 0.0)
+      continue
+    if forced and os.path.exists(marker):
+      os.remove(marker)
+    log.info("stage %s ...", stage)
+    t0 = time.perf_counter()
+    os.makedirs(paths[stage], exist_ok=True)
+    results[stage] = runners[stage]()
+    seconds[stage] = results[stage]["_seconds"] = time.perf_counter() - t0
+    _write_json(marker, results[stage])
+    log.info("stage %s: done in %.0f s", stage, seconds[stage])
+  return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m flamingo_jax.demo",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", default="demo_workdir")
+  p.add_argument("--scale", default="demo", choices=sorted(SCALES))
+  p.add_argument("--force", default="", help="comma-separated stages to redo (and all "
+                 f"later ones); stages: {','.join(STAGES)}")
+  p.add_argument("--stages", default=",".join(STAGES), help="run only these stages")
+  a = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                      stream=sys.stderr)
+  for name in ("flamingo_jax.train", "flamingo_jax.contrastive", "flamingo_jax.lm_pretrain",
+               "absl", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  force = [s for s in a.force.split(",") if s]
+  stages = [s for s in a.stages.split(",") if s]
+  bad = [s for s in force + stages if s not in STAGES]
+  if bad:
+    raise SystemExit(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
+  t0 = time.perf_counter()
+  results = run(a.workdir, SCALES[a.scale], force, stages)
+  if "eval" in results:
+    print(results_table(results["eval"]))
+    for task, m in margins(results["eval"]).items():
+      print(f"{task}: trained {m['flamingo']:.1f}, {m.get('over_gates_zero', 0):+.1f} over "
+            f"gates-zero, {m.get('over_chance', 0):+.1f} over chance")
+  if "report" in results:
+    print(f"report: {results['report']['path']}")
+  print(f"total {time.perf_counter() - t0:.0f} s")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

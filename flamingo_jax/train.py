@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -59,6 +59,10 @@ class TrainConfig:
   log_every: int = 10
   max_consecutive_nonfinite: int = 10  # stop after this many skipped updates in a row
   peak_flops_per_device: float = 0.0  # MFU denominator; 0: datasheet, else a measured matmul
+  # At the end of the run, write the whole model (trainable + frozen weights,
+  # model_config.json and, with train.input='pipeline', the data tokenizer) as
+  # a model directory that `python -m flamingo_jax.generate` and evaluation load.
+  export_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,10 +364,12 @@ def _gib(n: int) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool = False,
-        stop_at: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None) -> dict:
+        stop_at: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None,
+        on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
   """Trains (or, with compile_only, only compiles) and returns a summary.
 
   stop_at: stop after this step with a checkpoint, as a preemption would.
+  on_step(step, metrics): called on the host for every finished step.
   devices: the devices of the mesh (default: all).
   Returns {'step', 'stopped', 'history': [metrics per step], 'memory', 'flops'}.
   """
@@ -555,6 +561,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     history.append(metrics)
     metrics["step"] = done_step
+    if on_step is not None:  # progress bars (the demo)
+      on_step(done_step, metrics)
     if metrics["nonfinite_consecutive"] >= s.train.max_consecutive_nonfinite:
       raise FloatingPointError(
           f"{int(metrics['nonfinite_consecutive'])} consecutive updates had non-finite "
@@ -605,6 +613,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
           break
       if pending is not None:
         handle(*pending)
+      if stopped is None and s.train.export_dir and step == total_steps:
+        export_model(s, config, state["params"], frozen)
   finally:
     checkpointer.close()
     writer.close()
@@ -613,6 +623,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
                 "command", step)
   summary.update(step=step, stopped=stopped or "done", history=history)
   return summary
+
+
+def export_model(s: Setup, config, trainable: Mapping, frozen: Mapping) -> None:
+  """Writes train.export_dir: every weight in float32 (gathered to the host), the
+  model config and the data tokenizer, as `flamingo_jax.generate` reads them."""
+  from flamingo_jax.generate import export_model_dir
+  def host(a):
+    if jax.process_count() > 1:  # shards live on other hosts too
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True), np.float32)
+    return np.asarray(jax.device_get(a), np.float32)
+
+  params = jax.tree.map(host, {**dict(trainable), **dict(frozen)})
+  tokenizer = None
+  if s.train.input == "pipeline":
+    from flamingo_jax.data.config import data_config
+    tokenizer = data_config(config).tokenizer or None
+  if jax.process_index() == 0:
+    export_model_dir(s.train.export_dir, s.model, params, tokenizer)
+  log.info("exported the model to %s", s.train.export_dir)
 
 
 def pipeline_iterators(config, rows: Mapping[str, tuple[int, int]]):

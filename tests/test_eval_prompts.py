@@ -277,3 +277,16 @@ def test_read_image_folder_and_class_lists(tmp_path):
   bad = _write(tmp_path, "val3.json", [{"image": "x/1.jpg", "label": "1"}])
   with pytest.raises(ValueError, match="entry 0 field 'label' should be int"):
     read_classification_list(bad, ("tench", "goldfish"))
+
+
+def test_custom_template_is_checked_against_the_task_fields():
+  from flamingo_jax.evaluate.prompts import custom_template
+  t = custom_template("classification", "a {class_name}")
+  assert t.labels == ("a",) and t.answer_field == "class_name"
+  assert custom_template("vqa", "Q: {question} A: {answer}").fields == ("question", "answer")
+  with pytest.raises(ValueError, match="end with {answer}"):
+    custom_template("vqa", "{answer} then {question}")
+  with pytest.raises(ValueError, match="must end with its answer slot"):
+    custom_template("captioning", "{caption} is it")
+  with pytest.raises(ValueError, match="unknown \\['colour'\\]"):
+    custom_template("classification", "{colour} {class_name}")

@@ -104,6 +104,28 @@ TASKS = tuple(sorted({t for t, _ in _TEMPLATES}))
 STYLES = ("flamingo", "open_flamingo")
 
 
+# The answer slot each task's template must end with, and the fields its
+# examples provide (datasets.*.prompt_fields).
+ANSWER_FIELDS = {"captioning": "caption", "vqa": "answer", "classification": "class_name",
+                 "hateful_memes": "label"}
+EXAMPLE_FIELDS = {"captioning": ("caption",), "vqa": ("question", "answer"),
+                  "classification": ("class_name",), "hateful_memes": ("text", "label")}
+
+
+def custom_template(task: str, text: str) -> PromptTemplate:
+  """A user's template for `task` (eval config `template`), checked against the
+  fields the task's examples have and its answer slot."""
+  if task not in ANSWER_FIELDS:
+    raise ValueError(f"no prompt template for task {task!r}; tasks: {TASKS}")
+  template = PromptTemplate(task, "custom", text)
+  unknown = [f for f in template.fields if f not in EXAMPLE_FIELDS[task]]
+  if unknown or template.answer_field != ANSWER_FIELDS[task]:
+    raise ValueError(f"template {text!r} for {task}: slots must come from "
+                     f"{list(EXAMPLE_FIELDS[task])} and end with {{{ANSWER_FIELDS[task]}}}"
+                     f"{f'; unknown {unknown}' if unknown else ''}")
+  return template
+
+
 def get_template(task: str, style: str = "flamingo") -> PromptTemplate:
   """The template for `task` in `style` ("flamingo": the paper's; "open_flamingo")."""
   if (task, style) not in _TEMPLATES:

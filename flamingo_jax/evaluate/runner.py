@@ -74,6 +74,9 @@ class EvalTaskConfig:
   class_names: str = ""  # classification: .txt / JSON list of names in label order
   max_new_tokens: int = 0  # 0: 20 for captioning, 5 for VQA
   prompt_style: str = "flamingo"  # flamingo | open_flamingo (prompts.STYLES)
+  # Overrides the style's template, e.g. "a {class_name}" (slots: the kind's fields,
+  # the answer slot last; see prompts.custom_template).
+  template: str = ""
   vqa_demo_answer: str = "most_common"  # or "first" (OpenFlamingo)
 
 
@@ -124,6 +127,11 @@ def validate_task(t: EvalTaskConfig, prefix: str) -> EvalTaskConfig:
          f"{t.max_new_tokens}")
   _check(t.prompt_style in prompts.STYLES, f"config key '{prefix}.prompt_style' is "
          f"{t.prompt_style!r}; expected one of {list(prompts.STYLES)}")
+  if t.template:
+    try:
+      prompts.custom_template(t.kind, t.template)
+    except ValueError as e:
+      raise ValueError(f"config key '{prefix}.template': {e}") from None
   _check(t.vqa_demo_answer in ("most_common", "first"), f"config key "
          f"'{prefix}.vqa_demo_answer' must be 'most_common' or 'first', got "
          f"{t.vqa_demo_answer!r}")
@@ -354,7 +362,8 @@ class _Task:
     self.support, self.test, self.classes = load_task_data(t)
     _check(len(self.support) > 0, f"eval task {name!r}: the support set {t.train} is empty")
     _check(len(self.test) > 0, f"eval task {name!r}: the evaluated set {t.test} is empty")
-    self.template = prompts.get_template(t.kind, t.prompt_style)  # templates are per kind
+    self.template = (prompts.custom_template(t.kind, t.template) if t.template else
+                     prompts.get_template(t.kind, t.prompt_style))  # templates are per kind
     self.query_set = prompts.random_query_set(
         len(self.support), min(ec.query_set_size, len(self.support)), ec.seed)
 
@@ -461,7 +470,7 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
       generators[t.max_new_tokens] = Generator(config, options, **common)
     option_ids = None
     if task.classes:
-      label = task.template.labels[-1]
+      label = task.template.labels[-1] if task.template.labels else ""
       cut = task.template.text[:-len("{" + task.template.answer_field + "}")]
       sep = cut[len(cut.rstrip(" ")):]
       option_ids = [continuation_ids(tokenizer, label, sep + c) for c in task.classes]

@@ -1,0 +1,16 @@
+"""Paper Table 3, "Freezing LM": yes -> no (random init, trained).
+
+  python -m flamingo_jax.ablations --workdir demo_workdir --only lm_from_scratch
+"""
+from flamingo_jax.ablations import demo_base, remove_datasets  # noqa: F401
+
+TABLE = "3"
+GROUP = "Freezing LM"
+CHANGE = "yes -> no (random init, trained)"
+
+
+def get_config(workdir="demo_workdir"):
+  config = demo_base(workdir, ["model.frozen=('vision',)"])
+  with config.model_init.unlocked():
+    del config.model_init["lm"]
+  return config

@@ -1,0 +1,14 @@
+"""Paper Table 10, "Resampler size": Medium (depth 2, d 128) -> Small (depth 1, d 64).
+
+  python -m flamingo_jax.ablations --workdir demo_workdir --only resampler_small
+"""
+from flamingo_jax.ablations import demo_base, remove_datasets  # noqa: F401
+
+TABLE = "10"
+GROUP = "Resampler size"
+CHANGE = "Medium (depth 2, d 128) -> Small (depth 1, d 64)"
+
+
+def get_config(workdir="demo_workdir"):
+  return demo_base(workdir, ["model.resampler.depth=1", "model.resampler.width=64",
+                             "model.resampler.head_dim=16"])

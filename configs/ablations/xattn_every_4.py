@@ -1,0 +1,13 @@
+"""Paper Table 3, "Cross-attention frequency": Every -> Every 4th (the 3-layer LM: block 0 only).
+
+  python -m flamingo_jax.ablations --workdir demo_workdir --only xattn_every_4
+"""
+from flamingo_jax.ablations import demo_base, remove_datasets  # noqa: F401
+
+TABLE = "3"
+GROUP = "Cross-attention frequency"
+CHANGE = "Every -> Every 4th (the 3-layer LM: block 0 only)"
+
+
+def get_config(workdir="demo_workdir"):
+  return demo_base(workdir, ["model.xattn.every=4"])

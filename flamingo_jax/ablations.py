@@ -1,0 +1,212 @@
+"""`make ablations`: every paper ablation (Tables 3 and 10) this codebase can
+express, each a small override of configs/demo.py, trained and evaluated at demo
+scale, in one table laid out like paper Table 3.
+
+  python -m flamingo_jax.ablations --workdir demo_workdir [--only a,b] [--scale demo|smoke]
+
+Each configs/ablations/NAME.py has TABLE ("3" or "10"), GROUP (Table 3's
+"Ablated setting" column), CHANGE ("control -> ablated") and get_config(workdir).
+The demo's data, pretrained LM and vision tower (its stages data, lm, vision)
+are shared; each ablation trains its own Flamingo into
+WORKDIR/ablations/NAME/ and is evaluated on the held-out split with the
+demo's few-shot tasks. The control row is the demo's own model (its flamingo
+stage). Results: WORKDIR/ablations/results.json and ablations.md; each run
+resumes like the demo (finished ablations are skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATION_DIR = os.path.join(REPO, "configs", "ablations")
+REQUIRED = ("TABLE", "GROUP", "CHANGE", "get_config")
+
+log = logging.getLogger("flamingo_jax.ablations")
+
+
+def demo_base(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """configs/demo.py for `workdir`, with `--config`-style overrides applied."""
+  from flamingo_jax.config_file import apply_overrides, load_config
+  return apply_overrides(load_config(os.path.join(REPO, "configs", "demo.py") + ":" +
+                                     os.path.abspath(workdir)), list(overrides))
+
+
+def remove_datasets(config: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
+  """The config without these training datasets (Table 3 "w/o ..." rows)."""
+  for name in names:
+    if name not in config.data.datasets:
+      raise ValueError(f"remove_datasets: no dataset {name!r} in data.datasets "
+                       f"({sorted(config.data.datasets)})")
+    with config.data.datasets.unlocked():
+      del config.data.datasets[name]
+  if not config.data.datasets:
+    raise ValueError("remove_datasets: no training dataset left")
+  return config
+
+
+def load_ablation(path: str):
+  """An ablation module, checked for TABLE, GROUP, CHANGE and get_config."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"_ablation_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  missing = [k for k in REQUIRED if not hasattr(module, k)]
+  if missing:
+    raise ValueError(f"ablation {path}: missing {missing} (each needs {list(REQUIRED)})")
+  if str(module.TABLE) not in ("3", "10"):
+    raise ValueError(f"ablation {path}: TABLE must be '3' or '10', got {module.TABLE!r}")
+  return module
+
+
+def ablation_paths() -> list[str]:
+  return sorted(p for p in glob.glob(os.path.join(ABLATION_DIR, "*.py"))
+                if not os.path.basename(p).startswith("_"))
+
+
+def pretrain_extra_vision(workdir: str, config: ml_collections.ConfigDict, scale) -> None:
+  """Pretrains a vision tower an ablation loads but the demo did not train
+  (the encoder swap), contrastively on the same pairs, into model_init.vision."""
+  from flamingo_jax import contrastive
+  from flamingo_jax.checkpoint import params_exist
+  target = config.model_init.get("vision", "")
+  if not target or params_exist(target) or "ablation_vision" not in config:
+    return
+  kind = config.ablation_vision
+  root = os.path.dirname(os.path.dirname(target))  # .../NAME/export/vision -> .../NAME
+  data = os.path.join(os.path.abspath(workdir), "data")
+  cfg = contrastive.load(os.path.join(REPO, "configs", "contrastive_tiny.py") +
+                         f":data={data},vision={kind}",
+                         [f"train.total_steps={scale.vision_steps}", "train.log_every=10",
+                          f"export.vision='{target}'", "eval.retrieval.max_examples=200",
+                          "eval.classification.max_examples=200"])
+  log.info("pretraining the %s vision tower for the encoder swap into %s", kind, root)
+  contrastive.run(cfg, root)
+
+
+def run_one(workdir: str, path: str, scale) -> dict:
+  """Trains and evaluates one ablation (skipped when its result.json exists)."""
+  from flamingo_jax import demo, train
+  name = os.path.splitext(os.path.basename(path))[0]
+  out = os.path.join(os.path.abspath(workdir), "ablations", name)
+  marker = os.path.join(out, "result.json")
+  if os.path.exists(marker):
+    with open(marker) as f:
+      return json.load(f)
+  module = load_ablation(path)
+  config = module.get_config(workdir)
+  pretrain_extra_vision(workdir, config, scale)
+  if "ablation_vision" in config:
+    with config.unlocked():
+      del config["ablation_vision"]
+  from flamingo_jax.config_file import apply_overrides
+  config = apply_overrides(config, [f"train.total_steps={scale.flamingo_steps}",
+                                    "train.log_every=10",
+                                    f"train.export_dir='{os.path.join(out, 'model')}'"])
+  os.makedirs(out, exist_ok=True)
+  bar = demo.Bar(f"ablation {name}", scale.flamingo_steps)
+  t0 = time.perf_counter()
+  try:
+    summary = train.run(config, os.path.join(out, "flamingo"), on_step=bar)
+  finally:
+    bar.close()
+  if summary["stopped"] != "done":
+    raise RuntimeError(f"ablation {name}: training stopped early ({summary['stopped']})")
+  train_seconds = time.perf_counter() - t0
+  times = sorted(r["step_time"] for r in summary["history"] if "step_time" in r)
+  paths = demo._configs_demo().paths(workdir)
+  ev = demo.run_eval(paths, scale, model_dir=os.path.join(out, "model"),
+                     out_dir=os.path.join(out, "eval"), baselines=False)
+  result = {"name": name, "table": str(module.TABLE), "group": module.GROUP,
+            "change": module.CHANGE, "scores": ev["results"]["flamingo"],
+            "metrics": ev["metrics"], "shots": ev["shots"],
+            "step_time_s": times[len(times) // 2] if times else None,
+            "train_seconds": train_seconds}
+  demo._write_json(marker, result)
+  return result
+
+
+def control_row(workdir: str, scale) -> dict:
+  """The demo's own model (runs the demo's stages up to eval when missing)."""
+  from flamingo_jax import demo
+  results = demo.run(workdir, scale, stages=("data", "lm", "vision", "flamingo", "eval"))
+  fl = results["flamingo"]
+  return {"name": "demo", "table": "3", "group": "Flamingo (control)", "change": "-",
+          "scores": results["eval"]["results"]["flamingo"], "metrics": results["eval"]["metrics"],
+          "shots": results["eval"]["shots"], "step_time_s": fl.get("median_step_time_s"),
+          "train_seconds": fl.get("seconds")}
+
+
+def headline(row: dict) -> dict[str, float]:
+  """Per task, the score at the largest shot count."""
+  shot = str(max(row["shots"]))
+  return {task: scores[shot] for task, scores in row["scores"].items()}
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
+  """Table 3's layout: ablated setting, control -> ablated, step time, scores,
+  overall = mean over tasks of score / control score."""
+  control = headline(rows[0])
+  tasks = list(control)
+  shot = max(rows[0]["shots"])
+  head = ("| | Ablated setting | Flamingo (control) -> ablated | Step time (s) | " +
+          " | ".join(f"{t} {rows[0]['metrics'][t]} {shot}-shot" for t in tasks) +
+          " | Overall (x control) |")
+  lines = [head, "|---|---|---|---:|" + "---:|" * len(tasks) + "---:|"]
+  for row in rows:
+    scores = headline(row)
+    ratios = [scores[t] / control[t] for t in tasks if control[t] > 0]
+    overall = sum(ratios) / len(ratios) if ratios else float("nan")
+    step = f"{row['step_time_s']:.3f}" if row.get("step_time_s") else "-"
+    lines.append(f"| {row['table'] if row['name'] != 'demo' else ''} | {row['group']} | "
+                 f"{row['change']} | {step} | " +
+                 " | ".join(f"{scores[t]:.1f}" for t in tasks) + f" | {overall:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from flamingo_jax import demo
+  p = argparse.ArgumentParser(prog="python -m flamingo_jax.ablations",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", default="demo_workdir")
+  p.add_argument("--scale", default="demo", choices=sorted(demo.SCALES))
+  p.add_argument("--only", default="", help="comma-separated ablation names "
+                 "(configs/ablations/NAME.py); default: all")
+  a = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                      stream=sys.stderr)
+  for name in ("flamingo_jax.train", "flamingo_jax.contrastive", "flamingo_jax.lm_pretrain",
+               "flamingo_jax.evaluate.runner", "absl", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  scale = demo.SCALES[a.scale]
+  available = {os.path.splitext(os.path.basename(p))[0]: p for p in ablation_paths()}
+  names = [n for n in a.only.split(",") if n] or list(available)
+  unknown = [n for n in names if n not in available]
+  if unknown:
+    raise SystemExit(f"unknown ablation(s) {unknown}; available: {sorted(available)}")
+  rows = [control_row(a.workdir, scale)]
+  for name in names:
+    log.info("ablation %s ...", name)
+    rows.append(run_one(a.workdir, available[name], scale))
+    log.info("ablation %s: %s", name, headline(rows[-1]))
+  table = table_markdown(rows)
+  out = os.path.join(os.path.abspath(a.workdir), "ablations")
+  os.makedirs(out, exist_ok=True)
+  demo._write_json(os.path.join(out, "results.json"), rows)
+  with open(os.path.join(out, "ablations.md"), "w") as f:
+    f.write(f"# Ablations at demo scale ({a.scale})\n\n{table}")
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

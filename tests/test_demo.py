@@ -1,0 +1,89 @@
+"""`make demo` at smoke scale: every stage runs, resumes and skips; every ablation
+config validates; one ablation trains and lands in the Table 3 layout."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flamingo_jax import ablations, demo, train
+from flamingo_jax.config import model_config
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  results = demo.run(workdir, demo.SCALES["smoke"])
+  return workdir, results
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_skips_finished_ones(smoke_workdir):
+  workdir, results = smoke_workdir
+  assert set(results) == set(demo.STAGES)
+  for name in ("report.md", "loss.png", "gates.png", "shots.png", "model/params",
+               "model/model_config.json", "model/tokenizer.model"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  ev = results["eval"]
+  assert set(ev["results"]) == {"flamingo", "gates_zero"}
+  assert set(ev["chance"]) == {"captions", "vqa", "classes"}
+  for scores in ev["results"]["flamingo"].values():
+    assert set(scores) == {"0", "2"}
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "| captions | CIDEr | gates_zero |" in report and "chance" in report
+  # The LM and the vision tower the Flamingo stage loaded are the pretrained ones.
+  config = json.load(open(os.path.join(workdir, "flamingo", "config.json")))
+  assert config["model_init"]["lm"].endswith("lm/export/lm")
+  # A second run skips every finished stage (no trainer runs: seconds, not minutes).
+  again = demo.run(workdir, demo.SCALES["smoke"])
+  assert again["flamingo"] == results["flamingo"] and again["eval"] == results["eval"]
+  with pytest.raises(ValueError, match="another scale"):
+    demo.run(workdir, demo.SCALES["demo"], stages=("data",))
+
+
+@pytest.mark.slow
+def test_one_ablation_trains_into_the_table(smoke_workdir):
+  workdir, _ = smoke_workdir
+  scale = demo.SCALES["smoke"]
+  path = os.path.join(ablations.ABLATION_DIR, "no_tanh_gating.py")
+  row = ablations.run_one(workdir, path, scale)
+  assert row["group"] == "Tanh gating" and row["step_time_s"] > 0
+  table = ablations.table_markdown([ablations.control_row(workdir, scale), row])
+  assert "| Tanh gating | yes -> no |" in table and "Overall" in table
+
+
+def test_every_ablation_config_is_valid_and_changes_something(tmp_path):
+  workdir = str(tmp_path)
+  base = ablations.demo_base(workdir)
+  paths = ablations.ablation_paths()
+  assert len(paths) >= 18
+  for path in paths:
+    module = ablations.load_ablation(path)
+    config = module.get_config(workdir)
+    assert config.to_dict() != base.to_dict(), path
+    if "ablation_vision" in config:
+      with config.unlocked():
+        del config["ablation_vision"]
+    train.setup(train.with_default_sections(config))  # every section validates
+    model_config(config)
+
+
+def test_remove_datasets_names_bad_input(tmp_path):
+  config = ablations.demo_base(str(tmp_path))
+  with pytest.raises(ValueError, match="no dataset 'nope'"):
+    ablations.remove_datasets(config, "nope")
+  with pytest.raises(ValueError, match="no training dataset left"):
+    ablations.remove_datasets(config, *list(config.data.datasets))
+
+
+def test_table_layout_and_overall():
+  row = {"name": "demo", "table": "3", "group": "Flamingo (control)", "change": "-",
+         "scores": {"captions": {"0": 10.0, "4": 40.0}, "vqa": {"0": 5.0, "4": 20.0}},
+         "metrics": {"captions": "CIDEr", "vqa": "VQA acc."}, "shots": [0, 4],
+         "step_time_s": 0.5}
+  half = dict(row, name="x", group="G", change="a -> b",
+              scores={"captions": {"0": 1.0, "4": 20.0}, "vqa": {"0": 1.0, "4": 10.0}})
+  table = ablations.table_markdown([row, half])
+  assert "| captions CIDEr 4-shot | vqa VQA acc. 4-shot |" in table
+  assert "| 3 | G | a -> b | 0.500 | 20.0 | 10.0 | 0.50 |" in table
+  assert np.isclose(float(table.splitlines()[2].rsplit("|", 2)[-2]), 1.0)
