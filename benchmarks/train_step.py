@@ -90,7 +90,12 @@ def load_openflamingo():
           importlib.import_module("_openflamingo_src.utils"))
 
 
-def bench_openflamingo(config_path: str, steps: int, warmup: int) -> dict:
+def bench_openflamingo(config_path: str, steps: int, warmup: int, device: str = "cpu",
+                       precision: str = "fp32") -> dict:
+  """One OpenFlamingo step on `device`; precision fp32 or amp_bf16 (its training
+  script's autocast, weights float32)."""
+  import contextlib
+
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -124,17 +129,23 @@ def bench_openflamingo(config_path: str, steps: int, warmup: int) -> dict:
   model.requires_grad_(False)  # as open_flamingo/src/factory.py: LM and vision frozen
   model.perceiver.requires_grad_(True)
   model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+  model.to(device)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
 
-  vision_x = torch.from_numpy(batch["visual_features"])[..., None]  # [B, N, T, S, C, 1]
-  tokens = torch.from_numpy(batch["tokens"]).long()
+  vision_x = torch.from_numpy(batch["visual_features"])[..., None].to(device)  # [B,N,T,S,C,1]
+  tokens = torch.from_numpy(batch["tokens"]).long().to(device)
   mask = torch.ones_like(tokens)
   labels = tokens.clone()
   labels[tokens == train_data.PAD] = -100
 
+  autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+              if precision == "amp_bf16" else contextlib.nullcontext())
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
   def step():
-    loss = model(vision_x, tokens, attention_mask=mask, labels=labels).loss
+    with autocast:
+      loss = model(vision_x, tokens, attention_mask=mask, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -145,6 +156,7 @@ def bench_openflamingo(config_path: str, steps: int, warmup: int) -> dict:
   for i in range(warmup + steps):
     t, c = time.perf_counter(), time.process_time()
     loss = step()
+    sync()
     if i >= warmup:
       times.append(time.perf_counter() - t)
       cpu_times.append(time.process_time() - c)
@@ -152,7 +164,8 @@ def bench_openflamingo(config_path: str, steps: int, warmup: int) -> dict:
           "cpu_time_per_step_s": statistics.median(cpu_times),
           "trainable_params": sum(p.numel() for p in params),
           "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
-          "torch_threads": torch.get_num_threads(), "final_loss": loss}
+          "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+          "device": device, "precision": precision, "final_loss": loss}
 
 
 def main(argv=None) -> int:
@@ -163,18 +176,25 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   parser.add_argument("--openflamingo", action="store_true",
                       help="also time OpenFlamingo (PyTorch) on the bench config")
+  parser.add_argument("--torch_device", default="cpu", help="OpenFlamingo's device (cuda)")
+  parser.add_argument("--openflamingo_precision", default="fp32", choices=("fp32", "amp_bf16"))
+  parser.add_argument("--peak_dtype", default="float32",
+                      help="dtype of the matmul that measures the peak (bfloat16 on GPUs)")
+  parser.add_argument("--peak_size", type=int, default=2048)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("flamingo_jax").setLevel(logging.INFO)
-  peak = flops.measure_peak_flops("float32", size=2048)
-  results = {"device": machine(), "devices": jax.device_count(),
-             "peak_matmul_flops_per_device_f32": peak, "configs": {}}
+  peak = flops.measure_peak_flops(args.peak_dtype, size=args.peak_size)
+  results = {"device": machine(), "devices": jax.device_count(), "jax": jax.__version__,
+             "peak_matmul_flops_per_device": peak, "peak_dtype": args.peak_dtype,
+             "configs": {}}
   for name in args.configs.split(","):
     path = os.path.join(REPO, "configs", name.split(":")[0] + ".py")
     path += (":" + name.split(":", 1)[1]) if ":" in name else ""
     out = {"ours": bench_ours(path, args.steps, args.warmup, peak)}
     if args.openflamingo and name.split(":")[0] == "bench":
-      out["openflamingo"] = bench_openflamingo(path, args.steps, args.warmup)
+      out["openflamingo"] = bench_openflamingo(path, args.steps, args.warmup,
+                                               args.torch_device, args.openflamingo_precision)
       out["speedup"] = out["openflamingo"]["step_time_s"] / out["ours"]["step_time_s"]
     results["configs"][name] = out
     print(json.dumps({name: out}, indent=2), flush=True)

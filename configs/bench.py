@@ -10,7 +10,8 @@ LlamaForCausalLM): LM d 1024, 12 layers, 16 heads x 64, SwiGLU 2816, vocab
 GELU, no temporal embeddings; cross-attention before every 2nd LM block
 ("openflamingo" placement: blocks 1, 3, ..., 11), 8 heads x 64, FFW 4x GELU,
 no key/value LayerNorm; 5 images x 100 feature tokens x 1024 per example,
-batch 4, sequence 256. Everything in float32, frozen weights too (the
+batch 4, sequence 256. The `<image>`/`<EOC>` rows are not trained here (OpenFlamingo
+with requires_grad False on the LM trains no embedding rows either). Everything in float32, frozen weights too (the
 argument "bf16" computes in bfloat16 with frozen weights stored in bfloat16).
 """
 import ml_collections
@@ -36,6 +37,9 @@ def get_config(arg=None):
                    head_dim=64, ffw_dim=2816),
       image_token_id=VOCAB - 2,
       eoc_token_id=VOCAB - 1,
+      # OpenFlamingo with a frozen LM trains the resampler and cross-attention
+      # only: the same 125,958,156 parameters on both sides.
+      train_new_token_embeddings=False,
       dtype="bfloat16" if bf16 else "float32",
   )
   config = ml_collections.ConfigDict({"model": to_config_dict(model)})
