@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8,<0.9",
     "msgpack>=1.0,<2",  # ArrayRecord record encoding
     "av>=18.1,<19",  # video decoding (FFmpeg libraries bundled in the wheel)
+    "tokenizers>=0.23,<0.24",  # Hugging Face tokenizer.json files (GPT-2, NeoX, MPT)
 ]
 
 # Reference implementations for parity tests. torch 2.13.0 is the CPU build

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -49,9 +50,9 @@ class Scale:
   videos: tuple[int, int] = (300, 50)
   corpus_lines: int = 20_000
   samples_per_shard: int = 1000  # >= 2 pair shards: contrastive "ALIGN" and "LTIP"
-  lm_steps: int = 200
-  vision_steps: int = 150
-  flamingo_steps: int = 300
+  lm_steps: int = 120
+  vision_steps: int = 120
+  flamingo_steps: int = 1200
   eval_samples: int = 64  # evaluated examples per task
   shots: tuple[int, ...] = (0, 4, 8)
 
@@ -137,7 +138,9 @@ def run_lm(paths: dict, scale: Scale) -> dict:
   cfg = _configs_demo()
   tokenizer = Tokenizer.load(paths["tokenizer"])
   lm = cfg.lm_config(tokenizer.info.vocab_size)
-  c = lm_pretrain.PretrainConfig(steps=scale.lm_steps, batch_size=32, seq_len=64,
+  # Rows of 256 tokens (many corpus lines each): 8-shot prompts are ~150-250
+  # tokens long, and a rotary LM trained on shorter rows degrades past them.
+  c = lm_pretrain.PretrainConfig(steps=scale.lm_steps, batch_size=16, seq_len=256,
                                  checkpoint_every=100, log_every=50)
   with open(os.path.join(paths["data"], "corpus.txt")) as f:
     corpus = f.read().splitlines()
@@ -339,14 +342,17 @@ def write_report(paths: dict, results: dict, seconds: dict) -> str:
   lines += [
       "", "## Stages", "",
       "| stage | result | seconds |", "|---|---|---:|",
-      f"| data | {results['data']['examples']['train']} train examples, tokenizer "
-      f"{results['data']['tokenizer']['vocab_size']} ids | {seconds.get('data', 0):.0f} |",
+      f"| data | train examples: " + ", ".join(
+          f"{k} {v}" for k, v in sorted(results["data"]["examples"]["train"].items()))
+      + f"; tokenizer {results['data']['tokenizer']['vocab_size']} ids | "
+      f"{seconds.get('data', 0):.0f} |",
       f"| lm | {lm['steps']} steps, loss {lm['first_loss']:.2f} -> {lm['final_loss']:.2f}, "
       f"held-out {lm['val_loss']:.2f} | {seconds.get('lm', 0):.0f} |",
-      f"| vision | {vision['steps']} steps, "
-      + ", ".join(f"{k} {v:.3g}" for k, v in sorted(vision["eval"].items())
-                  if isinstance(v, (int, float)) and k != "step")
-      + f" | {seconds.get('vision', 0):.0f} |",
+      f"| vision | {vision['steps']} steps; held-out retrieval R@1 image->text "
+      f"{vision['eval'].get('retrieval/image_to_text/R1', float('nan')):.2f}, text->image "
+      f"{vision['eval'].get('retrieval/text_to_image/R1', float('nan')):.2f}; zero-shot "
+      f"classification top-1 {vision['eval'].get('zero_shot/top1', float('nan')):.2f} | "
+      f"{seconds.get('vision', 0):.0f} |",
       f"| flamingo | {fl['steps']} steps, final losses "
       + ", ".join(f"{k} {v:.2f}" for k, v in sorted(fl["final_losses"].items()))
       + f" | {seconds.get('flamingo', 0):.0f} |",
@@ -383,9 +389,16 @@ def run(workdir: str, scale: Scale, force: Sequence[str] = (),
   _write_json(scale_file, dataclasses.asdict(scale))
   forced = False
   for stage in STAGES:
-    if stage not in stages:
+    if stage not in stages:  # still read its result: the report needs every stage's
+      marker = os.path.join(paths.get(stage, ""), RESULT)
+      if stage != "report" and os.path.exists(marker):
+        results[stage] = _read_json(marker)
+        seconds[stage] = results[stage].get("_seconds", 0.0)
       continue
     if stage == "report":
+      missing = [s for s in STAGES[:-1] if s not in results]
+      if missing:
+        raise ValueError(f"the report needs the results of stages {missing}: run them first")
       path = write_report(paths, results, seconds)
       results["report"] = {"path": path}
       continue
@@ -396,8 +409,10 @@ def run(workdir: str, scale: Scale, force: Sequence[str] = (),
       results[stage] = _read_json(marker)
       seconds[stage] = results[stage].get("_seconds", 0.0)
       continue
-    if forced and os.path.exists(marker):
-      os.remove(marker)
+    if forced:  # start the stage afresh: its checkpoints belong to the old run
+      for d in (paths[stage], paths["model"] if stage == "flamingo" else None):
+        if d and os.path.exists(d):
+          shutil.rmtree(d)
     log.info("stage %s ...", stage)
     t0 = time.perf_counter()
     os.makedirs(paths[stage], exist_ok=True)
