@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "nfnet": ("flamingo_jax.convert.nfnet", "NFNet weights from timm or DeepMind Haiku"),
-    "hf-lm": ("flamingo_jax.convert.hf_lm", "a Hugging Face causal LM (GPT-2, Llama, Mistral)"),
+    "hf-lm": ("flamingo_jax.convert.hf_lm", "a Hugging Face causal LM (GPT-2, Llama, Mistral, GPT-NeoX, MPT)"),
     "openflamingo": ("flamingo_jax.convert.openflamingo",
                      "an OpenFlamingo checkpoint.pt + its base LM + OpenCLIP vision weights"),
     "idefics": ("flamingo_jax.convert.idefics",

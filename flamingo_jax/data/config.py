@@ -73,7 +73,7 @@ class DatasetConfig:
 class DataConfig:
   """The whole input pipeline: datasets, tokenizer, workers, sharding, bad data."""
   datasets: Mapping[str, DatasetConfig] = dataclasses.field(default_factory=dict)
-  tokenizer: str = ""  # sentencepiece .model path
+  tokenizer: str = ""  # sentencepiece .model, or a Hugging Face tokenizer.json / directory
   image: ImageConfig = ImageConfig()
   seed: int = 0
   train: bool = True  # False: no shuffle, no augmentation, earliest windows

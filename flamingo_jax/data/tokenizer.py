@@ -64,6 +64,30 @@ class TokenizerInfo:
     return cls(**{k: int(v) for k, v in d.items()})
 
 
+
+def decode_ids(ids: Sequence[int], info: TokenizerInfo, pieces: tuple[str, str], size: int,
+               decode_run) -> str:
+  """Ids -> text for both tokenizers: runs of ordinary ids through decode_run,
+  <image>/<EOC> as their pieces, BOS/EOS/PAD dropped, anything else an error."""
+  names = {info.image_token_id: pieces[0], info.eoc_token_id: pieces[1]}
+  drop = {info.bos_id, info.eos_id, info.pad_id}
+  out, run = [], []
+  for i in (int(x) for x in ids):
+    if i in names or i in drop or not 0 <= i < size:
+      if run:
+        out.append(decode_run(run))
+        run = []
+      if i in names:
+        out.append(names[i])
+      elif i not in drop:
+        raise ValueError(f"token id {i} is outside the vocabulary [0, {info.vocab_size})")
+    else:
+      run.append(i)
+  if run:
+    out.append(decode_run(run))
+  return "".join(out)
+
+
 class Tokenizer:
   """Text <-> ids over a sentencepiece model; picklable for grain worker processes."""
 
@@ -141,24 +165,7 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text; <image> and <EOC> rendered as their pieces, BOS/EOS/PAD dropped."""
-    info = self.info
-    names = {info.image_token_id: self._pieces[0], info.eoc_token_id: self._pieces[1]}
-    drop = {info.bos_id, info.eos_id, info.pad_id}
-    out, run = [], []
-    for i in (int(x) for x in ids):
-      if i in names or i in drop or not 0 <= i < self.piece_size:
-        if run:
-          out.append(self._sp.decode(run))
-          run = []
-        if i in names:
-          out.append(names[i])
-        elif i not in drop:
-          raise ValueError(f"token id {i} is outside the vocabulary [0, {info.vocab_size})")
-      else:
-        run.append(i)
-    if run:
-      out.append(self._sp.decode(run))
-    return "".join(out)
+    return decode_ids(ids, self.info, self._pieces, self.piece_size, self._sp.decode)
 
   def __getstate__(self):
     return {"proto": self._proto, "pieces": self._pieces, "source": self._source}
@@ -302,24 +309,8 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text; <image> and <EOC> rendered as their pieces, BOS/EOS/PAD dropped."""
-    info = self.info
-    names = {info.image_token_id: self._pieces[0], info.eoc_token_id: self._pieces[1]}
-    drop = {info.bos_id, info.eos_id, info.pad_id}
-    out, run = [], []
-    for i in (int(x) for x in ids):
-      if i in names or i in drop or not 0 <= i < self._size:
-        if run:
-          out.append(self._tok.decode(run, skip_special_tokens=False))
-          run = []
-        if i in names:
-          out.append(names[i])
-        elif i not in drop:
-          raise ValueError(f"token id {i} is outside the vocabulary [0, {info.vocab_size})")
-      else:
-        run.append(i)
-    if run:
-      out.append(self._tok.decode(run, skip_special_tokens=False))
-    return "".join(out)
+    return decode_ids(ids, self.info, self._pieces, self._size,
+                      lambda run: self._tok.decode(run, skip_special_tokens=False))
 
   def __getstate__(self):
     return {"json": self._json, "names": self._names, "pieces": self._pieces,
