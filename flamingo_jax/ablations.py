@@ -116,7 +116,8 @@ def run_one(workdir: str, path: str, scale) -> dict:
   bar = demo.Bar(f"ablation {name}", scale.flamingo_steps)
   t0 = time.perf_counter()
   try:
-    summary = train.run(config, os.path.join(out, "flamingo"), on_step=bar)
+    summary = train.run(config, os.path.join(out, "flamingo"), on_step=bar,
+                        devices=demo.train_devices(config))
   finally:
     bar.close()
   if summary["stopped"] != "done":

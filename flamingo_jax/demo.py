@@ -175,6 +175,17 @@ def run_vision(paths: dict, scale: Scale) -> dict:
           "export": summary.get("export") or paths["vision_export"]}
 
 
+def train_devices(config) -> list:
+  """The first n devices, n the largest count that divides every dataset's batch
+  (the demo's batches are small; 8 fake test devices must not break it)."""
+  import math
+  import jax
+  n = len(jax.devices())
+  for d in config.data.datasets.values():
+    n = math.gcd(n, int(d.batch_size))
+  return jax.devices()[:n]
+
+
 def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
                  overrides: Sequence[str] = ()) -> dict:
   from flamingo_jax import train
@@ -184,7 +195,7 @@ def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
   bar = Bar("flamingo training", scale.flamingo_steps)
   t0 = time.perf_counter()
   try:
-    summary = train.run(config, paths["flamingo"], on_step=bar)
+    summary = train.run(config, paths["flamingo"], on_step=bar, devices=train_devices(config))
   finally:
     bar.close()
   if summary["stopped"] != "done":

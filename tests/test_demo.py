@@ -10,16 +10,10 @@ from flamingo_jax import ablations, demo, train
 from flamingo_jax.config import model_config
 
 
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  results = demo.run(workdir, demo.SCALES["smoke"])
-  return workdir, results
-
-
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_skips_finished_ones(smoke_workdir):
-  workdir, results = smoke_workdir
+def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path):
+  workdir = str(tmp_path)
+  results = demo.run(workdir, demo.SCALES["smoke"])
   assert set(results) == set(demo.STAGES)
   for name in ("report.md", "loss.png", "gates.png", "shots.png", "model/params",
                "model/model_config.json", "model/tokenizer.model"):
@@ -40,10 +34,7 @@ def test_demo_runs_every_stage_and_skips_finished_ones(smoke_workdir):
   with pytest.raises(ValueError, match="another scale"):
     demo.run(workdir, demo.SCALES["demo"], stages=("data",))
 
-
-@pytest.mark.slow
-def test_one_ablation_trains_into_the_table(smoke_workdir):
-  workdir, _ = smoke_workdir
+  # One ablation on the same workdir (one test: xdist would build the fixture twice).
   scale = demo.SCALES["smoke"]
   path = os.path.join(ablations.ABLATION_DIR, "no_tanh_gating.py")
   row = ablations.run_one(workdir, path, scale)
