@@ -75,6 +75,7 @@ def test_table_layout_and_overall():
   half = dict(row, name="x", group="G", change="a -> b",
               scores={"captions": {"0": 1.0, "4": 20.0}, "vqa": {"0": 1.0, "4": 10.0}})
   table = ablations.table_markdown([row, half])
-  assert "| captions CIDEr 4-shot | vqa VQA acc. 4-shot |" in table
-  assert "| 3 | G | a -> b | 0.500 | 20.0 | 10.0 | 0.50 |" in table
+  assert "| captions CIDEr (0/4-shot mean) | vqa VQA acc. (0/4-shot mean) |" in table
+  # captions (1 + 20) / 2 = 10.5 vs 25; vqa 5.5 vs 12.5: overall (0.42 + 0.44) / 2
+  assert "| 3 | G | a -> b | 0.500 | 10.5 | 5.5 | 0.43 |" in table
   assert np.isclose(float(table.splitlines()[2].rsplit("|", 2)[-2]), 1.0)
