@@ -78,17 +78,14 @@ def pretrain_extra_vision(workdir: str, config: ml_collections.ConfigDict, scale
   (the encoder swap), contrastively on the same pairs, into model_init.vision."""
   from flamingo_jax import contrastive
   from flamingo_jax.checkpoint import params_exist
+  from flamingo_jax.demo import vision_config
   target = config.model_init.get("vision", "")
   if not target or params_exist(target) or "ablation_vision" not in config:
     return
   kind = config.ablation_vision
   root = os.path.dirname(os.path.dirname(target))  # .../NAME/export/vision -> .../NAME
   data = os.path.join(os.path.abspath(workdir), "data")
-  cfg = contrastive.load(os.path.join(REPO, "configs", "contrastive_tiny.py") +
-                         f":data={data},vision={kind}",
-                         [f"train.total_steps={scale.vision_steps}", "train.log_every=10",
-                          f"export.vision='{target}'", "eval.retrieval.max_examples=200",
-                          "eval.classification.max_examples=200"])
+  cfg = vision_config(data, kind, scale.vision_steps, target)
   log.info("pretraining the %s vision tower for the encoder swap into %s", kind, root)
   contrastive.run(cfg, root)
 

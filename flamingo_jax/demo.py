@@ -155,14 +155,19 @@ def run_lm(paths: dict, scale: Scale) -> dict:
           "export": out["export"]}
 
 
+def vision_config(data: str, kind: str, steps: int, export: str):
+  """configs/contrastive_tiny.py for the demo's data: `kind` (nfnet | patch) tower,
+  `steps` updates, exported to `export` (the demo's stage and the encoder swap)."""
+  from flamingo_jax import contrastive
+  return contrastive.load(
+      os.path.join(REPO, "configs", "contrastive_tiny.py") + f":data={data},vision={kind}",
+      [f"train.total_steps={steps}", "train.log_every=10", f"export.vision='{export}'",
+       "eval.retrieval.max_examples=200", "eval.classification.max_examples=200"])
+
+
 def run_vision(paths: dict, scale: Scale) -> dict:
   from flamingo_jax import contrastive
-  spec = os.path.join(REPO, "configs", "contrastive_tiny.py") + \
-      f":data={paths['data']},vision=nfnet"
-  config = contrastive.load(spec, [
-      f"train.total_steps={scale.vision_steps}", "train.log_every=10",
-      f"export.vision='{paths['vision_export']}'",
-      "eval.retrieval.max_examples=200", "eval.classification.max_examples=200"])
+  config = vision_config(paths["data"], "nfnet", scale.vision_steps, paths["vision_export"])
   bar = Bar("contrastive vision", scale.vision_steps)
   try:
     summary = contrastive.run(config, paths["vision"], on_step=bar)
