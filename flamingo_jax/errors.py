@@ -1,0 +1,99 @@
+"""User errors and the one-line `error: ...` contract shared by every CLI.
+
+A user error (a bad config key or type, a missing file, a token id or tensor
+shape that disagrees with the model) is printed as one line, `error: <what,
+naming the key / file / tensor>`, and the process exits with status 2. Anything
+else is a bug and keeps its traceback. Set FLAMINGO_JAX_TRACEBACK=1 (or pass
+`--traceback` to any CLI) to see the traceback of a user error too.
+
+Raise `UserError` (or a subclass) for bad input. `ValueError` and
+`FileNotFoundError` are treated as user errors as well, since the config,
+converter and data code has always raised them for bad input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+TRACEBACK_ENV = "FLAMINGO_JAX_TRACEBACK"
+EXIT_USER_ERROR = 2
+
+# Exception types whose message is the whole story for the user.
+USER_ERROR_TYPES: tuple = ()  # filled below, after the classes exist
+
+
+class UserError(ValueError):
+  """Bad input from the user; the message names the key, file, tensor or token."""
+
+
+class ConfigError(UserError):
+  """A config key that is unknown, of the wrong type, or inconsistent with another."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint or weights file that is missing, truncated or does not fit the config."""
+
+
+class DataError(UserError):
+  """A data source, shard or tokenizer that cannot be opened or disagrees with the model."""
+
+
+USER_ERROR_TYPES = (UserError, ValueError, FileNotFoundError, NotADirectoryError,
+                    IsADirectoryError, PermissionError)
+
+
+def show_tracebacks(argv: Optional[Sequence[str]] = None) -> bool:
+  """True if the user asked for tracebacks of user errors (env var or --traceback)."""
+  if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    return True
+  args = sys.argv[1:] if argv is None else argv
+  return "--traceback" in args
+
+
+def strip_traceback_flag(argv: Optional[Sequence[str]]) -> Optional[list]:
+  """argv without `--traceback` (so argparse never sees it); None stays None."""
+  if argv is None:
+    argv = sys.argv[1:]
+  return [a for a in argv if a != "--traceback"]
+
+
+def one_line(exc: BaseException) -> str:
+  """The exception's message on one line (newlines folded, type named if empty)."""
+  if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                      PermissionError)) and exc.filename and exc.strerror:
+    msg = f"{exc.strerror}: {exc.filename}"
+  else:
+    msg = str(exc)
+    if isinstance(exc, KeyError) and exc.args:
+      msg = str(exc.args[0])
+  msg = " ".join(msg.split())
+  return msg or type(exc).__name__
+
+
+def report(exc: BaseException) -> int:
+  """Print `error: ...` for a user error to stderr and return the exit status."""
+  logging.shutdown()
+  print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+  return EXIT_USER_ERROR
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
+            argv: Optional[Sequence[str]] = None) -> int:
+  """Run `main(argv)` with the one-line error contract; returns the exit status.
+
+  Use as `sys.exit(run_cli(main))` under `if __name__ == "__main__":`. A `main`
+  that returns an int uses it as the exit status; None means 0.
+  """
+  traceback = show_tracebacks(argv)
+  try:
+    result = main(strip_traceback_flag(argv))
+  except USER_ERROR_TYPES as exc:
+    if traceback:
+      raise
+    return report(exc)
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr, flush=True)
+    return 130
+  return result if isinstance(result, int) else 0
