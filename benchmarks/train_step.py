@@ -33,9 +33,11 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
-from flamingo_jax import flops, train, train_data  # noqa: E402
+from flamingo_jax import train  # noqa: E402
+from flamingo_jax.training import flops  # noqa: E402
+from flamingo_jax.data import in_memory as train_data  # noqa: E402
 from flamingo_jax.config import model_config  # noqa: E402
-from flamingo_jax.config_file import apply_overrides, load_config  # noqa: E402
+from flamingo_jax.config import apply_overrides, load_config  # noqa: E402
 
 
 def machine() -> str:

@@ -36,7 +36,7 @@ log = logging.getLogger("flamingo_jax.ablations")
 
 def demo_base(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """configs/demo.py for `workdir`, with `--config`-style overrides applied."""
-  from flamingo_jax.config_file import apply_overrides, load_config
+  from flamingo_jax.config import apply_overrides, load_config
   return apply_overrides(load_config(os.path.join(REPO, "configs", "demo.py") + ":" +
                                      os.path.abspath(workdir)), list(overrides))
 
@@ -77,7 +77,7 @@ def pretrain_extra_vision(workdir: str, config: ml_collections.ConfigDict, scale
   """Pretrains a vision tower an ablation loads but the demo did not train
   (the encoder swap), contrastively on the same pairs, into model_init.vision."""
   from flamingo_jax import contrastive
-  from flamingo_jax.checkpoint import params_exist
+  from flamingo_jax.training.checkpoint import params_exist
   from flamingo_jax.demo import vision_config
   target = config.model_init.get("vision", "")
   if not target or params_exist(target) or "ablation_vision" not in config:
@@ -105,7 +105,7 @@ def run_one(workdir: str, path: str, scale) -> dict:
   if "ablation_vision" in config:
     with config.unlocked():
       del config["ablation_vision"]
-  from flamingo_jax.config_file import apply_overrides
+  from flamingo_jax.config import apply_overrides
   config = apply_overrides(config, [f"train.total_steps={scale.flamingo_steps}",
                                     "train.log_every=10",
                                     f"train.export_dir='{os.path.join(out, 'model')}'"])

@@ -45,13 +45,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from flamingo_jax import checkpoint as ckpt_lib
-from flamingo_jax import distributed, objective, optim, sharding
-from flamingo_jax.agc import adaptive_grad_clip
+from flamingo_jax.training import checkpoint as ckpt_lib
+from flamingo_jax.training import distributed, objective, optim, sharding
+from flamingo_jax.training.agc import adaptive_grad_clip
 from flamingo_jax.config import from_config_dict, to_config_dict
-from flamingo_jax.config_file import apply_overrides, load_config, split_config_args
+from flamingo_jax.config import apply_overrides, load_config, split_config_args
 from flamingo_jax.data.config import DataConfig, data_config
-from flamingo_jax.metrics_writer import MetricsWriter, progress_line
+from flamingo_jax.training.metrics import MetricsWriter, progress_line
 from flamingo_jax.models.dual_encoder import (TEMPERATURE, DualEncoder, DualEncoderConfig,
                                               clip_temperature, contrastive_loss,
                                               validate_dual_encoder_config)

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from flamingo_jax import sharding
+from flamingo_jax.training import sharding
 from flamingo_jax.config import from_config_dict
 from flamingo_jax.data import images as images_lib
 from flamingo_jax.data import layouts
@@ -349,7 +349,7 @@ def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
                         devices: Optional[Sequence[jax.Device]] = None) -> dict:
   """Restores `workdir/checkpoints/<step>` (default: latest) and evaluates it
   on a mesh of `devices` (default: all)."""
-  from flamingo_jax import checkpoint as ckpt_lib
+  from flamingo_jax.training import checkpoint as ckpt_lib
   from flamingo_jax.contrastive import abstract_state, setup
   s = setup(config)
   cfg = eval_config(config.get("eval") if "eval" in config else None)
@@ -372,7 +372,7 @@ def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flamingo_jax.config_file import split_config_args
+  from flamingo_jax.config import split_config_args
   from flamingo_jax.contrastive import load
   argv = sys.argv[1:] if argv is None else list(argv)
   rest, overrides = split_config_args(argv)

@@ -102,7 +102,7 @@ class Bar:
 
 def demo_config(workdir: str, overrides: Sequence[str] = (), config_path: str = ""):
   """configs/demo.py (or an ablation file) for this workdir, with overrides."""
-  from flamingo_jax.config_file import apply_overrides, load_config
+  from flamingo_jax.config import apply_overrides, load_config
   path = config_path or os.path.join(REPO, "configs", "demo.py")
   return apply_overrides(load_config(f"{path}:{os.path.abspath(workdir)}"), list(overrides))
 

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from flamingo_jax import checkpoint as ckpt_lib
+from flamingo_jax.training import checkpoint as ckpt_lib
 from flamingo_jax.config import LMConfig, from_config_dict, lm_preset, to_config_dict
 from flamingo_jax.models.lm import DecoderLM
 
@@ -204,7 +204,7 @@ def _read_history(path: str, upto: int) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flamingo_jax.config_file import apply_overrides, split_config_args
+  from flamingo_jax.config import apply_overrides, split_config_args
   from flamingo_jax.data.tokenizer import Tokenizer
   import ml_collections
   argv = list(sys.argv[1:] if argv is None else argv)

@@ -32,11 +32,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flamingo_jax import checkpoint as ckpt_lib
-from flamingo_jax import distributed, flops, objective, optim, sharding, train_data
+from flamingo_jax.training import checkpoint as ckpt_lib
+from flamingo_jax.training import distributed, flops, objective, optim, sharding
+from flamingo_jax.data import in_memory as train_data
 from flamingo_jax.config import COMPONENTS, FlamingoConfig, from_config_dict, model_config
-from flamingo_jax.config_file import apply_overrides, load_config, split_config_args
-from flamingo_jax.metrics_writer import MetricsWriter, progress_line
+from flamingo_jax.config import apply_overrides, load_config, split_config_args
+from flamingo_jax.training.metrics import MetricsWriter, progress_line
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.labels import component_of
 
@@ -628,7 +629,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
 def export_model(s: Setup, config, trainable: Mapping, frozen: Mapping) -> None:
   """Writes train.export_dir: every weight in float32 (gathered to the host), the
   model config and the data tokenizer, as `flamingo_jax.generate` reads them."""
-  from flamingo_jax.generate import export_model_dir
+  from flamingo_jax.model_dir import export_model_dir
   def host(a):
     if jax.process_count() > 1:  # shards live on other hosts too
       return np.asarray(multihost_utils.process_allgather(a, tiled=True), np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from flamingo_jax.agc import adaptive_grad_clip, unitwise_norm
+from flamingo_jax.training.agc import adaptive_grad_clip, unitwise_norm
 
 
 def _update(params, grads, **kwargs):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.config import model_config
-from flamingo_jax.config_file import load_config
+from flamingo_jax.config import load_config
 from flamingo_jax.evaluate import baselines, runner
 from flamingo_jax.models.flamingo import Flamingo, merged_lm_params
 from flamingo_jax.models.lm import DecoderLM

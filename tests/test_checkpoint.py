@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flamingo_jax import checkpoint as ckpt_lib
-from flamingo_jax import optim, sharding, train
+from flamingo_jax.training import checkpoint as ckpt_lib
+from flamingo_jax import train
+from flamingo_jax.training import optim, sharding
 from flamingo_jax.models.flamingo import Flamingo
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from flamingo_jax.config import model_config, paper_model
-from flamingo_jax.config_file import apply_overrides, load_config
+from flamingo_jax.config import apply_overrides, load_config
 from flamingo_jax.tools.count_params import count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flamingo_jax import checkpoint as ckpt_lib
-from flamingo_jax import contrastive, contrastive_eval, optim, sharding
-from flamingo_jax.agc import unitwise_norm
+from flamingo_jax.training import checkpoint as ckpt_lib
+from flamingo_jax import contrastive, contrastive_eval
+from flamingo_jax.training import optim, sharding
+from flamingo_jax.training.agc import unitwise_norm
 from flamingo_jax.config import PatchEncoderConfig, VisionConfig, model_config, to_config_dict
 from flamingo_jax.models.dual_encoder import (DualEncoder, DualEncoderConfig, clip_temperature,
                                               contrastive_loss)

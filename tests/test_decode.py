@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.config import model_config
-from flamingo_jax.config_file import load_config
+from flamingo_jax.config import load_config
 from flamingo_jax.evaluate import decode, scoring
 from flamingo_jax.models.flamingo import Flamingo
 

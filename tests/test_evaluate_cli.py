@@ -41,7 +41,7 @@ def _write_png(path, seed, size):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
   """Fake COCO (Karpathy) and VQAv2 files, PNGs, a tokenizer, a config and a checkpoint."""
-  from flamingo_jax.checkpoint import save_params
+  from flamingo_jax.training.checkpoint import save_params
   from flamingo_jax.data.train_tokenizer import train_tokenizer
   root = tmp_path_factory.mktemp("bench")
   os.makedirs(root / "images")
@@ -82,7 +82,7 @@ def bench(tmp_path_factory):
                                        image_id=tok.info.image_token_id,
                                        eoc_id=tok.info.eoc_token_id, eval=eval_section))
   from flamingo_jax.config import model_config
-  from flamingo_jax.config_file import load_config
+  from flamingo_jax.config import load_config
   config = model_config(load_config(str(config_path)))
   save_params(str(root / "ckpt"), runner.init_params(config, seed=1))
   return dict(root=root, config=str(config_path), ckpt=str(root / "ckpt"), tok=tok)
@@ -147,7 +147,7 @@ def test_bad_configs(bench):
   with pytest.raises(ValueError, match="unknown config key 'eval.batchsize'"):
     runner.eval_config({"batchsize": 3})
   with pytest.raises(ValueError, match="no 'eval' section"):
-    from flamingo_jax.config_file import load_config
+    from flamingo_jax.config import load_config
     runner.eval_config(load_config(os.path.join(REPO, "configs", "tiny.py")))
   with pytest.raises(ValueError, match="unknown eval task"):
     runner.main(["--config", bench["config"], "--random_init", "--tasks", "flickr",
@@ -170,9 +170,9 @@ def test_encode_prompt_and_image(bench):
 def test_synthetic_heldout_split(tmp_path):
   """The embedded shapes dataset's held-out (val) split: captions, VQA and classification."""
   synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
-  from flamingo_jax.checkpoint import save_params
+  from flamingo_jax.training.checkpoint import save_params
   from flamingo_jax.config import model_config
-  from flamingo_jax.config_file import load_config
+  from flamingo_jax.config import load_config
   data = tmp_path / "shapes"
   manifest = synthetic.write_synthetic(
       str(data), image_size=32, arrayrecord=False,

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from flamingo_jax import flops
+from flamingo_jax.training import flops
 from flamingo_jax.config import (FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig,
                                  paper_model)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from flamingo_jax import generate as gen
 from flamingo_jax.config import model_config
-from flamingo_jax.config_file import load_config
+from flamingo_jax.config import load_config
 from flamingo_jax.data.train_tokenizer import train_tokenizer
 from flamingo_jax.evaluate import decode, runner
 from flamingo_jax.models.flamingo import Flamingo

@@ -156,7 +156,7 @@ def test_cli_converts_a_saved_model(tmp_path):
   import flax.linen as nn
   import orbax.checkpoint as ocp
 
-  from flamingo_jax.config_file import load_config
+  from flamingo_jax.config import load_config
   from flamingo_jax.convert.__main__ import main
   from flamingo_jax.tools.count_params import abstract_params
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax import lm_pretrain
-from flamingo_jax.checkpoint import restore_component
+from flamingo_jax.training.checkpoint import restore_component
 from flamingo_jax.config import FlamingoConfig, lm_preset
 from flamingo_jax.evaluate.runner import init_params
 

@@ -47,7 +47,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
   import orbax.checkpoint as ocp
 
   from flamingo_jax.config import model_config
-  from flamingo_jax.config_file import load_config
+  from flamingo_jax.config import load_config
   from flamingo_jax.convert.__main__ import main
   from flamingo_jax.tools.count_params import abstract_params
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flamingo_jax import objective, optim
+from flamingo_jax.training import objective, optim
 from flamingo_jax.models.labels import FROZEN, param_labels
 from flamingo_jax.tools.count_params import abstract_params
 

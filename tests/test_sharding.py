@@ -7,7 +7,8 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from flamingo_jax import optim, sharding, train
+from flamingo_jax import train
+from flamingo_jax.training import optim, sharding
 from flamingo_jax.models.flamingo import Flamingo
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax import train
-from flamingo_jax.config_file import apply_overrides, load_config
+from flamingo_jax.config import apply_overrides, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Reuse compiled programs across runs and test sessions (same HLO -> same binary).

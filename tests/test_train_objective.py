@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax import objective, optim, train_data
+from flamingo_jax.training import objective, optim
+from flamingo_jax.data import in_memory as train_data
 from flamingo_jax.config import model_config
-from flamingo_jax.config_file import load_config
+from flamingo_jax.config import load_config
 from flamingo_jax.models.flamingo import Flamingo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from flamingo_jax import train
-from flamingo_jax.config_file import apply_overrides, load_config
+from flamingo_jax.config import apply_overrides, load_config
 
 synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -396,7 +396,7 @@ def _leaves(tree):
 
 def write_converted(out: str, params: dict, model_config: dict) -> None:
   """DIR/params (orbax params checkpoint) + DIR/model_config.json (the `model` section)."""
-  from flamingo_jax import checkpoint
+  from flamingo_jax.training import checkpoint
   os.makedirs(out, exist_ok=True)
   checkpoint.save_params(os.path.join(out, "params"), params)
   with open(os.path.join(out, "model_config.json"), "w") as f:

@@ -470,7 +470,7 @@ def config_overrides(config: NFNetConfig) -> dict:
 def save_params(params: Mapping, out: str, config: NFNetConfig, source: str,
                 force: bool = False) -> None:
   """Writes params with orbax StandardCheckpointer; the config goes in its metadata."""
-  from flamingo_jax import checkpoint
+  from flamingo_jax.training import checkpoint
 
   out = os.path.abspath(out)
   if os.path.exists(out) and not force:

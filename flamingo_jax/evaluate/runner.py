@@ -591,7 +591,7 @@ def init_params(config: FlamingoConfig, seed: int = 0, abstract: bool = False):
 
 def load_params(config: FlamingoConfig, directory: str):
   """The params from an orbax StandardCheckpointer directory (the unboxed init tree)."""
-  from flamingo_jax.checkpoint import restore_params
+  from flamingo_jax.training.checkpoint import restore_params
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           init_params(config, abstract=True))
@@ -607,7 +607,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   """The CLI (`python -m flamingo_jax.evaluate`); returns the results dict."""
-  from flamingo_jax.config_file import apply_overrides, load_config, split_config_args
+  from flamingo_jax.config import apply_overrides, load_config, split_config_args
   from flamingo_jax.data.tokenizer import Tokenizer
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = split_config_args(argv)

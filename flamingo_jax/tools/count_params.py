@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.config import FlamingoConfig, model_config
-from flamingo_jax.config_file import apply_overrides, load_config, split_config_args
+from flamingo_jax.config import apply_overrides, load_config, split_config_args
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.labels import FROZEN, component_of, count_by_label
 

@@ -34,8 +34,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flamingo_jax.models.xattn import tanh_gates
-from flamingo_jax.optim import merge_params
-from flamingo_jax.sharding import BATCH_AXES
+from flamingo_jax.training.optim import merge_params
+from flamingo_jax.training.sharding import BATCH_AXES
 
 MODEL_INPUTS = ("images", "visual_features", "next_image", "attention_mask", "image_count")
 BATCH_KEYS = ("tokens", "targets", "loss_mask") + MODEL_INPUTS
