@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from flamingo_jax.data import workers
 from flamingo_jax.data.records import STATS_KEY, SKIP_REASONS, skip_reason
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class AccountedBatchIterDataset(grain.IterDataset):
     ds = ds.to_iter_dataset(self.read_options)
     if self.worker_count > 0:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size))
+          num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size),
+          worker_init_fn=workers.worker_init_fn())  # workers exit with this process
     return ds
 
   def __iter__(self) -> "AccountedBatchIterator":
