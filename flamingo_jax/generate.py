@@ -4,9 +4,9 @@
   python -m flamingo_jax.generate --checkpoint DIR --image a.png --image b.png \
       --prompt "<image>A red square.<EOC><image>A"
 
-DIR is a model directory: DIR/params (orbax checkpoint of the whole unboxed
-Flamingo param tree), DIR/model_config.json (the config's `model` section)
-and DIR/tokenizer.model (sentencepiece). The converters write the first two
+DIR is a model directory (flamingo_jax/model_dir.py): DIR/params (orbax
+checkpoint of the whole unboxed Flamingo param tree), DIR/model_config.json
+(the config's `model` section) and DIR/tokenizer.model (sentencepiece). The converters write the first two
 (`flamingo_jax/convert`); `export_model_dir` writes all three from params in
 memory (the demo, a finished training run).
 
@@ -18,127 +18,32 @@ The completion goes to stdout; logs go to stderr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig, model_config
+from flamingo_jax import model_dir
+from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.errors import run_cli
 from flamingo_jax.evaluate import decode, prompts, runner
 
 log = logging.getLogger("flamingo_jax.generate")  # not "__main__" under -m
 
-PARAMS = "params"
-MODEL_CONFIG = "model_config.json"
-TOKENIZER = "tokenizer.model"
 IMAGE_MARKER = prompts.IMAGE_MARKER
 
 
 # ------------------------------------------------------------------------------ model dir
+# The model directory lives in flamingo_jax.model_dir; these names stay importable here.
 
-
-def check_tokenizer(config: FlamingoConfig, tokenizer: Tokenizer, what: str) -> None:
-  """ValueError when the tokenizer's `<image>`/`<EOC>` ids or vocabulary differ from
-  the model's: the model would read the wrong rows and never see its images."""
-  try:
-    runner._check_tokenizer(config, tokenizer)
-  except ValueError as e:
-    raise ValueError(f"{what}: {e}") from None
-
-
-def export_model_dir(out_dir: str, config: Any, params: Any,
-                     tokenizer: Union[str, Tokenizer, None] = None) -> str:
-  """Writes a model directory that `python -m flamingo_jax.generate` loads; returns it.
-
-  config: FlamingoConfig (or a config / `model` section); params: the unboxed
-  Flamingo param tree; tokenizer: a sentencepiece model path or a Tokenizer,
-  copied to DIR/tokenizer.model (None: pass --tokenizer when generating).
-  The tokenizer is checked against the config before anything is written.
-  """
-  from flamingo_jax.convert.hf_lm import write_converted
-  config = model_config(config)
-  tok = Tokenizer.load(tokenizer) if isinstance(tokenizer, str) else tokenizer
-  if tok is not None:
-    if not hasattr(tok, "model_proto"):
-      raise ValueError(f"export_model_dir: tokenizer {tokenizer!r} is not a sentencepiece "
-                       "model; export without it and pass it with --tokenizer")
-    check_tokenizer(config, tok, f"export_model_dir: tokenizer {tokenizer!r}")
-  write_converted(out_dir, params, dataclasses.asdict(config))
-  tok_path = os.path.join(out_dir, TOKENIZER)
-  if tok is not None:
-    with open(tok_path, "wb") as f:
-      f.write(tok.model_proto)
-  elif os.path.exists(tok_path):  # a previous export's, not checked against this config
-    os.remove(tok_path)
-  log.info("wrote model directory %s", out_dir)
-  return out_dir
-
-
-class Model(NamedTuple):
-  config: FlamingoConfig
-  params: Any  # the unboxed Flamingo param tree
-  tokenizer: Tokenizer
-
-
-def read_model_config(directory: str) -> FlamingoConfig:
-  """DIR/model_config.json -> the validated FlamingoConfig (unknown keys are errors)."""
-  if not os.path.isdir(directory):
-    raise ValueError(f"model directory {directory!r} does not exist")
-  path = os.path.join(directory, MODEL_CONFIG)
-  if not os.path.isfile(path):
-    raise ValueError(f"model directory {directory!r} lacks {MODEL_CONFIG} (the config's "
-                     "`model` section); export_model_dir and the converters write it")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  return model_config(cfg)
-
-
-def load_tokenizer(directory: str, config: FlamingoConfig,
-                   tokenizer_path: Optional[str] = None) -> Tokenizer:
-  """`tokenizer_path`, else DIR/tokenizer.model (else a Hugging Face DIR/tokenizer.json),
-  checked against the model config."""
-  tok_path = tokenizer_path or os.path.join(directory, TOKENIZER)
-  hf_json = os.path.join(directory, "tokenizer.json")
-  if not tokenizer_path and not os.path.isfile(tok_path) and os.path.isfile(hf_json):
-    tok_path = hf_json
-  if not os.path.isfile(tok_path):
-    raise ValueError(f"tokenizer {tok_path!r} does not exist" + (
-        "" if tokenizer_path else f": model directory {directory!r} lacks {TOKENIZER}; pass "
-        "the model's sentencepiece model with --tokenizer"))
-  tokenizer = Tokenizer.load(tok_path)
-  check_tokenizer(config, tokenizer, f"tokenizer {tok_path!r} does not fit "
-                  f"{os.path.join(directory, MODEL_CONFIG)}")
-  return tokenizer
-
-
-def load_dir_params(directory: str, config: FlamingoConfig) -> Any:
-  """DIR/params restored onto the first device (missing or misshapen tensors are named)."""
-  params_dir = os.path.join(directory, PARAMS)
-  if not os.path.isdir(params_dir) or not os.listdir(params_dir):
-    raise ValueError(f"model directory {directory!r} lacks {PARAMS}/ (the orbax params "
-                     "checkpoint); export_model_dir and the converters write it")
-  t0 = time.time()
-  params = runner.load_params(config, params_dir)
-  log.info("loaded %s in %.1f s", params_dir, time.time() - t0)
-  return params
-
-
-def load_model_dir(directory: str, tokenizer_path: Optional[str] = None) -> Model:
-  """Config, tokenizer (DIR/tokenizer.model unless `tokenizer_path`) and params of a
-  model directory; the cheap checks come before the params are read."""
-  config = read_model_config(directory)
-  tokenizer = load_tokenizer(directory, config, tokenizer_path)
-  return Model(config, load_dir_params(directory, config), tokenizer)
+Model = model_dir.Model
+load_model_dir = model_dir.load_model_dir
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -317,13 +222,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     raise ValueError(f"--image_std must be positive, got {a.image_std!r}")
   # Prompt, image and tokenizer problems are reported before the params are read.
   place_images(a.prompt, len(a.image))
-  config = read_model_config(a.checkpoint)
-  tokenizer = load_tokenizer(a.checkpoint, config, a.tokenizer)
+  config = model_dir.read_model_config(a.checkpoint)
+  tokenizer = model_dir.load_tokenizer(a.checkpoint, config, a.tokenizer)
   options = decode_options(tokenizer, max_new_tokens=a.max_new_tokens, num_beams=a.num_beams,
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
   options.validate(config)
   inputs = build_inputs(a.prompt, a.image, config, tokenizer, mean, std)
-  model = Model(config, load_dir_params(a.checkpoint, config), tokenizer)
+  model = Model(config, model_dir.load_params(a.checkpoint, config), tokenizer)
   result = _run(model, inputs, options, a.stop_at_eoc, a.seed)
   print(json.dumps(result) if a.json else result["completion"], flush=True)
   return result
@@ -332,7 +237,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 if __name__ == "__main__":
   logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
   log.setLevel(logging.INFO)
-  try:
-    main()
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  sys.exit(run_cli(main))

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from flamingo_jax import generate as gen
+from flamingo_jax import model_dir
 from flamingo_jax.config import model_config
 from flamingo_jax.config import load_config
 from flamingo_jax.data.train_tokenizer import train_tokenizer
@@ -68,14 +69,15 @@ def world(tmp_path_factory):
   config = model_config(dataclasses.replace(  # untied: <EOC>'s output row is its own
       tiny, lm=dataclasses.replace(tiny.lm, vocab_size=info.vocab_size, tie_embeddings=False),
       image_token_id=info.image_token_id, eoc_token_id=info.eoc_token_id))
-  model_dir = gen.export_model_dir(str(root / "model"), config, _random_params(config, 3),
-                                   str(root / "tok" / "tokenizer.model"))
+  directory = model_dir.export_model_dir(str(root / "model"), config,
+                                         _random_params(config, 3),
+                                         str(root / "tok" / "tokenizer.model"))
   # The references use the params as the CLI loads them (and share its compilations).
-  params = gen.load_dir_params(model_dir, config)
+  params = model_dir.load_params(directory, config)
   images = {"a": _write_png(root / "a.png", 0, (40, 28)),
             "b": _write_png(root / "b.png", 1, (32, 32))}
   (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-  return dict(root=root, tok=tok, config=config, params=params, dir=model_dir, images=images,
+  return dict(root=root, tok=tok, config=config, params=params, dir=directory, images=images,
               tok_path=str(root / "tok" / "tokenizer.model"))
 
 
@@ -152,8 +154,8 @@ def test_tokenizer_override_and_top_k_1_sampling(world, tmp_path):
   w = world
   bare = tmp_path / "bare"
   os.makedirs(bare)
-  shutil.copy(os.path.join(w["dir"], gen.MODEL_CONFIG), bare)
-  os.symlink(os.path.join(w["dir"], gen.PARAMS), bare / gen.PARAMS)
+  shutil.copy(os.path.join(w["dir"], model_dir.MODEL_CONFIG), bare)
+  os.symlink(os.path.join(w["dir"], model_dir.PARAMS), bare / model_dir.PARAMS)
   args = ["--checkpoint", str(bare), "--image", w["images"]["a"], "--prompt", "a red",
           "--max_new_tokens", str(MAX_NEW)]
   with pytest.raises(ValueError, match="lacks tokenizer.model.*--tokenizer"):
@@ -247,22 +249,22 @@ def test_errors_name_the_problem(world, tmp_path):
     run("--image", a, "--prompt", "two", checkpoint=str(tmp_path / "nowhere"))
   no_config = tmp_path / "no_config"
   os.makedirs(no_config)
-  os.symlink(os.path.join(w["dir"], gen.PARAMS), no_config / gen.PARAMS)
+  os.symlink(os.path.join(w["dir"], model_dir.PARAMS), no_config / model_dir.PARAMS)
   with pytest.raises(ValueError, match="lacks model_config.json"):
     run("--image", a, "--prompt", "two", checkpoint=str(no_config))
   no_params = tmp_path / "no_params"
   os.makedirs(no_params)
-  for name in (gen.MODEL_CONFIG, gen.TOKENIZER):
+  for name in (model_dir.MODEL_CONFIG, model_dir.TOKENIZER):
     shutil.copy(os.path.join(w["dir"], name), no_params)
   with pytest.raises(ValueError, match="lacks params/"):
     run("--image", a, "--prompt", "two", checkpoint=str(no_params))
   # A tokenizer whose special ids are not the model's.
   info = w["tok"].info
-  swapped = dict(json.loads(open(os.path.join(w["dir"], gen.MODEL_CONFIG)).read()),
+  swapped = dict(json.loads(open(os.path.join(w["dir"], model_dir.MODEL_CONFIG)).read()),
                  image_token_id=info.eoc_token_id, eoc_token_id=info.image_token_id)
   bad = tmp_path / "bad_ids"
   shutil.copytree(no_params, bad)
-  (bad / gen.MODEL_CONFIG).write_text(json.dumps(swapped))
+  (bad / model_dir.MODEL_CONFIG).write_text(json.dumps(swapped))
   with pytest.raises(ValueError, match=r"tokenizer .* does not fit .*<image> id is "
                      rf"{info.image_token_id} but model.image_token_id is {info.eoc_token_id}"):
     run("--image", a, "--prompt", "two", checkpoint=str(bad))
@@ -273,7 +275,7 @@ def test_errors_name_the_problem(world, tmp_path):
     run("--image", a, "--prompt", "two", "--tokenizer", str(w["root"] / "small" /
                                                              "tokenizer.model"))
   with pytest.raises(ValueError, match="export_model_dir: tokenizer .*<image> id is"):
-    gen.export_model_dir(str(tmp_path / "never"), w["config"], w["params"], small)
+    model_dir.export_model_dir(str(tmp_path / "never"), w["config"], w["params"], small)
   assert not os.path.exists(tmp_path / "never")
   with pytest.raises(ValueError, match="pick beam search or sampling"):
     run("--image", a, "--prompt", "two", "--num_beams", "3", "--temperature", "0.7")

@@ -395,9 +395,7 @@ def _leaves(tree):
 
 
 def write_converted(out: str, params: dict, model_config: dict) -> None:
-  """DIR/params (orbax params checkpoint) + DIR/model_config.json (the `model` section)."""
-  from flamingo_jax.training import checkpoint
-  os.makedirs(out, exist_ok=True)
-  checkpoint.save_params(os.path.join(out, "params"), params)
-  with open(os.path.join(out, "model_config.json"), "w") as f:
-    json.dump(model_config, f, indent=1, default=list)
+  """DIR/params (orbax params checkpoint) + DIR/model_config.json (the `model` section):
+  a model directory, written by flamingo_jax.model_dir."""
+  from flamingo_jax.model_dir import write_model_dir
+  write_model_dir(out, params, model_config)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax import model_dir
 from flamingo_jax.config import FlamingoConfig, from_config_dict, model_config
 from flamingo_jax.evaluate import classification, datasets, prompts, rices
 from flamingo_jax.evaluate.cider import cider_d
@@ -300,16 +301,6 @@ def load_task_data(t: EvalTaskConfig) -> tuple[list, list, tuple]:
 # ------------------------------------------------------------------------------ model
 
 
-def _check_tokenizer(config: FlamingoConfig, tokenizer) -> None:
-  info = tokenizer.info
-  for name, tok_id, model_id in (("<image>", info.image_token_id, config.image_token_id),
-                                 ("<EOC>", info.eoc_token_id, config.eoc_token_id)):
-    _check(tok_id == model_id, f"the tokenizer's {name} id is {tok_id} but "
-           f"model.{'image' if name == '<image>' else 'eoc'}_token_id is {model_id}")
-  _check(info.vocab_size <= config.lm.vocab_size, f"the tokenizer has {info.vocab_size} ids "
-         f"but the model's vocabulary (model.lm.vocab_size) is {config.lm.vocab_size}")
-
-
 @functools.lru_cache(maxsize=None)
 def _pooled_features_fn(config: FlamingoConfig):
   """jit: params, images [B, N, T, H, W, 3] -> vision features mean-pooled to [B, C]."""
@@ -443,7 +434,7 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
   """
   _check(config.vision.name != "none", "evaluation reads images, but model.vision.name is "
          "'none' (a model without a vision encoder)")
-  _check_tokenizer(config, tokenizer)
+  model_dir.check_tokenizer(config, tokenizer)
   unknown = [t for t in tasks if t not in ec.tasks]
   _check(not unknown, f"unknown eval task(s) {unknown}; the config's eval.tasks has "
          f"{sorted(ec.tasks)}")
@@ -570,32 +561,15 @@ def results_markdown(report: dict) -> str:
 # ------------------------------------------------------------------------------ CLI
 
 
-def init_params(config: FlamingoConfig, seed: int = 0, abstract: bool = False):
-  """Random params (or their ShapeDtypeStructs) of the unboxed Flamingo param tree."""
-  import flax.linen as nn
-  from flamingo_jax.models.flamingo import Flamingo
-  model = Flamingo(dataclasses.replace(config, remat="none"))
-  tokens = jnp.array([[1, config.image_token_id, 2, 3]], jnp.int32)
-  if config.vision.name == "none":  # a model on precomputed features
-    width = config.vision_feature_dim or config.resampler.width
-    inputs = {"visual_features": jnp.zeros((1, 1, 1, 4, width), jnp.float32)}
-  else:
-    size = config.vision.image_size
-    inputs = {"images": jnp.zeros((1, 1, 1, size, size, 3), jnp.float32)}
-
-  def init():
-    return nn.unbox(model.init(jax.random.key(seed), tokens, **inputs)["params"])
-
-  return jax.eval_shape(init) if abstract else jax.jit(init)()
+# The model directory's init and restore (kept importable here).
+init_params = model_dir.init_params
 
 
-def load_params(config: FlamingoConfig, directory: str):
-  """The params from an orbax StandardCheckpointer directory (the unboxed init tree)."""
+def load_params(config: FlamingoConfig, directory: str, mesh=None, mesh_cfg=None):
+  """Params from an orbax params directory, restored into their shardings."""
   from flamingo_jax.training.checkpoint import restore_params
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          init_params(config, abstract=True))
-  return restore_params(directory, abstract, what=f"checkpoint {directory}")
+  return restore_params(directory, model_dir.abstract_params(config, mesh, mesh_cfg),
+                        what=f"checkpoint {directory}")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -640,7 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   _check(bool(tok_path), "no tokenizer: set eval.tokenizer (or data.tokenizer) to a "
          "sentencepiece model")
   tokenizer = Tokenizer.load(tok_path)
-  _check_tokenizer(config, tokenizer)
+  model_dir.check_tokenizer(config, tokenizer)
   params = init_params(config, a.seed) if a.random_init else load_params(config, a.checkpoint)
   metadata = dict(config=os.path.abspath(a.config), overrides=overrides,
                   random_init=bool(a.random_init),
