@@ -85,6 +85,10 @@ def test_bad_documents_each_counted(tmp_path, tok_path):
       "not_downloaded": {"texts": [None, "text", None], "images": ["http://x/y.jpg", None, good]},
       "too_long": {"texts": ["word " * 50, None], "images": [None, good]},
       "mismatched": {"texts": ["a", "b"], "images": [None]},
+      "bad_b64": {"texts": ["text", None], "images": [None, "not*base64"]},
+      "absent_member": {"texts": ["text", None], "images": [None, "absent.jpg"]},
+      "no_images_field": {"texts": ["text"]},
+      "neither_layout": {"caption": "a red circle"},
   }
   members = [(f"{k}.json", json.dumps(d)) for k, d in docs.items()]
   members.append(("broken.json", "{"))
@@ -92,11 +96,69 @@ def test_bad_documents_each_counted(tmp_path, tok_path):
   batches, stats = run_epoch(epoch_cfg("interleaved", [path], tok_path, max_images=5,
                                        seq_len=64, max_text_chars=200), "d", tok_path)
   assert len(batches) == 3
-  assert stats == {"examples_seen": 8, "examples_kept": 3, "skipped/no_image": 1,
+  assert stats == {"examples_seen": 12, "examples_kept": 3, "skipped/no_image": 1,
                    "skipped/corrupt_image": 1, "skipped/text_too_long": 1,
-                   "skipped/malformed_json": 2, "dropped_image/corrupt_image": 1,
-                   "dropped_image/missing_image": 1}
+                   "skipped/malformed_json": 2, "skipped/bad_base64": 1,
+                   "skipped/image_not_found": 1, "skipped/missing_field": 2,
+                   "dropped_image/corrupt_image": 1, "dropped_image/image_not_found": 1}
   assert sorted(b["image_count"][0] for b in batches) == [1, 1, 2]
+
+
+def test_bad_mmc4_documents_keep_the_root_cause(tmp_path, tok_path, caplog):
+  good = base64.b64encode(image_bytes()).decode()
+
+  def info(i, sim=0.3, **image):
+    return {"matched_text_index": i, "matched_sim": sim, **(image or {"image_base64": good})}
+
+  texts = ["a red circle", "a blue square"]
+  docs = {
+      "ok": {"text_list": texts, "image_info": [info(1)]},
+      "one_bad_index": {"text_list": texts, "image_info": [info(1), info(-1)]},
+      "bad_index": {"text_list": texts, "image_info": [info(5)]},
+      "low_sim": {"text_list": texts, "image_info": [info(0, sim=0.1)]},
+      "bad_b64": {"text_list": texts, "image_info": [info(0, image_base64="@@@@")]},
+      "absent_member": {"text_list": texts, "image_info": [info(0, image_name="x.jpg")]},
+      "member": {"text_list": texts, "image_info": [info(0, image_name="img.jpg")]},
+      "no_text_list": {"image_info": [info(0)]},
+      "text_list_not_list": {"text_list": "a red circle", "image_info": []},
+      "no_image_info": {"text_list": texts},
+      "mixed": {"text_list": texts, "image_info": [info(7), info(8), info(0, sim=0.0)]},
+  }
+  members = [(f"{k}.json", json.dumps(d)) for k, d in docs.items()]
+  members.append(("img.jpg", image_bytes()))
+  path = write_tar(tmp_path / "m.tar", members)
+  with caplog.at_level(logging.WARNING):
+    batches, stats = run_epoch(epoch_cfg("interleaved", [path], tok_path, max_images=2,
+                                         seq_len=32), "d", tok_path)
+  assert len(batches) == 3
+  assert stats == {"examples_seen": 11, "examples_kept": 3, "skipped/bad_text_index": 2,
+                   "skipped/low_similarity": 1, "skipped/bad_base64": 1,
+                   "skipped/image_not_found": 1, "skipped/missing_field": 1,
+                   "skipped/malformed_json": 1, "skipped/no_image": 1,
+                   "dropped_image/bad_text_index": 1}
+  # The first skip of each reason is logged with what exactly was wrong.
+  assert "m.tar/bad_index: images: bad_text_index=1; matched_text_index 5 is not in [0, 2)" \
+      in caplog.text
+  assert "MMC4 document without 'text_list'" in caplog.text
+  # Converting to ArrayRecord counts the same causes.
+  from flamingo_jax.data.convert import convert
+  summary = convert("interleaved", [path], str(tmp_path / "ar"))
+  assert summary["records"] == 3
+  assert {k: v for k, v in summary["counts"].items() if k.startswith("skipped/")} == {
+      k: v for k, v in stats.items() if k.startswith("skipped/")}
+
+
+def test_counters_as_scalar_metrics():
+  from flamingo_jax.data.accounting import scalar_metrics
+  got = scalar_metrics({"m3w": {"examples_seen": 10, "examples_kept": 7,
+                                "skipped/bad_base64": 2, "skipped/no_image": 1,
+                                "dropped_image/low_similarity": 4},
+                        "ltip": {"examples_seen": 0, "examples_kept": 0}})
+  assert got == {"data/m3w/examples_seen": 10.0, "data/m3w/examples_kept": 7.0,
+                 "data/m3w/skipped/bad_base64": 2.0, "data/m3w/skipped/no_image": 1.0,
+                 "data/m3w/dropped_image/low_similarity": 4.0, "data/m3w/skip_rate": 0.3,
+                 "data/ltip/examples_seen": 0.0, "data/ltip/examples_kept": 0.0,
+                 "data/ltip/skip_rate": 0.0}
 
 
 def test_bad_videos_each_counted(tmp_path, tok_path, monkeypatch):

@@ -79,9 +79,10 @@ def test_interleaved_obelics_and_mmc4(tmp_path):
   assert mm["texts"] == [None, "s0", None, "s1", "s2"]
   np.testing.assert_allclose(images.decode(mm["images"][0])[0, 0], [0, 0, 255], atol=3)
   assert images.decode(mm["images"][2])[0, 0, 1] > 200
-  assert mm["_stats"] == {"dropped_image/low_similarity": 1, "dropped_image/missing_image": 1}
+  assert mm["_stats"] == {"dropped_image/low_similarity": 1,
+                          "dropped_image/image_not_found": 1}
   src = TarSource("interleaved", [str(tmp_path / "d.tar")], min_similarity=0.0)
-  assert src[1]["_stats"] == {"dropped_image/missing_image": 1}
+  assert src[1]["_stats"] == {"dropped_image/image_not_found": 1}
 
 
 def test_video_frame_lists_sampled_at_1_fps(tmp_path, tokenizer_path):

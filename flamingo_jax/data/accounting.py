@@ -23,13 +23,33 @@ import grain
 import numpy as np
 
 from flamingo_jax.data import workers
+from flamingo_jax.errors import DataError
 from flamingo_jax.data.records import STATS_KEY, SKIP_REASONS, skip_reason
 
 log = logging.getLogger(__name__)
 
 
-class SkipRateError(RuntimeError):
-  """Too much bad data: a broken dataset or a bug, not noise to train through."""
+def scalar_metrics(stats: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+  """{dataset: stats()} (Mixture.stats()) -> flat scalars for metrics.jsonl / TensorBoard.
+
+  Keys are `data/<dataset>/<counter>` (counters as in the module docstring),
+  plus `data/<dataset>/skip_rate` (skipped / seen so far, what max_skip_rate
+  bounds).
+  """
+  out: dict[str, float] = {}
+  for name, counts in stats.items():
+    for k, v in counts.items():
+      out[f"data/{name}/{k}"] = float(v)
+    seen = counts.get("examples_seen", 0)
+    skipped = sum(v for k, v in counts.items() if k.startswith("skipped/"))
+    out[f"data/{name}/skip_rate"] = skipped / seen if seen else 0.0
+  return out
+
+
+class SkipRateError(DataError, RuntimeError):
+  """Too much bad data: a broken dataset or a bug, not noise to train through.
+
+  A DataError, so CLIs report it as one `error: ...` line (exit status 2)."""
 
 
 def skip_rate_message(name: str, seen: int, counts: Mapping[str, int],
@@ -109,8 +129,10 @@ class AccountedBatchIterator(grain.DatasetIterator):
       if reason is not None:
         name = f"skipped/{reason}"
         if name not in self._counts:
-          log.warning("data %s: first %r skip (%s): %s", ds.name, reason,
-                      SKIP_REASONS.get(reason, ""), x.get("key", ""))
+          detail = x.get("detail", "")
+          log.warning("data %s: first %r skip (%s): %s%s", ds.name, reason,
+                      SKIP_REASONS.get(reason, ""), x.get("key", ""),
+                      f": {detail}" if detail else "")
         self._counts[name] = self._counts.get(name, 0) + 1
       else:
         self._kept += 1

@@ -31,12 +31,20 @@ SKIP_REASONS = {
                      "unsupported format)",
     "corrupt_video": "a video file failed to decode",
     "video_decoder_unavailable": "a video file needs PyAV (pip install av)",
-    "missing_field": "a required field (image, text, frames, json) is absent",
-    "malformed_json": "the sample's JSON does not parse or has the wrong structure",
+    "missing_field": "a required field (image, caption, frames, json, a document's "
+                     "texts/text_list or images) is absent",
+    "malformed_json": "the sample's JSON does not parse, or a field has the wrong type "
+                      "or structure",
     "empty_text": "the caption is empty",
     "text_too_long": "text longer than max_text_chars, or a caption over seq_len with "
                      "overlong_text='skip'",
-    "no_image": "a document with no (usable) image",
+    "no_image": "a document with no image (none given, or only empty entries)",
+    "bad_base64": "a document whose images are all inline base64 that does not decode",
+    "image_not_found": "a document whose images all name a URL (never downloaded) or a "
+                       "member the shard does not hold",
+    "bad_text_index": "an MMC4 document whose images all have a matched_text_index "
+                      "outside text_list",
+    "low_similarity": "an MMC4 document whose images are all below min_similarity",
     "all_labels_masked": "no target of the example counts in the loss",
     "unreadable_record": "a record that cannot be read or decoded",
     "processing_error": "an unexpected error while processing (logged with its traceback)",
@@ -47,10 +55,15 @@ SKIP_REASONS = {
 INFO_PREFIXES = ("dropped_image/", "truncated_text", "shards/")
 
 
-def skip(reason: str, key: str = "") -> dict[str, str]:
+def skip(reason: str, key: str = "", detail: str = "") -> dict[str, str]:
+  """The marker of a skipped example; `detail` (logged with the first skip of each
+  reason) says what exactly was wrong, e.g. which index was out of range."""
   if reason not in SKIP_REASONS:
     raise ValueError(f"unknown skip reason {reason!r}; known: {sorted(SKIP_REASONS)}")
-  return {SKIP_KEY: reason, "key": key}
+  out = {SKIP_KEY: reason, "key": key}
+  if detail:
+    out["detail"] = detail
+  return out
 
 
 def skip_reason(x: Any) -> Optional[str]:
