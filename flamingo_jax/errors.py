@@ -6,12 +6,15 @@ naming the key / file / tensor>`, and the process exits with status 2. Anything
 else is a bug and keeps its traceback. Set FLAMINGO_JAX_TRACEBACK=1 (or pass
 `--traceback` to any CLI) to see the traceback of a user error too.
 
-Raise `UserError` (or a subclass) for bad input. `ValueError` and
-`FileNotFoundError` are treated as user errors as well, since the config,
-converter and data code has always raised them for bad input.
+Raise `UserError` (or a subclass) for bad input. `ValueError` and the path
+errors (`FileNotFoundError`, `FileExistsError`, `NotADirectoryError`,
+`IsADirectoryError`, `PermissionError`) are treated as user errors as well,
+since the config, converter and data code has always raised them for bad
+input. `ArgumentParser` makes argparse usage errors one line too.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -40,8 +43,20 @@ class DataError(UserError):
   """A data source, shard or tokenizer that cannot be opened or disagrees with the model."""
 
 
-USER_ERROR_TYPES = (UserError, ValueError, FileNotFoundError, NotADirectoryError,
-                    IsADirectoryError, PermissionError)
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+USER_ERROR_TYPES = (UserError, ValueError) + _PATH_ERRORS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are UserErrors: one `error: ...` line, exit 2.
+
+  (argparse's own error() prints the whole usage block first.) `--help` is
+  unchanged. Sub-parsers made with add_subparsers() inherit this class.
+  """
+
+  def error(self, message: str):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def show_tracebacks(argv: Optional[Sequence[str]] = None) -> bool:
@@ -61,8 +76,7 @@ def strip_traceback_flag(argv: Optional[Sequence[str]]) -> Optional[list]:
 
 def one_line(exc: BaseException) -> str:
   """The exception's message on one line (newlines folded, type named if empty)."""
-  if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                      PermissionError)) and exc.filename and exc.strerror:
+  if isinstance(exc, _PATH_ERRORS) and exc.filename and exc.strerror:
     msg = f"{exc.strerror}: {exc.filename}"
   else:
     msg = str(exc)
@@ -72,9 +86,21 @@ def one_line(exc: BaseException) -> str:
   return msg or type(exc).__name__
 
 
+def _flush_logs() -> None:
+  """Flush (not close: run_cli also runs in-process, e.g. in tests) every log handler,
+  so that buffered log lines come before the error line."""
+  for ref in list(logging._handlerList):  # pylint: disable=protected-access
+    handler = ref()
+    if handler is not None:
+      try:
+        handler.flush()
+      except (OSError, ValueError):
+        pass
+
+
 def report(exc: BaseException) -> int:
   """Print `error: ...` for a user error to stderr and return the exit status."""
-  logging.shutdown()
+  _flush_logs()
   print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
   return EXIT_USER_ERROR
 

@@ -13,16 +13,17 @@ alone: grain's shuffle is then global, not per shard.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
+import sys
 from typing import Optional, Sequence
 
 from flamingo_jax.data import images as images_lib
 from flamingo_jax.data.records import encode_record, skip_reason
 from flamingo_jax.data.sources import expand_paths
 from flamingo_jax.data.tar import TarSource
+from flamingo_jax.errors import ArgumentParser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def convert(kind: str, inputs: Sequence[str], out_dir: str, *, prefix: str = "da
             records_per_file: int = 10_000, min_similarity: float = 0.24,
             check_images: bool = False) -> dict:
   """Tar shards (glob patterns) -> ArrayRecord files; returns the summary it writes."""
+  if records_per_file <= 0:
+    raise ValueError(f"records_per_file must be positive, got {records_per_file}")
   paths = expand_paths(inputs, "tar shards")
   src = TarSource(kind, paths, min_similarity=min_similarity)
   counts: dict[str, int] = dict(src.counts)
@@ -104,7 +107,8 @@ def convert(kind: str, inputs: Sequence[str], out_dir: str, *, prefix: str = "da
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m flamingo_jax.data.convert",
+                     description=__doc__.split("\n\n")[0])
   p.add_argument("--kind", required=True, choices=["pairs", "interleaved", "video"])
   p.add_argument("--input", nargs="+", required=True, help="glob patterns of .tar shards")
   p.add_argument("--out", required=True, help="output directory")
@@ -123,4 +127,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_cli(main))

@@ -22,11 +22,11 @@ The default size writes in a few seconds.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import os
+import sys
 import time
 from typing import Iterable, Optional
 
@@ -35,6 +35,7 @@ from PIL import Image
 
 from flamingo_jax.data import shapes
 from flamingo_jax.data.convert import convert
+from flamingo_jax.errors import ArgumentParser, run_cli
 
 SPLITS = ("train", "val")
 SOURCE_FPS = 2.0
@@ -259,6 +260,12 @@ def write_synthetic(out: str, seed: int = 0, image_size: int = 64, sizes: Sizes 
   """Writes the demo dataset under `out`; returns (and writes) its manifest."""
   if image_size < 16:
     raise ValueError(f"image_size must be >= 16 to draw recognisable shapes, got {image_size}")
+  for field in dataclasses.fields(sizes):
+    value = getattr(sizes, field.name)
+    if min(value if isinstance(value, tuple) else (value,)) < 1:
+      flag = f"num_{field.name}" if field.name in ("pairs", "documents", "videos") else \
+          field.name
+      raise ValueError(f"synthetic sizes: {field.name} (--{flag}) must be >= 1, got {value}")
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
   corpus: list[str] = []
@@ -319,7 +326,8 @@ def ensure_tokenizer(out: str, vocab_size: int = 512) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m flamingo_jax.data.synthetic",
+                     description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--image_size", type=int, default=64)
@@ -345,4 +353,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_cli(main))

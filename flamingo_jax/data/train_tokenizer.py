@@ -11,15 +11,16 @@ so the paper's "prepend a space to the caption" changes the tokens.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
+import sys
 from typing import Sequence
 
 import sentencepiece as spm
 
 from flamingo_jax.data.tokenizer import Tokenizer
+from flamingo_jax.errors import ArgumentParser, run_cli
 
 
 def _without_input_paths(proto: bytes) -> bytes:
@@ -73,7 +74,8 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, out_dir: str, *,
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m flamingo_jax.data.train_tokenizer",
+                     description=__doc__.split("\n\n")[0])
   p.add_argument("--input", nargs="+", required=True, help="text files")
   p.add_argument("--vocab_size", type=int, required=True,
                  help="sentencepiece pieces (an upper bound on tiny corpora); +2 for the LM")
@@ -90,4 +92,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_cli(main))
