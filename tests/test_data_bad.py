@@ -14,6 +14,7 @@ from flamingo_jax.data import SkipRateError, Tokenizer, layouts, make_dataset, m
 from flamingo_jax.data.records import encode_record
 from flamingo_jax.data.tar import iter_members
 from flamingo_jax.data.transforms import ProcessExample
+from flamingo_jax.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_unreadable_and_truncated_shards(tmp_path, tok_path):
   with pytest.raises(ValueError, match="no samples in the tar shards"):
     make_mixture(make_data({"d": {"kind": "pairs", "paths": [str(tmp_path / "c.tar")]}},
                            tok_path))
-  with pytest.raises(ValueError, match="no tar shards match"):
+  with pytest.raises(DataError, match=r"^data.datasets.d \(tar source\): no tar shards match"):
     make_mixture(make_data({"d": {"kind": "pairs", "paths": [str(tmp_path / "z*.tar")]}},
                            tok_path))
   assert good

@@ -67,7 +67,7 @@ def make_dataset(name: str, cfg: DatasetConfig, data: DataConfig, tokenizer: Tok
   if cfg.batch_size % shard_count:
     raise ValueError(f"config key 'data.datasets.{name}.batch_size' ({cfg.batch_size}) must "
                      f"be divisible by the {shard_count} shards (processes) reading it")
-  source = make_source(cfg)
+  source = make_source(cfg, f"data.datasets.{name} ({cfg.source} source)")
   counts = dict(getattr(source, "counts", {}))
   bad_shards = sum(v for k, v in counts.items() if k.startswith("shards/unreadable"))
   num_files = getattr(source, "num_files", 0)

@@ -18,6 +18,7 @@ import numpy as np
 from flamingo_jax.data.config import DatasetConfig
 from flamingo_jax.data.records import KIND_KEY, decode_record, skip
 from flamingo_jax.data.tar import TarSource
+from flamingo_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,16 @@ class TfdsSource:
     return f"TfdsSource({self.name!r}, split={self.split!r}, kind={self.kind!r})"
 
 
-def make_source(cfg: DatasetConfig):
-  """The source a dataset config names; raises when nothing readable is there."""
+def make_source(cfg: DatasetConfig, where: str = ""):
+  """The source a dataset config names; a DataError (prefixed with `where`, the
+  config key of the dataset) when nothing readable is there."""
+  try:
+    return _open_source(cfg)
+  except ValueError as e:
+    raise DataError(f"{where}: {e}" if where else str(e)) from e
+
+
+def _open_source(cfg: DatasetConfig):
   if cfg.source == "tar":
     src = TarSource(cfg.kind, expand_paths(cfg.paths, "tar shards"),
                     min_similarity=cfg.min_similarity)
