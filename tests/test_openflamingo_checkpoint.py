@@ -1,6 +1,15 @@
-"""An OpenFlamingo model built locally with small random weights and saved the way
-the released ones are (tests/fixtures/make_openflamingo_fixture.py) gives the same
-logits through our converter, for text with several images."""
+"""OpenFlamingo checkpoints give OpenFlamingo's logits through our converter.
+
+* The committed fixture (tests/fixtures/make_openflamingo_fixture.py): a whole
+  model with a real OpenCLIP tower, images in.
+* Models built in the test by the real open_flamingo code (tests/openflamingo_ref.py)
+  around tiny LMs of the released models' shapes: OpenFlamingo-4B's GPT-NeoX
+  (RedPajama-INCITE: embedding matrix larger than the tokenizer, untied output),
+  -9B's MPT-7B, -3B's mosaic_gpt, and Llama; each saved in both layouts (with
+  the `gated_cross_attn_layers` aliases, and as the train script's
+  filter_state_dict_to_trainable leaves it), raw and as {"model_state_dict": ...}.
+"""
+import json
 import os
 
 import jax
@@ -72,3 +81,173 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
                            os.path.join(FIXTURE, "vision.safetensors"),
                            "--cross_attn_every_n_layers", "3", "--media_token_id", "101",
                            "--eoc_token_id", "100", "--out", str(tmp_path / "bad")]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Models built by the real open_flamingo code, both checkpoint layouts
+
+VISION = os.path.join(FIXTURE, "vision.safetensors")  # the tiny OpenCLIP tower (width 32)
+TOKENIZER_LEN = 100  # the LM's tokenizer; OpenFlamingo appends <|endofchunk|>, <image>, <PAD>
+
+
+def _llama(tied):
+  import transformers
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=TOKENIZER_LEN, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+      tie_word_embeddings=tied, initializer_range=0.1))
+
+
+def _redpajama_incite():
+  """RedPajama-INCITE-3B's shape (OpenFlamingo-4B): GPT-NeoX, full rotary, sequential
+  residual, untied output, an embedding matrix padded past the tokenizer (50,432 vs
+  50,277 there)."""
+  import transformers
+  return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+      vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+      intermediate_size=128, rotary_pct=1.0, use_parallel_residual=False,
+      tie_word_embeddings=False, initializer_range=0.1))
+
+
+def _mpt7b():
+  """MPT-7B's shape (OpenFlamingo-9B): ALiBi, no biases, tied, padded vocabulary."""
+  import transformers
+  return transformers.MptForCausalLM(transformers.MptConfig(
+      d_model=64, n_heads=4, n_layers=4, expansion_ratio=4, max_seq_len=64, vocab_size=128,
+      no_bias=True, initializer_range=0.1))
+
+
+def _mosaic_gpt(base_dir):
+  """MPT-1B-RedPajama's mosaic_gpt (OpenFlamingo-3B, cross-attention every layer):
+  the reference network of test_lm_families.py (transformers' MPT with mosaic_gpt's
+  q/k LayerNorms), its base LM saved in mosaic_gpt's own layout."""
+  try:
+    from test_lm_families import mosaic_gpt_config, mpt_reference
+  except ImportError as e:
+    pytest.skip(f"mosaic_gpt LM support (tests/test_lm_families.py) has not landed: {e}")
+  from safetensors.numpy import save_file
+  hf = mosaic_gpt_config(vocab_size=128, n_layers=3)
+  ref, mosaic = mpt_reference(hf)
+  os.makedirs(base_dir, exist_ok=True)
+  with open(os.path.join(base_dir, "config.json"), "w") as f:
+    json.dump(hf, f)
+  save_file(mosaic, os.path.join(base_dir, "model.safetensors"))
+  return ref
+
+
+# name: (LM builder, decoder layers attribute, cross_attn_every_n_layers, compare only the
+# base LM's output columns: an untied head's new rows are random and never saved)
+FAMILIES = {
+    "llama": (lambda _: _llama(True), "model.layers", 2, False),
+    "llama_untied": (lambda _: _llama(False), "model.layers", 2, True),
+    "of4b_gpt_neox": (lambda _: _redpajama_incite(), "gpt_neox.layers", 2, False),
+    "of9b_mpt": (lambda _: _mpt7b(), "transformer.blocks", 4, False),
+    "of3b_mosaic_gpt": (_mosaic_gpt, "transformer.blocks", 1, False),
+}
+_REFERENCES: dict = {}
+
+
+def reference(family, tmp_path_factory):
+  """(base LM dir, OpenFlamingo model, ids, inputs, OpenFlamingo's logits, jitted apply)."""
+  if family not in _REFERENCES:
+    import openflamingo_ref as ref
+    build, layers, every, _ = FAMILIES[family]
+    base = str(tmp_path_factory.mktemp(family) / "lm")
+    lm = build(base).eval()
+    if not os.path.exists(os.path.join(base, "config.json")):
+      lm.save_pretrained(base, safe_serialization=True)  # before OpenFlamingo touches it
+    model, eoc, media = ref.build_openflamingo(lm, tokenizer_len=TOKENIZER_LEN,
+                                               decoder_layers=layers, every=every, vis_dim=32)
+    tokens, mask = ref.interleaved_tokens(TOKENIZER_LEN, eoc, media)
+    features = np.random.default_rng(3).standard_normal((2, 3, 5, 32)).astype(np.float32)
+    want = ref.reference_logits(model, features, tokens, mask)
+    _REFERENCES[family] = dict(base=base, model=model, eoc=eoc, media=media, every=every,
+                               tokens=tokens, mask=mask, features=features, want=want,
+                               apply=None)
+  return _REFERENCES[family]
+
+
+def convert_saved(r, path):
+  from safetensors.numpy import load_file
+  return convert_openflamingo(load_torch_state_dict(path), r["base"], load_file(VISION),
+                              cross_attn_every_n_layers=r["every"], media_token_id=r["media"],
+                              eoc_token_id=r["eoc"], vision_heads=4, checkpoint_source=path)
+
+
+def our_logits(r, config, params):
+  if r["apply"] is None:  # one compilation per family: every layout gives the same tree
+    r["apply"] = jax.jit(lambda p, t, f, m: Flamingo(config).apply(
+        {"params": p}, t, visual_features=f, attention_mask=m)[0])
+  return np.asarray(r["apply"](params, r["tokens"], r["features"][:, :, None], r["mask"]))
+
+
+def layout_state(model, layout):
+  import openflamingo_ref as ref
+  if layout == "train_script":
+    state = ref.train_script_state_dict(model)
+    assert not any("gated_cross_attn_layers" in k or "old_decoder_blocks" in k for k in state)
+    return state
+  state = ref.alias_state_dict(model)
+  assert any(k.startswith("lang_encoder.gated_cross_attn_layers.") for k in state)
+  if layout == "alias_only":  # only the ModuleList aliases, not the per-layer copies
+    state = {k: v for k, v in state.items() if ".gated_cross_attn_layer." not in k}
+  return state
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["raw", "model_state_dict"])
+@pytest.mark.parametrize("layout", ["alias", "alias_only", "train_script"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layouts_match_open_flamingo(family, layout, wrapped, tmp_path, tmp_path_factory):
+  import openflamingo_ref as ref
+  r = reference(family, tmp_path_factory)
+  path = ref.save(layout_state(r["model"], layout), tmp_path / "checkpoint.pt", wrapped)
+  config, params = convert_saved(r, path)
+  every = r["every"]
+  assert sorted(int(k.split("_")[-1]) for k in params if k.startswith("xattn_block_")) == [
+      i for i in range(config.lm.num_layers) if (i + 1) % every == 0]
+  assert config.lm.vocab_size == TOKENIZER_LEN + 3  # resized as OpenFlamingo does
+  got, want = our_logits(r, config, params), r["want"]
+  if FAMILIES[family][3]:
+    got, want = got[..., :TOKENIZER_LEN], want[..., :TOKENIZER_LEN]
+  assert want.std() > 1e-2
+  assert np.abs(got - want).max() < 1e-4
+
+
+def test_redpajama_head_saved_as_embed_out(tmp_path, tmp_path_factory):
+  """OpenFlamingo-4B's released checkpoint (transformers < 5 names GPT-NeoX's output
+  embed_out; filter_state_dict_to_trainable keeps every "embed" name) carries the resized
+  output matrix; the converter uses it rather than the base LM's rows."""
+  import torch
+
+  import openflamingo_ref as ref
+  r = reference("of4b_gpt_neox", tmp_path_factory)
+  head = r["model"].lang_encoder.get_output_embeddings().weight
+  state = ref.train_script_state_dict(r["model"])
+  moved = head.detach() + 0.5 * torch.randn(head.shape, generator=torch.Generator().manual_seed(5))
+  state["lang_encoder.embed_out.weight"] = moved
+  path = ref.save(state, tmp_path / "checkpoint.pt", wrapped=True)
+  config, params = convert_saved(r, path)
+  with torch.no_grad():
+    old = head.detach().clone()
+    head.copy_(moved)
+    try:
+      want = ref.reference_logits(r["model"], r["features"], r["tokens"], r["mask"])
+    finally:
+      head.copy_(old)
+  assert np.abs(our_logits(r, config, params) - want).max() < 1e-4
+  state["lang_encoder.embed_out.weight"] = moved[:-1]
+  with pytest.raises(ValueError, match=r"checkpoint.pt: tensor 'lang_encoder.embed_out.weight' "
+                     r"has shape \(102, 64\), expected \(103, 64\)"):
+    convert_saved(r, ref.save(state, tmp_path / "checkpoint.pt", wrapped=False))
+
+
+def test_layouts_that_disagree_are_named(tmp_path, tmp_path_factory):
+  import openflamingo_ref as ref
+  r = reference("llama", tmp_path_factory)
+  state = ref.alias_state_dict(r["model"])
+  key = "lang_encoder.model.layers.1.gated_cross_attn_layer.attn_gate"
+  state[key] = state[key] + 1
+  with pytest.raises(ValueError, match=r"'lang_encoder.gated_cross_attn_layers.1.attn_gate' "
+                     r"and 'lang_encoder.model.layers.1.gated_cross_attn_layer.attn_gate' hold "
+                     r"the same cross-attention weight but differ"):
+    convert_saved(r, ref.save(state, tmp_path / "checkpoint.pt", wrapped=False))

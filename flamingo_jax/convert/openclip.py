@@ -21,11 +21,12 @@ def _ln(sd: StateDict, name: str, d: int) -> dict:
 
 
 def convert_vit(tensors: Mapping[str, np.ndarray], config: ViTConfig, image_size: int,
-                prefix: str = "") -> dict:
-  """Returns the params of `models.vit.VisionTransformer`."""
+                prefix: str = "", source: str = "") -> dict:
+  """Returns the params of `models.vit.VisionTransformer`; source (the file) is named
+  in errors."""
   if not prefix and any(k.startswith("visual.") for k in tensors):
     prefix = "visual."
-  sd = StateDict({k: v for k, v in tensors.items() if k.startswith(prefix)}, prefix)
+  sd = StateDict({k: v for k, v in tensors.items() if k.startswith(prefix)}, prefix, source)
   d, p, h = config.width, config.patch_size, config.num_heads
   dh, hidden = d // h, int(d * config.mlp_ratio)
   grid = (image_size // p) ** 2

@@ -23,6 +23,8 @@ import sentencepiece as spm
 
 IMAGE_PIECE = "<image>"
 EOC_PIECE = "<EOC>"
+# OpenFlamingo's end of chunk; an HF tokenizer that has it and no <EOC> uses it as <EOC>.
+OPENFLAMINGO_EOC_PIECE = "<|endofchunk|>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +147,11 @@ class Tokenizer:
                          pad_id=pad, image_token_id=image_id, eoc_token_id=eoc_id)
 
   @property
+  def add_bos(self) -> bool:
+    """Sequences start with BOS (the convention of every sentencepiece model here)."""
+    return True
+
+  @property
   def piece_size(self) -> int:
     """Size of the sentencepiece vocabulary alone (without appended tokens)."""
     return self._sp.get_piece_size()
@@ -185,6 +192,34 @@ def _token_name(value) -> Optional[str]:
   return value if isinstance(value, str) else None
 
 
+def read_hf_tokenizer_files(path: str) -> tuple[str, str, dict]:
+  """(tokenizer.json path, its text, settings) for a tokenizer.json or a directory
+  holding one. settings: bos_token / eos_token / pad_token and add_bos (from
+  `add_bos_token`) as tokenizer_config.json (then special_tokens_map.json) give them."""
+  directory, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (
+      os.path.dirname(path), path)
+  try:
+    with open(file) as f:
+      text = f.read()
+  except OSError as e:
+    raise ValueError(f"cannot read tokenizer {file!r}: {e}") from e
+  settings: dict = {}
+  for meta in ("tokenizer_config.json", "special_tokens_map.json"):
+    meta_path = os.path.join(directory, meta)
+    if os.path.isfile(meta_path):
+      with open(meta_path) as f:
+        try:
+          cfg = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+      for key in ("bos_token", "eos_token", "pad_token"):
+        if settings.get(key) is None:
+          settings[key] = _token_name(cfg.get(key))
+      if settings.get("add_bos") is None and isinstance(cfg.get("add_bos_token"), bool):
+        settings["add_bos"] = cfg["add_bos_token"]
+  return file, text, settings
+
+
 # Names tried, in order, when no tokenizer_config.json says which token is BOS/EOS.
 _BOS_NAMES = ("<s>", "<|endoftext|>", "<bos>", "<|begin_of_text|>")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -197,19 +232,23 @@ class HFTokenizer:
   BOS/EOS/PAD come from the arguments, else tokenizer_config.json (or
   special_tokens_map.json) next to tokenizer.json, else the usual names
   (`<|endoftext|>` for GPT-NeoX: BOS = EOS). PAD defaults to EOS. `<image>` and
-  `<EOC>` use the tokenizer's ids when it has them (OpenFlamingo adds `<image>`
-  and `<|endofchunk|>`: pass eoc_piece="<|endofchunk|>"), else are appended
-  after its largest id.
+  `<EOC>` use the tokenizer's ids when it has them, else are appended after its
+  largest id. eoc_piece=None (the default) means `<EOC>`, or OpenFlamingo's
+  `<|endofchunk|>` when the tokenizer has that and not `<EOC>` (OpenFlamingo
+  adds `<|endofchunk|>` and `<image>`). add_bos (tokenizer_config.json's
+  `add_bos_token`; default True): whether sequences start with BOS. OpenFlamingo
+  feeds what its HF tokenizer gives, which for GPT-NeoX / MPT tokenizers is no
+  BOS; `convert openflamingo --tokenizer` records that.
   """
 
   def __init__(self, tokenizer_json: str, *, bos_token: Optional[str] = None,
                eos_token: Optional[str] = None, pad_token: Optional[str] = None,
-               image_piece: str = IMAGE_PIECE, eoc_piece: str = EOC_PIECE,
-               source: str = "<tokenizer.json>"):
+               image_piece: str = IMAGE_PIECE, eoc_piece: Optional[str] = None,
+               add_bos: Optional[bool] = None, source: str = "<tokenizer.json>"):
     from tokenizers import Tokenizer as _HFTok
     self._json = tokenizer_json
     self._names = (bos_token, eos_token, pad_token)
-    self._pieces = (image_piece, eoc_piece)
+    self._add_bos = True if add_bos is None else bool(add_bos)
     self._source = source
     try:
       parsed = json.loads(tokenizer_json)
@@ -225,6 +264,10 @@ class HFTokenizer:
       raise ValueError(f"{source}: not a Hugging Face tokenizer.json ({e})") from e
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self._size = max(vocab.values()) + 1 if vocab else 0
+    if eoc_piece is None:
+      eoc_piece = (OPENFLAMINGO_EOC_PIECE if EOC_PIECE not in vocab
+                   and OPENFLAMINGO_EOC_PIECE in vocab else EOC_PIECE)
+    self._pieces = (image_piece, eoc_piece)
     self.info = self._make_info(vocab)
     info = self.info
     self._special = frozenset({info.image_token_id, info.eoc_token_id, info.bos_id,
@@ -233,28 +276,20 @@ class HFTokenizer:
   @classmethod
   def load(cls, path: str, **kwargs) -> "HFTokenizer":
     """path: a tokenizer.json, or a directory holding one (and maybe tokenizer_config.json)."""
-    directory, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (
-        os.path.dirname(path), path)
-    try:
-      with open(file) as f:
-        text = f.read()
-    except OSError as e:
-      raise ValueError(f"cannot read tokenizer {file!r}: {e}") from e
-    names = {}
-    for meta in ("tokenizer_config.json", "special_tokens_map.json"):
-      meta_path = os.path.join(directory, meta)
-      if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-          try:
-            cfg = json.load(f)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
-        for key in ("bos_token", "eos_token", "pad_token"):
-          if names.get(key) is None:
-            names[key] = _token_name(cfg.get(key))
-    for key, value in names.items():
+    file, text, settings = read_hf_tokenizer_files(path)
+    for key, value in settings.items():
       kwargs.setdefault(key, value)
     return cls(text, source=file, **kwargs)
+
+  @property
+  def add_bos(self) -> bool:
+    """Whether sequences (and prompts) start with BOS."""
+    return self._add_bos
+
+  @property
+  def raw(self):
+    """The underlying `tokenizers.Tokenizer`."""
+    return self._tok
 
   def _id(self, vocab: dict, name: str, what: str) -> int:
     if name not in vocab:
@@ -314,13 +349,13 @@ class HFTokenizer:
 
   def __getstate__(self):
     return {"json": self._json, "names": self._names, "pieces": self._pieces,
-            "source": self._source}
+            "add_bos": self._add_bos, "source": self._source}
 
   def __setstate__(self, state):
     bos, eos, pad = state["names"]
     self.__init__(state["json"], bos_token=bos, eos_token=eos, pad_token=pad,
                   image_piece=state["pieces"][0], eoc_piece=state["pieces"][1],
-                  source=state["source"])
+                  add_bos=state.get("add_bos"), source=state["source"])
 
   def __repr__(self) -> str:
     return f"HFTokenizer({self._source!r}, {json.dumps(self.info.to_dict())})"
