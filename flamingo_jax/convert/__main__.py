@@ -10,10 +10,13 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from flamingo_jax.errors import ArgumentParser, run_cli
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "nfnet": ("flamingo_jax.convert.nfnet", "NFNet weights from timm or DeepMind Haiku"),
-    "hf-lm": ("flamingo_jax.convert.hf_lm", "a Hugging Face causal LM (GPT-2, Llama, Mistral, GPT-NeoX, MPT)"),
+    "hf-lm": ("flamingo_jax.convert.hf_lm", "a Hugging Face causal LM (see docs/checkpoints.md "
+              "for the families)"),
     "openflamingo": ("flamingo_jax.convert.openflamingo",
                      "an OpenFlamingo checkpoint.pt + its base LM + OpenCLIP vision weights"),
     "idefics": ("flamingo_jax.convert.idefics",
@@ -23,7 +26,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog="python -m flamingo_jax.convert",
       description="Convert external checkpoints into flamingo_jax orbax checkpoints.")
   sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -36,14 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
+  """Parse and run one subcommand; bad input raises (run_cli prints it as one line)."""
   args = build_parser().parse_args(argv)
-  try:
-    return args.run(args)
-  except ValueError as e:  # bad input: one clear line, not a traceback
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return args.run(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The CLI in-process: the exit status, `error: ...` on stderr and 2 for bad input (a
+  truncated or foreign weights file, a missing tensor, a wrong flag)."""
+  return run_cli(run, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(run))

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from flamingo_jax.config import LMConfig, lm_preset
+from flamingo_jax.convert import weights_io
 from flamingo_jax.convert.openflamingo import StateDict
 
 
@@ -288,75 +289,9 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], config: LMConfig) -> d
   return params
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": "bfloat16", "I64": np.int64, "I32": np.int32, "I16": np.int16,
-                       "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """One .safetensors file -> float32 arrays.
-
-  Read directly (an 8-byte header size, a JSON header, raw little-endian
-  tensors) because safetensors.numpy cannot represent bfloat16, the dtype of
-  most released LMs; ml_dtypes (a jax dependency) can.
-  """
-  import ml_dtypes
-  try:
-    with open(path, "rb") as f:
-      size = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(size))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-  body = os.path.getsize(path) - 8 - size
-  data = (np.memmap(path, np.uint8, mode="r", offset=8 + size) if body > 0
-          else np.zeros(0, np.uint8))
-  out = {}
-  for name, meta in header.items():
-    if name == "__metadata__":
-      continue
-    dtype = _SAFETENSORS_DTYPES.get(meta.get("dtype"))
-    if dtype is None:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
-    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
-    begin, stop = meta["data_offsets"]
-    out[name] = np.asarray(data[begin:stop]).view(dtype).reshape(meta["shape"]).astype(
-        np.float32)
-  return out
-
-
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
-  """A pytorch_model*.bin, unpickled with weights_only=True (tensors only)."""
-  try:
-    import torch
-  except ImportError:
-    raise ValueError(f"{path}: reading pytorch_model .bin files needs torch; install it or "
-                     "convert the checkpoint to safetensors") from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  return {k: v.float().numpy() if v.is_floating_point() else v.numpy().astype(np.float32)
-          for k, v in state.items()}
-
-
-def load_safetensors_dir(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a HF model directory as float32: single or sharded safetensors, or,
-  when there are none, pytorch_model.bin (sharded or not; MPT-7B and RedPajama-INCITE
-  ship only those)."""
-  formats = [("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)]
-  for single, reader in formats:
-    index = os.path.join(path, single + ".index.json")
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-      break
-    if os.path.exists(os.path.join(path, single)):
-      files = [single]
-      break
-  else:
-    raise ValueError(f"{path!r} holds none of model.safetensors, model.safetensors.index.json,"
-                     " pytorch_model.bin, pytorch_model.bin.index.json")
-  tensors: dict[str, np.ndarray] = {}
-  for name in files:
-    tensors.update(reader(os.path.join(path, name)))
-  return tensors
+# The low-level file reading (truncated / non-safetensors files named) lives in weights_io.
+read_safetensors = weights_io.read_safetensors
+load_safetensors_dir = weights_io.load_hf_weights_dir
 
 
 def load_hf_lm(path: str) -> tuple[LMConfig, dict]:

@@ -350,35 +350,13 @@ def haiku_config(tensors: Mapping[str, np.ndarray], variant: Optional[str] = Non
 
 
 def load_timm_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A timm state dict from .safetensors, or a torch file (torch imported lazily)."""
+  """A timm state dict from .safetensors (bfloat16 included), or a torch file (torch
+  imported lazily; "state_dict_ema" / "state_dict" / "model" wrappers unwrapped).
+  Truncated or foreign files are CheckpointErrors naming the file (weights_io)."""
+  from flamingo_jax.convert import weights_io
   if not os.path.isfile(path):
     raise ValueError(f"timm checkpoint {path!r} does not exist")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-    except (TypeError, ValueError):  # e.g. bfloat16, which numpy cannot hold
-      pass
-    from safetensors.torch import load_file as load_torch_file
-    return {k: v.float().numpy() for k, v in load_torch_file(path).items()}
-  try:
-    import torch
-  except ImportError as e:
-    raise ValueError(f"reading {path!r} needs torch (or convert it to .safetensors)") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  for wrapper in ("state_dict_ema", "state_dict", "model"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-      obj = obj[wrapper]
-      break
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
-  out = {}
-  for key, value in obj.items():
-    if not hasattr(value, "numpy"):
-      raise ValueError(f"state dict entry {key!r} in {path!r} is a {type(value).__name__}, "
-                       "not a tensor")
-    out[key.removeprefix("module.")] = value.detach().float().numpy()
-  return out
+  return weights_io.read_weights(path, ("state_dict_ema", "state_dict", "model"))
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -410,8 +388,12 @@ def load_haiku_checkpoint(path: str) -> dict[str, np.ndarray]:
   with open(path, "rb") as f:
     data = f.read()
   if data[:2] == b"PK":  # a zip: numpy .npz
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-      return {k: np.asarray(npz[k], np.float32) for k in npz.files}
+    import zipfile
+    try:
+      with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: np.asarray(npz[k], np.float32) for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+      raise ValueError(f"{path!r}: not a readable .npz (truncated? {e})") from None
   try:
     obj = _ArrayUnpickler(io.BytesIO(data)).load()
   except (pickle.UnpicklingError, EOFError) as e:

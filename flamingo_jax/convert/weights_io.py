@@ -32,8 +32,8 @@ def _safetensors_header(path: str) -> tuple[dict, int, int]:
       size = int.from_bytes(f.read(8), "little")
       if total < 8 or size > min(total - 8, _MAX_HEADER_BYTES):
         raise CheckpointError(
-            f"{path}: not a safetensors file (it is {total} bytes; its first 8 bytes give a "
-            f"header of {size} bytes)" + (" or it is truncated" if total >= 8 else ""))
+            f"{path}: not a safetensors file, or truncated (it is {total} bytes; its first 8 "
+            f"bytes give a header of {size} bytes)")
       raw = f.read(size)
   except OSError as e:
     raise CheckpointError(f"{path}: cannot read weights file ({e.strerror or e})") from None
