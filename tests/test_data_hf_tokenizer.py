@@ -90,3 +90,21 @@ def test_bad_files_are_named(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="cannot read tokenizer .*empty/tokenizer.json"):
     Tokenizer.load(str(tmp_path / "empty"))
+
+
+def test_openflamingo_conventions(tmp_path):
+  """A tokenizer with <|endofchunk|> and no <EOC> uses it as <EOC> (OpenFlamingo's); BOS
+  follows tokenizer_config.json's add_bos_token, and survives pickling."""
+  raw = write_neox_style(tmp_path, extra_special=("<|endofchunk|>", "<image>"))
+  tok = Tokenizer.load(str(tmp_path))
+  assert tok.info.eoc_token_id == raw.token_to_id("<|endofchunk|>") and tok.add_bos
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+  tok = Tokenizer.load(str(tmp_path))
+  assert not tok.add_bos and not pickle.loads(pickle.dumps(tok)).add_bos
+  assert tok.decode([tok.info.image_token_id, tok.info.eoc_token_id]) == "<image><|endofchunk|>"
+  both = write_neox_style(tmp_path / "both", extra_special=("<|endofchunk|>", "<EOC>", "<image>"))
+  assert Tokenizer.load(str(tmp_path / "both")).info.eoc_token_id == both.token_to_id("<EOC>")
+  plain = write_neox_style(tmp_path / "plain")
+  n = plain.get_vocab_size(with_added_tokens=True)
+  assert Tokenizer.load(str(tmp_path / "plain")).info.eoc_token_id == n + 1  # appended

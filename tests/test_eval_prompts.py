@@ -43,12 +43,12 @@ def test_paper_prompts():
 def test_open_flamingo_prompts_and_markers():
   p = build_prompt(get_template("vqa", "open_flamingo"), SHOTS_VQA, QUERY_VQA,
                    eoc_marker="<|endofchunk|>")
-  assert p.text == ("<image>Question:What color is the bus? Short answer:red<|endofchunk|>"
-                    "<image>Question:How many cats? Short answer:2<|endofchunk|>"
+  assert p.text == ("<image>Question:What color is the bus? Short answer:red<|endofchunk|>\n"
+                    "<image>Question:How many cats? Short answer:2<|endofchunk|>\n"
                     "<image>Question:Is it raining? Short answer:")
   p = build_prompt(get_template("captioning", "open_flamingo"), SHOTS_CAP[:1],
                    {"image": "q.jpg"})
-  assert p.text == "<image>Output:A red bus.<EOC><image>Output:"
+  assert p.text == "<image>Output:A red bus.<EOC>\n<image>Output:"
   p = build_prompt(get_template("hateful_memes", "open_flamingo"),
                    [{"image": "m1.png", "text": "hello there", "label": "no"}],
                    {"image": "m2.png", "text": "good morning"})

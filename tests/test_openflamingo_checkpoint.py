@@ -251,3 +251,139 @@ def test_layouts_that_disagree_are_named(tmp_path, tmp_path_factory):
                      r"and 'lang_encoder.model.layers.1.gated_cross_attn_layer.attn_gate' hold "
                      r"the same cross-attention weight but differ"):
     convert_saved(r, ref.save(state, tmp_path / "checkpoint.pt", wrapped=False))
+
+
+# ---------------------------------------------------------------------------------------
+# OpenFlamingo's tokenizer and prompts, through a converted model directory
+
+
+def _bpe(bos_template: bool):
+  """A GPT-NeoX-like byte-level BPE (<|endoftext|> = BOS = EOS, no pad token); its
+  post-processor adds no BOS (GPT-NeoX, MPT) or, bos_template, one (Llama-style)."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+  from conftest_data import CORPUS
+  raw = tokenizers.Tokenizer(models.BPE())
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  raw.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  raw.post_processor = (processors.TemplateProcessing(
+      single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]) if bos_template
+      else processors.ByteLevel(trim_offsets=False))
+  return raw
+
+
+CAPTIONS = [{"image": 0, "caption": "a red circle on the left"},
+            {"image": 1, "caption": "a blue square"}]
+QUESTIONS = [{"image": 0, "question": "how many shapes are there?", "answer": "two"},
+             {"image": 1, "question": "what colour?", "answer": "blue"}]
+
+
+def open_flamingo_prompts():
+  """OpenFlamingo's eval prompts (open_flamingo/eval/models/open_flamingo.py's
+  get_caption_prompt / get_vqa_prompt, joined as evaluate.py joins them: "\\n" after
+  each shot; zero-shot drops the shots' "<image>")."""
+  def caption(c=None):
+    return f"<image>Output:{c if c is not None else ''}{'<|endofchunk|>' if c is not None else ''}"
+
+  def vqa(q, a=None):
+    return (f"<image>Question:{q} Short answer:{a if a is not None else ''}"
+            f"{'<|endofchunk|>' if a is not None else ''}")
+  cap_context = "".join(caption(s["caption"].strip()) + "\n" for s in CAPTIONS)
+  vqa_context = "".join(vqa(s["question"], s["answer"]) + "\n" for s in QUESTIONS)
+  query = "the query"
+  return {"captioning": (cap_context + caption(), cap_context.replace("<image>", "") + caption()),
+          "vqa": (vqa_context + vqa(query), vqa_context.replace("<image>", "") + vqa(query))}
+
+
+_TOKENIZER_MODELS: dict = {}
+
+
+def tokenizer_model(n, tmp_path_factory):
+  """An OpenFlamingo model (GPT-NeoX, padded untied vocabulary) for a tokenizer of n
+  tokens, its train-script checkpoint and base LM dir; built once per module."""
+  if n not in _TOKENIZER_MODELS:
+    import openflamingo_ref as ref
+    d = tmp_path_factory.mktemp("tokenizer_model")
+    lm = _redpajama_incite_vocab(n + 20).eval()
+    lm.save_pretrained(d / "lm", safe_serialization=True)
+    model, eoc, media = ref.build_openflamingo(lm, tokenizer_len=n, every=2, vis_dim=32,
+                                               decoder_layers="gpt_neox.layers")
+    ckpt = ref.save(ref.train_script_state_dict(model), d / "checkpoint.pt", wrapped=True)
+    _TOKENIZER_MODELS[n] = dict(model=model, eoc=eoc, media=media, ckpt=ckpt, lm=str(d / "lm"),
+                                checked_logits=False)
+  return _TOKENIZER_MODELS[n]
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["gpt_neox_tokenizer", "bos_tokenizer"])
+def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_factory):
+  """`convert openflamingo --tokenizer` writes OpenFlamingo's tokenizer into the model
+  directory; loaded from there, our prompts are the ids OpenFlamingo's HF tokenizer
+  gives its captioning and VQA prompts (few- and zero-shot), token for token: no BOS
+  unless its tokenizer adds one, its `<|endofchunk|>` id; the logits on them match. Given
+  the base LM's tokenizer instead, the converter adds the tokens as OpenFlamingo does."""
+  import transformers
+
+  import openflamingo_ref as ref
+  from flamingo_jax.convert.__main__ import main
+  from flamingo_jax.convert.openflamingo import openflamingo_tokenizer
+  from flamingo_jax.evaluate.prompts import build_prompt, get_template
+  from flamingo_jax.evaluate.runner import encode_prompt
+  from flamingo_jax.model_dir import load_model_dir
+  raw = _bpe(bos)
+  base_tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+  base_tok.save_pretrained(tmp_path / "base_tokenizer")
+  # OpenFlamingo's factory (create_model_and_transforms) on that tokenizer
+  of_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base_tokenizer"))
+  of_tok.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+  if of_tok.pad_token is None:
+    of_tok.add_special_tokens({"pad_token": "<PAD>"})
+  of_tok.save_pretrained(tmp_path / "openflamingo_tokenizer")
+  n = len(base_tok)
+  eoc, media = of_tok.encode("<|endofchunk|>")[-1], of_tok.encode("<image>")[-1]
+  assert (eoc, media, len(of_tok)) == (n, n + 1, n + 3)
+
+  m = tokenizer_model(n, tmp_path_factory)
+  assert (m["eoc"], m["media"]) == (eoc, media)
+  out = tmp_path / "converted"
+  assert main(["openflamingo", "--checkpoint", m["ckpt"], "--lm", m["lm"], "--vision", VISION,
+               "--cross_attn_every_n_layers", "2", "--tokenizer",
+               str(tmp_path / "openflamingo_tokenizer"), "--out", str(out)]) == 0
+  converted = load_model_dir(str(out))
+  from_base, _ = openflamingo_tokenizer(str(tmp_path / "base_tokenizer"))
+  for tok in (converted.tokenizer, from_base):
+    assert (tok.info.image_token_id, tok.info.eoc_token_id) == (media, eoc)
+    assert tok.add_bos == bos
+
+  texts = open_flamingo_prompts()
+  queries = {"captioning": {"image": 2}, "vqa": {"image": 2, "question": "the query"}}
+  shots = {"captioning": CAPTIONS, "vqa": QUESTIONS}
+  for task in ("captioning", "vqa"):
+    for zero_shot, text in zip((False, True), texts[task]):
+      want = of_tok(text)["input_ids"]
+      assert (want[0] == of_tok.bos_token_id) == bos and want.count(eoc) == 2
+      prompt = build_prompt(get_template(task, "open_flamingo"), shots[task], queries[task],
+                            zero_shot=zero_shot)
+      for tok in (converted.tokenizer, from_base):
+        assert encode_prompt(prompt.text, tok) == want, (task, zero_shot)
+
+  if not m["checked_logits"]:  # the same model for both tokenizers: once is enough
+    m["checked_logits"] = True
+    tokens = np.array([of_tok(texts["vqa"][0])["input_ids"]])
+    features = np.random.default_rng(4).standard_normal((1, 3, 5, 32)).astype(np.float32)
+    expected = ref.reference_logits(m["model"], features, tokens, np.ones_like(tokens))
+    logits, _ = jax.jit(Flamingo(converted.config).apply)(
+        {"params": converted.params}, tokens, visual_features=features[:, :, None])
+    assert np.abs(np.asarray(logits) - expected).max() < 1e-4
+
+
+def _redpajama_incite_vocab(vocab):
+  import transformers
+  return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+      vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=128, rotary_pct=1.0, use_parallel_residual=False,
+      tie_word_embeddings=False, initializer_range=0.1))

@@ -11,7 +11,8 @@ the images in the order of their markers: the shots', then the query's.
 
 * Templates: the paper's ("Output: {caption}", "Question: {question} Answer:
   {answer}") or OpenFlamingo's ("Output:{caption}", "Question:{question}
-  Short answer:{answer}"), chosen by `style`.
+  Short answer:{answer}", each captioning / VQA shot followed by "\n" as in its
+  evaluate.py), chosen by `style`.
 * Zero-shot (paper and OpenFlamingo): two text-only demonstrations, their
   `<image>` markers and images left out; only the query has an image.
 * Shots: random from a fixed query set (`random_query_set`, 2048 examples,
@@ -102,6 +103,9 @@ _TEMPLATES = {
 }
 TASKS = tuple(sorted({t for t, _ in _TEMPLATES}))
 STYLES = ("flamingo", "open_flamingo")
+# Text after each demonstration: OpenFlamingo's evaluate.py ends every captioning and VQA
+# shot with "\n" (classification and hateful memes shots with nothing).
+SHOT_SEPARATORS = {("captioning", "open_flamingo"): "\n", ("vqa", "open_flamingo"): "\n"}
 
 
 # The answer slot each task's template must end with, and the fields its
@@ -161,10 +165,11 @@ def build_prompt(template: PromptTemplate, shots: Sequence[Mapping[str, Any]],
     paper's zero-shot protocol; pass `num_demonstrations(0)` == 2 shots).
   """
   parts, images = [], []
+  separator = SHOT_SEPARATORS.get((template.task, template.style), "")
   for i, shot in enumerate(shots):
     parts.append(template.render(shot, with_answer=True, image_marker=image_marker,
                                  eoc_marker=eoc_marker, with_image=not zero_shot,
-                                 what=f"shot {i}"))
+                                 what=f"shot {i}") + separator)
     if not zero_shot:
       images.append(_image(shot, f"shot {i}"))
   parts.append(template.render(query, with_answer=False, image_marker=image_marker,

@@ -216,10 +216,11 @@ _MARKERS = re.compile("(" + re.escape(prompts.IMAGE_MARKER) + "|" + re.escape(pr
 
 
 def encode_prompt(text: str, tokenizer) -> list[int]:
-  """`<BOS>` + the prompt's text pieces tokenized one by one, markers as their ids
+  """`<BOS>` (unless the tokenizer's `add_bos` says none: OpenFlamingo's GPT-NeoX / MPT
+  tokenizers) + the prompt's text pieces tokenized one by one, markers as their ids
   (as the training pipeline does, so text never encodes to `<image>`/`<EOC>`)."""
   info = tokenizer.info
-  ids = [info.bos_id]
+  ids = [info.bos_id] if getattr(tokenizer, "add_bos", True) else []
   for piece in _MARKERS.split(text):
     if piece == prompts.IMAGE_MARKER:
       ids.append(info.image_token_id)
