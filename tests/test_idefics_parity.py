@@ -246,3 +246,26 @@ def test_new_config_options_are_validated():
     target[leaf] = value
     with pytest.raises(ValueError, match=message):
       model_config(cfg)
+
+
+def test_bad_files_are_one_line_errors(converted, tmp_path, capsys):
+  """A truncated shard and a missing tensor: exit 2, the file or directory and the
+  tensor named."""
+  from safetensors.numpy import save_file
+
+  from flamingo_jax.convert.__main__ import main
+  model, state, _, _ = converted
+  model.save_pretrained(tmp_path / "idefics")
+  shard = tmp_path / "idefics" / "model.safetensors"
+  size = os.path.getsize(shard)
+  with open(shard, "r+b") as f:
+    f.truncate(size // 2)
+  argv = ["idefics", "--input", str(tmp_path / "idefics"), "--out", str(tmp_path / "out")]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert f"error: {shard}: tensor '" in err and "the file is truncated" in err
+  name = "model.gated_cross_attn_layers.1.cross_attn.k_proj.weight"
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items() if k != name}, str(shard))
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert f"error: {tmp_path / 'idefics'}: missing tensor '{name}'" in err

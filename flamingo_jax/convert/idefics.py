@@ -298,20 +298,22 @@ def _decoupled(sd: StateDict, name: str, extra: str, base: int, total: int,
 
 def convert_idefics(tensors: Mapping[str, np.ndarray], hf: Mapping, *,
                     token_ids: str = "idefics", image_token_id: Optional[int] = None,
-                    eoc_token_id: Optional[int] = None) -> tuple[FlamingoConfig, dict]:
+                    eoc_token_id: Optional[int] = None,
+                    source: str = "") -> tuple[FlamingoConfig, dict]:
   """(FlamingoConfig, params) of an IDEFICS state dict and its config.json dict.
 
   token_ids: "idefics" keeps IDEFICS's ids; "flamingo" moves `<image>` and
   `<EOC>` (by default `<fake_token_around_image>`) to vocab_size, vocab_size + 1.
   image_token_id / eoc_token_id: their ids in IDEFICS's vocabulary (default
   vocab_size + 1 and vocab_size, as IDEFICS's tokenizer adds them).
+  source: the directory, named in tensor errors.
   """
   from flamingo_jax.convert import hf_lm
   config = flamingo_config(hf, token_ids=token_ids, image_token_id=image_token_id,
                            eoc_token_id=eoc_token_id)
   _, _, order = _token_ids(hf, token_ids, image_token_id, eoc_token_id)
   lm, x = config.lm, config.xattn
-  sd = StateDict(tensors)
+  sd = StateDict(tensors, source=source)
   base = int(_field(hf, "vocab_size", 32000))
   embedding = _decoupled(sd, "model.embed_tokens.weight",
                          "model.embed_tokens.additional_embedding.weight", base, lm.vocab_size,
@@ -352,7 +354,7 @@ def load_idefics(path: str, **kwargs) -> tuple[FlamingoConfig, dict]:
     raise ValueError(f"{path!r} has no config.json")
   with open(cfg_path) as f:
     hf = json.load(f)
-  return convert_idefics(hf_lm.load_safetensors_dir(path), hf, **kwargs)
+  return convert_idefics(hf_lm.load_safetensors_dir(path), hf, source=path, **kwargs)
 
 
 # --------------------------------------------------------------------------
