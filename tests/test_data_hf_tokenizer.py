@@ -93,15 +93,23 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_openflamingo_conventions(tmp_path):
-  """A tokenizer with <|endofchunk|> and no <EOC> uses it as <EOC> (OpenFlamingo's); BOS
-  follows tokenizer_config.json's add_bos_token, and survives pickling."""
+  """A tokenizer with <|endofchunk|> and no <EOC> uses it as <EOC> (OpenFlamingo's) and,
+  as OpenFlamingo feeds it, BOS only if its post-processor adds one; tokenizer_config.json's
+  add_bos_token overrides that. Tokenizers without OpenFlamingo's tokens keep BOS."""
+  from tokenizers import processors
   raw = write_neox_style(tmp_path, extra_special=("<|endofchunk|>", "<image>"))
   tok = Tokenizer.load(str(tmp_path))
-  assert tok.info.eoc_token_id == raw.token_to_id("<|endofchunk|>") and tok.add_bos
+  assert tok.info.eoc_token_id == raw.token_to_id("<|endofchunk|>") and not tok.add_bos
+  assert not pickle.loads(pickle.dumps(tok)).add_bos
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-  (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
-  tok = Tokenizer.load(str(tmp_path))
-  assert not tok.add_bos and not pickle.loads(pickle.dumps(tok)).add_bos
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+  assert Tokenizer.load(str(tmp_path)).add_bos
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  raw.post_processor = processors.TemplateProcessing(
+      single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+  raw.save(str(tmp_path / "tokenizer.json"))
+  assert Tokenizer.load(str(tmp_path)).add_bos  # Llama-style: its tokenizer adds BOS
+  assert Tokenizer.load(str(tmp_path), eoc_piece="<EOC>").add_bos
   assert tok.decode([tok.info.image_token_id, tok.info.eoc_token_id]) == "<image><|endofchunk|>"
   both = write_neox_style(tmp_path / "both", extra_special=("<|endofchunk|>", "<EOC>", "<image>"))
   assert Tokenizer.load(str(tmp_path / "both")).info.eoc_token_id == both.token_to_id("<EOC>")

@@ -332,7 +332,7 @@ def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_facto
   from flamingo_jax.convert.openflamingo import openflamingo_tokenizer
   from flamingo_jax.evaluate.prompts import build_prompt, get_template
   from flamingo_jax.evaluate.runner import encode_prompt
-  from flamingo_jax.model_dir import load_model_dir
+  from flamingo_jax.model_dir import load_model_dir, load_tokenizer
   raw = _bpe(bos)
   base_tok = transformers.PreTrainedTokenizerFast(
       tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
@@ -355,7 +355,11 @@ def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_facto
                str(tmp_path / "openflamingo_tokenizer"), "--out", str(out)]) == 0
   converted = load_model_dir(str(out))
   from_base, _ = openflamingo_tokenizer(str(tmp_path / "base_tokenizer"))
-  for tok in (converted.tokenizer, from_base):
+  # OpenFlamingo's own tokenizer.json passed to the loader (generate / evaluate --tokenizer)
+  as_given = load_tokenizer(str(out), converted.config,
+                            str(tmp_path / "openflamingo_tokenizer" / "tokenizer.json"))
+  tokenizers = (converted.tokenizer, from_base, as_given)
+  for tok in tokenizers:
     assert (tok.info.image_token_id, tok.info.eoc_token_id) == (media, eoc)
     assert tok.add_bos == bos
 
@@ -368,7 +372,7 @@ def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_facto
       assert (want[0] == of_tok.bos_token_id) == bos and want.count(eoc) == 2
       prompt = build_prompt(get_template(task, "open_flamingo"), shots[task], queries[task],
                             zero_shot=zero_shot)
-      for tok in (converted.tokenizer, from_base):
+      for tok in tokenizers:
         assert encode_prompt(prompt.text, tok) == want, (task, zero_shot)
 
   if not m["checked_logits"]:  # the same model for both tokenizers: once is enough

@@ -356,8 +356,9 @@ def openflamingo_tokenizer(path: str):
   """(HFTokenizer, tokenizer_config.json dict) of the tokenizer OpenFlamingo runs, from `path` (a tokenizer.json or a directory holding one): OpenFlamingo's
   own, or its base LM's, to which the tokens it lacks are added as OpenFlamingo's
   factory adds them (`<|endofchunk|>`, `<image>`, then `<PAD>` if there is no pad
-  token). `add_bos_token` records whether the tokenizer's post-processor puts BOS
-  before a text, i.e. whether OpenFlamingo feeds one (GPT-NeoX / MPT: no)."""
+  token). `add_bos_token` records whether OpenFlamingo feeds BOS: the source's
+  `add_bos_token`, else whether its post-processor puts BOS before a text
+  (GPT-NeoX / MPT: no)."""
   from tokenizers import AddedToken
   from tokenizers import Tokenizer as RawTokenizer
 
@@ -375,16 +376,12 @@ def openflamingo_tokenizer(path: str):
   if pad is None or pad not in raw.get_vocab(with_added_tokens=True):
     raw.add_special_tokens([AddedToken(OPENFLAMINGO_PAD, special=True, normalized=False)])
     pad = OPENFLAMINGO_PAD
-  names = dict(bos_token=settings.get("bos_token"), eos_token=settings.get("eos_token"),
-               pad_token=pad)
-  bos = HFTokenizer(raw.to_str(), **names, source=file).info.bos_id
-  plain = raw.encode("a", add_special_tokens=False).ids
-  full = raw.encode("a", add_special_tokens=True).ids
-  add_bos = full[:1] == [bos] and plain[:1] != [bos]
-  tok = HFTokenizer(raw.to_str(), **names, add_bos=add_bos, source=file)
+  tok = HFTokenizer(raw.to_str(), bos_token=settings.get("bos_token"),
+                    eos_token=settings.get("eos_token"), pad_token=pad,
+                    add_bos=settings.get("add_bos"), source=file)
   config = {"bos_token": raw.id_to_token(tok.info.bos_id),
             "eos_token": raw.id_to_token(tok.info.eos_id), "pad_token": pad,
-            "add_bos_token": add_bos, "add_eos_token": False}
+            "add_bos_token": tok.add_bos, "add_eos_token": False}
   return tok, config
 
 

@@ -220,6 +220,14 @@ def read_hf_tokenizer_files(path: str) -> tuple[str, str, dict]:
   return file, text, settings
 
 
+def post_processor_adds_bos(tok, bos_id: int) -> bool:
+  """Whether a `tokenizers.Tokenizer` puts `bos_id` before a text when encoding with
+  special tokens (what a HF tokenizer's `__call__` does)."""
+  plain = tok.encode("a", add_special_tokens=False).ids
+  full = tok.encode("a", add_special_tokens=True).ids
+  return full[:1] == [bos_id] and plain[:1] != [bos_id]
+
+
 # Names tried, in order, when no tokenizer_config.json says which token is BOS/EOS.
 _BOS_NAMES = ("<s>", "<|endoftext|>", "<bos>", "<|begin_of_text|>")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -235,10 +243,11 @@ class HFTokenizer:
   `<EOC>` use the tokenizer's ids when it has them, else are appended after its
   largest id. eoc_piece=None (the default) means `<EOC>`, or OpenFlamingo's
   `<|endofchunk|>` when the tokenizer has that and not `<EOC>` (OpenFlamingo
-  adds `<|endofchunk|>` and `<image>`). add_bos (tokenizer_config.json's
-  `add_bos_token`; default True): whether sequences start with BOS. OpenFlamingo
-  feeds what its HF tokenizer gives, which for GPT-NeoX / MPT tokenizers is no
-  BOS; `convert openflamingo --tokenizer` records that.
+  adds `<|endofchunk|>` and `<image>`). add_bos: whether sequences start with
+  BOS; tokenizer_config.json's `add_bos_token` when it says, else for a tokenizer
+  with OpenFlamingo's `<|endofchunk|>` whatever its post-processor does
+  (OpenFlamingo feeds what its HF tokenizer gives: no BOS for GPT-NeoX / MPT),
+  else True (the convention of the training pipeline).
   """
 
   def __init__(self, tokenizer_json: str, *, bos_token: Optional[str] = None,
@@ -248,7 +257,6 @@ class HFTokenizer:
     from tokenizers import Tokenizer as _HFTok
     self._json = tokenizer_json
     self._names = (bos_token, eos_token, pad_token)
-    self._add_bos = True if add_bos is None else bool(add_bos)
     self._source = source
     try:
       parsed = json.loads(tokenizer_json)
@@ -270,6 +278,10 @@ class HFTokenizer:
     self._pieces = (image_piece, eoc_piece)
     self.info = self._make_info(vocab)
     info = self.info
+    if add_bos is None:
+      add_bos = (post_processor_adds_bos(self._tok, info.bos_id)
+                 if eoc_piece == OPENFLAMINGO_EOC_PIECE else True)
+    self._add_bos = bool(add_bos)
     self._special = frozenset({info.image_token_id, info.eoc_token_id, info.bos_id,
                                info.eos_id, info.pad_id})
 
@@ -286,10 +298,7 @@ class HFTokenizer:
     """Whether sequences (and prompts) start with BOS."""
     return self._add_bos
 
-  @property
-  def raw(self):
-    """The underlying `tokenizers.Tokenizer`."""
-    return self._tok
+
 
   def _id(self, vocab: dict, name: str, what: str) -> int:
     if name not in vocab:
