@@ -163,3 +163,29 @@ def test_command_line(files):
                       str(files / "lm"), "--out", str(files / "o")],
                      capture_output=True, text=True, cwd=REPO, env=env)
   one_error(r.returncode, r.stderr, path, "truncated")
+
+
+def test_tokenizer_flag(files, capsys):
+  """--tokenizer gives the ids (here the fixture's 100 / 101 from a 100-word tokenizer
+  plus OpenFlamingo's tokens) and writes it; ids that disagree with it are named."""
+  import json
+
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  from flamingo_jax.data.tokenizer import Tokenizer as OurTokenizer
+  words = ["<|endoftext|>"] + [f"w{i}" for i in range(99)]
+  raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+  raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  (files / "tok").mkdir()
+  raw.save(str(files / "tok" / "tokenizer.json"))
+  argv = [a for a in openflamingo_argv(files) if a not in ("--media_token_id", "101",
+                                                           "--eoc_token_id", "100")]
+  assert main(argv + ["--tokenizer", str(files / "tok")]) == 0
+  tok = OurTokenizer.load(str(files / "out"))
+  assert (tok.info.image_token_id, tok.info.eoc_token_id, tok.info.vocab_size) == (101, 100, 103)
+  assert json.loads((files / "out" / "tokenizer_config.json").read_text())["pad_token"] == "<PAD>"
+  assert not tok.add_bos and tok.encode("w3 w7") == [4, 8]
+  rc = main(argv + ["--tokenizer", str(files / "tok"), "--eoc_token_id", "99"])
+  one_error(rc, capsys.readouterr().err, "--eoc_token_id=99", "<|endofchunk|> id 100")
+  rc = main(argv + ["--tokenizer", str(files / "missing")])
+  one_error(rc, capsys.readouterr().err, "cannot read tokenizer", "missing")
