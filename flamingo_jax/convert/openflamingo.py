@@ -1,7 +1,17 @@
-"""Weights of OpenFlamingo / flamingo-pytorch modules -> our params.
+"""OpenFlamingo checkpoints -> a flamingo_jax model directory.
 
-Both peers name their Perceiver Resampler and gated cross-attention weights
-the same way (OpenFlamingo started from flamingo-pytorch):
+  python -m flamingo_jax.convert openflamingo --checkpoint checkpoint.pt --lm BASE_LM
+      --vision OPENCLIP.safetensors --cross_attn_every_n_layers N --tokenizer TOK --out OUT
+
+checkpoint.pt is OpenFlamingo's delta in either layout (with the
+`gated_cross_attn_layers` aliases, or as its train script saves it), a raw state
+dict or {"model_state_dict": ...}; BASE_LM the HF LM it was trained on; TOK its
+tokenizer (or the base LM's), which gives the `<image>` / `<|endofchunk|>` ids and
+is written to OUT. docs/checkpoints.md has the conventions.
+
+Weights of OpenFlamingo / flamingo-pytorch modules -> our params. Both peers name
+their Perceiver Resampler and gated cross-attention weights the same way
+(OpenFlamingo started from flamingo-pytorch):
 
   resampler:  latents [n, d]; frame_embs [F, d]; media_time_embs [M, 1, d]
               (flamingo-pytorch: media_pos_emb [M, 1, d]); norm.{weight,bias};
@@ -12,7 +22,7 @@ the same way (OpenFlamingo started from flamingo-pytorch):
                ff.{0,1,3}, ff_gate [1]
 
 torch Linear weights are [out, in]; ours are [in, out] (heads split out for
-attention). Arrays come in as numpy; torch is never imported here.
+attention). Arrays come in as numpy; torch is imported only to read .pt files.
 """
 from __future__ import annotations
 
