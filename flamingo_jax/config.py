@@ -169,7 +169,7 @@ class XAttnConfig:
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   """Decoder-only LM. `lm_preset(family, ...)` fills a family's defaults."""
-  family: str = "chinchilla"  # chinchilla | llama | gpt2 | gpt_neox | mpt
+  family: str = "chinchilla"  # chinchilla | llama | gpt2 | gpt_neox | mpt | qwen2 | gemma
   vocab_size: int = 32000
   num_layers: int = 24
   width: int = 2048
@@ -190,9 +190,24 @@ class LMConfig:
   # ALiBi (MPT): head h adds -slope_h * distance to its attention logits,
   # slopes 2^(-alibi_bias_max * i / H') as in MosaicML's build_alibi_bias.
   alibi_bias_max: float = 8.0
+  # Rotary frequency scaling for long contexts (models/rotary.py): none |
+  # linear (frequencies / factor) | llama3 (Llama 3.1: low frequencies / factor,
+  # high ones kept, a smooth band between, set by the original context length).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_length: int = 8192
+  # Mistral: a token attends to itself and the previous sliding_window - 1
+  # tokens (positions, so padding does not count); 0: the whole prefix.
+  sliding_window: int = 0
   attention_scale: float = 0.0  # softmax temperature on q.k; 0: head_dim ** -0.5
   max_length: int = 2048  # for learned positions
   use_bias: bool = False  # biases in attention and FFW projections
+  qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
+  # LayerNorm over the whole query and key width before the head split
+  # (mosaic_gpt's attn_qk_ln, MPT-1B-RedPajama in OpenFlamingo-3B).
+  qk_norm: bool = False
   tie_embeddings: bool = True
   parallel_residual: bool = False  # GPT-NeoX style attn and FFW in parallel
   embedding_scale: float = 1.0  # multiply token embeddings (Gemma-style sqrt(D))
@@ -243,6 +258,13 @@ LM_FAMILIES = {
     # MPT-7B (OpenFlamingo-9B): ALiBi, no biases anywhere, tied embeddings.
     "mpt": dict(norm="layernorm", norm_bias=False, activation="gelu", positions="alibi",
                 use_bias=False, tie_embeddings=True, norm_eps=1e-5, alibi_bias_max=8.0),
+    # Qwen2 / Qwen2.5: Llama with biases on q/k/v only.
+    "qwen2": dict(norm="rmsnorm", activation="swiglu", positions="rotary", use_bias=False,
+                  qkv_bias=True, tie_embeddings=False, norm_eps=1e-6),
+    # Gemma (1): GeGLU, tied embeddings scaled by sqrt(width) on input (the
+    # converter sets embedding_scale), RMSNorm's (1 + w) stored as the scale.
+    "gemma": dict(norm="rmsnorm", activation="geglu", positions="rotary", use_bias=False,
+                  tie_embeddings=True, norm_eps=1e-6),
 }
 
 
@@ -383,6 +405,16 @@ def validate(c: FlamingoConfig) -> None:
          f"config key 'model.lm.alibi_bias_max' must be positive, got {lm.alibi_bias_max}")
   _check(lm.attention_scale >= 0,
          f"config key 'model.lm.attention_scale' must be >= 0, got {lm.attention_scale}")
+  _choice(lm.rope_scaling, ("none", "linear", "llama3"), "model.lm.rope_scaling")
+  _check(lm.rope_scaling == "none" or lm.rope_scaling_factor > 0,
+         f"config key 'model.lm.rope_scaling_factor' must be positive, got "
+         f"{lm.rope_scaling_factor}")
+  _check(lm.rope_scaling != "llama3" or lm.rope_high_freq_factor > lm.rope_low_freq_factor > 0,
+         f"config keys 'model.lm.rope_low_freq_factor' ({lm.rope_low_freq_factor}) and "
+         f"'model.lm.rope_high_freq_factor' ({lm.rope_high_freq_factor}) must satisfy "
+         "0 < low < high")
+  _check(lm.sliding_window >= 0,
+         f"config key 'model.lm.sliding_window' must be >= 0 (0: none), got {lm.sliding_window}")
   for key, tid in [("model.image_token_id", c.image_token_id),
                    ("model.eoc_token_id", c.eoc_token_id)]:
     _check(0 <= tid < lm.vocab_size,

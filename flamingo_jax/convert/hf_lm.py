@@ -1,7 +1,9 @@
 """Hugging Face causal LMs (local directory: config.json + safetensors) -> our DecoderLM.
 
-Supported families: GPT-2, the Llama family (Llama, Mistral-style GQA),
-GPT-NeoX (Pythia, RedPajama-INCITE) and MPT (model_type "mpt", e.g. MPT-7B).
+Supported families: GPT-2, the Llama family (Llama 2/3/3.1 with its rope
+scaling, Mistral with its sliding window), Qwen2, Gemma, GPT-NeoX (Pythia,
+RedPajama-INCITE) and MPT (model_type "mpt", e.g. MPT-7B, and MosaicML's older
+"mosaic_gpt", MPT-1B-RedPajama in OpenFlamingo-3B).
 A mapping table per family names, for each of our parameters, the HF tensor
 and the transform (transpose / head split); `convert_state_dict` reports
 missing, unused and misshapen tensors by name.
@@ -30,24 +32,91 @@ def lm_config_from_hf(hf: Mapping) -> LMConfig:
                      max_length=hf["n_positions"],
                      activation={"gelu_new": "gelu_tanh", "gelu": "gelu"}[
                          hf.get("activation_function", "gelu_new")])
-  if model_type in ("llama", "mistral"):
-    d, h = hf["hidden_size"], hf["num_attention_heads"]
-    rope = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    if hf.get("rope_scaling"):
-      raise ValueError(f"rope_scaling {hf['rope_scaling']!r} is not supported")
-    return lm_preset("llama", vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
-                     width=d, num_heads=h, head_dim=hf.get("head_dim") or d // h,
-                     num_kv_heads=hf.get("num_key_value_heads") or h,
-                     ffw_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                     rotary_base=float(rope),
-                     tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                     use_bias=bool(hf.get("attention_bias", False)))
+  if model_type in ("llama", "mistral", "qwen2", "gemma"):
+    return _llama_config(hf, model_type)
   if model_type == "gpt_neox":
     return _gpt_neox_config(hf)
   if model_type == "mpt":
     return _mpt_config(hf)
+  if model_type == "mosaic_gpt":
+    return _mosaic_gpt_config(hf)
   raise ValueError(f"unsupported HF model_type {model_type!r}; supported: gpt2, llama, "
-                   "mistral, gpt_neox, mpt")
+                   "mistral, qwen2, gemma, gpt_neox, mpt, mosaic_gpt")
+
+
+def _rope_config(hf: Mapping, model_type: str) -> dict:
+  """Rotary base and scaling as LMConfig fields, from `rope_parameters` (transformers
+  >= 5: rope_theta inside) or the older `rope_scaling` (+ top-level rope_theta)."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  key = "rope_parameters" if params else "rope_scaling"
+  rope = {**scaling, **params}
+  base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  out = dict(rotary_base=float(base))
+  if kind == "default":
+    return out
+  if kind == "linear":
+    return dict(out, rope_scaling="linear", rope_scaling_factor=float(rope["factor"]))
+  if kind == "llama3":
+    try:
+      return dict(out, rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]),
+                  rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_length=int(rope["original_max_position_embeddings"]))
+    except KeyError as e:
+      raise ValueError(f"{model_type} {key} with rope_type 'llama3' lacks {e.args[0]!r}") \
+          from None
+  raise ValueError(f"{model_type} {key}.rope_type {kind!r} is not supported; supported: "
+                   "default, linear, llama3")
+
+
+def _sliding_window(hf: Mapping, model_type: str) -> int:
+  """Mistral: `sliding_window` (null: none). Qwen2 uses it only with use_sliding_window,
+  and then only from layer max_window_layers on, which we do not implement."""
+  if model_type == "qwen2":
+    if hf.get("use_sliding_window"):
+      raise ValueError("qwen2 use_sliding_window=true is not supported (a window on only "
+                       "some layers, from max_window_layers on)")
+    return 0
+  if model_type != "mistral":
+    return 0
+  types = set(hf.get("layer_types") or ())
+  if len(types) > 1:
+    raise ValueError(f"mistral layer_types {sorted(types)} (alternating attention) is not "
+                     "supported")
+  return int(hf.get("sliding_window") or 0)
+
+
+def _llama_config(hf: Mapping, model_type: str) -> LMConfig:
+  """Llama, Mistral, Qwen2 and Gemma share the Llama layout (and tensor names)."""
+  d, h = hf["hidden_size"], hf["num_attention_heads"]
+  family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma": "gemma"}[model_type]
+  extra = {}
+  if model_type == "gemma":
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
+    if _HF_ACTIVATIONS.get(act) != "gelu_tanh":
+      raise ValueError(f"gemma hidden_activation {act!r} is not supported (GeGLU with the "
+                       "tanh GELU only)")
+    if hf.get("use_bidirectional_attention"):
+      raise ValueError("gemma use_bidirectional_attention=true is not supported")
+    extra = dict(embedding_scale=float(d) ** 0.5)
+  else:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"{model_type} hidden_act {act!r} is not supported (SwiGLU only)")
+  if model_type != "qwen2":  # Qwen2: q/k/v biases always (the preset), o_proj and MLP none
+    for key in ("attention_bias", "mlp_bias"):
+      if hf.get(key):
+        raise ValueError(f"{model_type} {key}=true is not supported")
+  tie = hf.get("tie_word_embeddings", model_type == "gemma")
+  return lm_preset(family, vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
+                   width=d, num_heads=h, head_dim=hf.get("head_dim") or d // h,
+                   num_kv_heads=hf.get("num_key_value_heads") or h,
+                   ffw_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   tie_embeddings=bool(tie), max_length=hf.get("max_position_embeddings", 2048),
+                   sliding_window=_sliding_window(hf, model_type),
+                   **_rope_config(hf, model_type), **extra)
 
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -120,6 +189,30 @@ def _mpt_config(hf: Mapping) -> LMConfig:
                    max_length=hf.get("max_seq_len", 2048))
 
 
+def _mosaic_gpt_config(hf: Mapping) -> LMConfig:
+  """MosaicML's mosaic_gpt (MPT-1B-RedPajama; config.json keys flat, defaults those of
+  its MosaicGPTConfig). The same network as MPT, plus attn_qk_ln (our qk_norm)."""
+  d, h = hf["d_model"], hf["n_heads"]
+  refused = {"alibi": not hf.get("alibi", False),
+             "attn_clip_qkv": hf.get("attn_clip_qkv") is not None,
+             "prefix_lm": bool(hf.get("prefix_lm", False)),
+             "logit_scale": hf.get("logit_scale") is not None}
+  bad = {k: hf.get(k) for k, v in refused.items() if v}
+  if bad:
+    raise ValueError(f"mosaic_gpt config options not supported: {bad}")
+  if h & (h - 1):  # its slopes 2^(-i * max / H) skip MPT's interleave for such H
+    raise ValueError(f"mosaic_gpt n_heads {h} is not a power of 2: its ALiBi slopes differ "
+                     "from MPT's there and are not implemented")
+  no_bias = bool(hf.get("no_bias", False))
+  return lm_preset("mpt", vocab_size=hf["vocab_size"], num_layers=hf["n_layers"], width=d,
+                   num_heads=h, head_dim=d // h, ffw_dim=hf.get("mlp_ratio", 4) * d,
+                   norm_eps=1e-5, use_bias=not no_bias, norm_bias=not no_bias,
+                   qk_norm=bool(hf.get("attn_qk_ln", False)),
+                   alibi_bias_max=float(hf.get("alibi_bias_max", 8)),
+                   attention_scale=float(hf.get("softmax_scale") or 0.0),
+                   tie_embeddings=True, max_length=hf.get("max_seq_len", 2048))
+
+
 def _split_heads(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
   """torch Linear [H*Dh, D] -> [D, H, Dh]."""
   return w.T.reshape(w.shape[1], heads, head_dim)
@@ -158,10 +251,13 @@ def _gpt2(sd: StateDict, c: LMConfig) -> dict:
 
 
 def _llama(sd: StateDict, c: LMConfig) -> dict:
+  """Llama, Mistral, Qwen2 (q/k/v biases) and Gemma (RMSNorm scale stored as 1 + w)."""
   d, h, dh, ff = c.width, c.num_heads, c.head_dim, c.ffw_dim
   hkv = c.num_kv_heads or h
+  offset = np.float32(1.0 if c.family == "gemma" else 0.0)
+  norm = lambda name: {"scale": sd.get(name, (d,)) + offset}  # noqa: E731
   p = {"embedding": sd.get("model.embed_tokens.weight", (c.vocab_size, d)),
-       "final_norm": {"scale": sd.get("model.norm.weight", (d,))}}
+       "final_norm": norm("model.norm.weight")}
   if c.tie_embeddings:
     if sd.has("lm_head.weight"):
       sd.get("lm_head.weight", (c.vocab_size, d))
@@ -174,17 +270,15 @@ def _llama(sd: StateDict, c: LMConfig) -> dict:
                               ("value", "v_proj", hkv)):
       attn[name] = {"kernel": _split_heads(
           sd.get(pre + f"self_attn.{proj}.weight", (heads * dh, d)), heads, dh)}
-      if c.use_bias:
+      if c.qkv_bias:
         attn[name]["bias"] = sd.get(pre + f"self_attn.{proj}.bias", (heads * dh,)).reshape(
             heads, dh)
     attn["out"] = {"kernel": sd.get(pre + "self_attn.o_proj.weight", (d, h * dh)).T.reshape(
         h, dh, d)}
-    if c.use_bias and sd.has(pre + "self_attn.o_proj.bias"):
-      attn["out"]["bias"] = sd.get(pre + "self_attn.o_proj.bias", (d,))
     p[f"blocks_{i}"] = {
-        "attn_norm": {"scale": sd.get(pre + "input_layernorm.weight", (d,))},
+        "attn_norm": norm(pre + "input_layernorm.weight"),
         "attn": attn,
-        "ffw_norm": {"scale": sd.get(pre + "post_attention_layernorm.weight", (d,))},
+        "ffw_norm": norm(pre + "post_attention_layernorm.weight"),
         "ffw": {"gate": {"kernel": sd.get(pre + "mlp.gate_proj.weight", (ff, d)).T},
                 "up": {"kernel": sd.get(pre + "mlp.up_proj.weight", (ff, d)).T},
                 "down": {"kernel": sd.get(pre + "mlp.down_proj.weight", (d, ff)).T}},
@@ -245,12 +339,22 @@ def _gpt_neox(sd: StateDict, c: LMConfig) -> dict:
   return p
 
 
+# MPT module names -> mosaic_gpt's (MPT-1B-RedPajama; the rest, wte / Wqkv /
+# out_proj / q_ln / k_ln, are shared).
+_MPT_NAMES = {"norm_1": "norm_1", "norm_2": "norm_2", "up": "ffn.up_proj",
+              "down": "ffn.down_proj", "norm_f": "norm_f"}
+_MOSAIC_GPT_NAMES = {"norm_1": "ln_1", "norm_2": "ln_2", "up": "mlp.mlp_up",
+                     "down": "mlp.mlp_down", "norm_f": "ln_f"}
+
+
 def _mpt(sd: StateDict, c: LMConfig) -> dict:
-  """Wqkv's output rows are [q; k; v], each [H * Dh]."""
+  """MPT or mosaic_gpt tensor names (told apart by block 0's first norm). Wqkv's output
+  rows are [q; k; v], each [H * Dh]; q_ln / k_ln norm the whole [H * Dh] width."""
   d, h, dh, ff = c.width, c.num_heads, c.head_dim, c.ffw_dim or c.ffw_mult * c.width
   bias = c.use_bias
+  names = _MOSAIC_GPT_NAMES if sd.has("transformer.blocks.0.ln_1.weight") else _MPT_NAMES
   p = {"embedding": sd.get("transformer.wte.weight", (c.vocab_size, d)),
-       "final_norm": _layernorm(sd, "transformer.norm_f", d, c.norm_bias),
+       "final_norm": _layernorm(sd, "transformer." + names["norm_f"], d, c.norm_bias),
        **_unembed(sd, c, "lm_head.weight")}
   for i in range(c.num_layers):
     pre = f"transformer.blocks.{i}."
@@ -261,21 +365,25 @@ def _mpt(sd: StateDict, c: LMConfig) -> dict:
       attn[name] = {"kernel": _split_heads(qkv_w[j * h * dh:(j + 1) * h * dh], h, dh)}
       if bias:
         attn[name]["bias"] = qkv_b[j * h * dh:(j + 1) * h * dh].reshape(h, dh)
+    if c.qk_norm:
+      attn["query_norm"] = _layernorm(sd, pre + "attn.q_ln", h * dh, c.norm_bias)
+      attn["key_norm"] = _layernorm(sd, pre + "attn.k_ln", h * dh, c.norm_bias)
     attn["out"] = {"kernel": sd.get(pre + "attn.out_proj.weight", (d, h * dh)).T.reshape(
         h, dh, d)}
     if bias:
       attn["out"]["bias"] = sd.get(pre + "attn.out_proj.bias", (d,))
     p[f"blocks_{i}"] = {
-        "attn_norm": _layernorm(sd, pre + "norm_1", d, c.norm_bias),
+        "attn_norm": _layernorm(sd, pre + names["norm_1"], d, c.norm_bias),
         "attn": attn,
-        "ffw_norm": _layernorm(sd, pre + "norm_2", d, c.norm_bias),
-        "ffw": {"up": _dense(sd, pre + "ffn.up_proj", ff, d, bias),
-                "down": _dense(sd, pre + "ffn.down_proj", d, ff, bias)},
+        "ffw_norm": _layernorm(sd, pre + names["norm_2"], d, c.norm_bias),
+        "ffw": {"up": _dense(sd, pre + names["up"], ff, d, bias),
+                "down": _dense(sd, pre + names["down"], d, ff, bias)},
     }
   return p
 
 
-_FAMILIES = {"gpt2": _gpt2, "llama": _llama, "gpt_neox": _gpt_neox, "mpt": _mpt}
+_FAMILIES = {"gpt2": _gpt2, "llama": _llama, "qwen2": _llama, "gemma": _llama,
+             "gpt_neox": _gpt_neox, "mpt": _mpt}
 # Non-parameter buffers some checkpoints carry (causal masks, rotary tables).
 _BUFFERS = (".attn.bias", ".attention.bias", "masked_bias", "rotary_emb.inv_freq")
 

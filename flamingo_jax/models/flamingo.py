@@ -39,7 +39,8 @@ import numpy as np
 
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.models import layers, masking
-from flamingo_jax.models.lm import DecoderLM, causal_mask, default_positions
+from flamingo_jax.models.lm import (DecoderLM, default_positions, self_attention_mask,
+                                    sequence_mask)
 from flamingo_jax.models.resampler import PerceiverResampler
 from flamingo_jax.models.vision import build_vision_encoder
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock
@@ -175,12 +176,13 @@ class Flamingo(nn.Module):
 
   # ------------------------------------------------------------------ text
   def embed_tokens(self, tokens, positions):
-    x = self.lm.embed(tokens, positions)
+    """tokens [B, L], positions [B, L] -> [B, L, D], with the trainable `<image>` /
+    `<EOC>` rows in place of the LM's (positions still added: GPT-2)."""
+    new_rows = ()
     if self.config.train_new_token_embeddings:
-      for k, tid in enumerate(self.new_token_ids):
-        row = self.new_token_embeddings[k].astype(x.dtype)
-        x = jnp.where((tokens == tid)[..., None], row, x)
-    return x
+      new_rows = tuple((tid, self.new_token_embeddings[k])
+                       for k, tid in enumerate(self.new_token_ids))
+    return self.lm.embed(tokens, positions, new_rows)
 
   def logits_from_hidden(self, h):
     h, logits = self.lm.hidden_to_logits(h)
@@ -215,7 +217,7 @@ class Flamingo(nn.Module):
     if attention_mask is not None:
       attention_mask = attention_mask.astype(bool)
     positions = default_positions(attention_mask, b, length)
-    mask = causal_mask(attention_mask, length, b)
+    mask = sequence_mask(attention_mask, positions, c.lm.sliding_window)
     x = self.embed_tokens(tokens, positions)
     xattn_at = dict(zip(self.xattn_indices, self.xattn))
     for i in range(c.lm.num_layers):
@@ -310,9 +312,9 @@ class Flamingo(nn.Module):
     counts = jnp.cumsum(real, axis=-1, dtype=jnp.int32)
     positions = jnp.maximum(cache.num_tokens[:, None] + counts - 1, 0)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.index))
-    slots = cache.index + jnp.arange(length)
-    causal = jnp.arange(cache.length)[None, :] <= slots[:, None]  # [L, S]
-    mask = key_mask[:, None, None, :] & causal[None, None]
+    mask = self_attention_mask(cache.index + jnp.arange(length), key_mask, positions,
+                               default_positions(key_mask, b, cache.length),
+                               c.lm.sliding_window)
 
     if cache.xattn_keys:
       kv = list(zip(cache.xattn_keys, cache.xattn_values))

@@ -215,23 +215,6 @@ def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None,
   return out.reshape(b, lq, h, dh)
 
 
-def rotary_embedding(x, positions, base: float = 10000.0):
-  """Rotary position embedding (rotate-half convention, as in Llama/GPT-NeoX).
-
-  x [B, L, H, Dh], positions [B, L] int.
-  """
-  dh = x.shape[-1]
-  half = dh // 2
-  freqs = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / dh))
-  angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., :half], xf[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 

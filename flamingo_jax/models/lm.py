@@ -8,14 +8,21 @@ One module covers five families by config (see `config.lm_preset`):
   gpt2        learned positions, LayerNorm with biases, GeLU (tanh), tied
   gpt_neox    parallel residual, rotary on part of each head, biases, untied
               (Pythia, RedPajama-INCITE)
-  mpt         ALiBi, LayerNorm and projections without biases, tied (MPT-7B)
+  mpt         ALiBi, LayerNorm and projections without biases, tied (MPT-7B;
+              with qk_norm, MPT-1B's mosaic_gpt)
+  qwen2       llama with biases on the query/key/value projections
+  gemma       llama with GeGLU, tied embeddings scaled by sqrt(D) on input
+Rotary frequencies may be scaled for long contexts (Llama 3.1, see
+`models/rotary.py`) and attention limited to a sliding window (Mistral).
 
 The Flamingo model drives the pieces separately (embed -> blocks with
 cross-attention in between -> logits), so they are exposed as methods.
 Self-attention takes the positions and mask explicitly, so the KV cache for
 decoding (`cache=`) only replaces how keys and values are gathered: the new
 tokens' keys and values are written into fixed-size buffers and the queries
-attend over the whole buffer under the caller's mask. ALiBi needs no
+attend over the whole buffer under the caller's mask. Every such mask (full
+sequence or cache; causal, padding, sliding window) comes from
+`self_attention_mask`, the one place that decides who attends to whom. ALiBi needs no
 positions in the cache: a query's distance to a key is the number of keys it
 may attend to after that key, which the mask already says.
 """
@@ -30,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.config import LMConfig
-from flamingo_jax.models import layers
+from flamingo_jax.models import layers, rotary
 
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
@@ -39,18 +46,6 @@ POSITIONS = ("rotary", "learned", "alibi", "none")
 def _norm(c: LMConfig, name: str, dtype, param_dtype):
   return layers.LayerNorm(name=name, eps=c.norm_eps, rms=c.norm == "rmsnorm",
                           use_bias=c.norm_bias, dtype=dtype, param_dtype=param_dtype)
-
-
-def partial_rotary(x, positions, rotary_dim: int, base: float):
-  """Rotary on the first rotary_dim dims of each head, the rest passed through.
-
-  x [B, L, H, Dh], positions [B, L]; rotary_dim 0 means all Dh (GPT-NeoX's
-  rotary_pct: frequencies and the half-rotation span only the rotated dims).
-  """
-  if not rotary_dim or rotary_dim == x.shape[-1]:
-    return layers.rotary_embedding(x, positions, base)
-  rotated = layers.rotary_embedding(x[..., :rotary_dim], positions, base)
-  return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
 
 
 def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
@@ -96,6 +91,13 @@ def alibi_attention(q, k, v, mask, slopes, scale: float):
   return out.reshape(b, lq, h, dh)
 
 
+def _head_norm(c: LMConfig, name: str, dtype, param_dtype):
+  """A LayerNorm over all heads at once: x [B, L, H, Dh] normed over H * Dh."""
+  norm = layers.LayerNorm(name=name, axis_name=None, eps=c.norm_eps, use_bias=c.norm_bias,
+                          dtype=dtype, param_dtype=param_dtype)
+  return lambda x: norm(layers.flatten_dims(x, 2, 4)).reshape(x.shape)
+
+
 class SelfAttention(nn.Module):
   config: LMConfig
   dtype: jnp.dtype = jnp.float32
@@ -111,15 +113,19 @@ class SelfAttention(nn.Module):
     [B, 1, L, S], and the result is (out [B, L, D], (keys, values)).
     """
     c = self.config
-    kw = dict(head_dim=c.head_dim, use_bias=c.use_bias, dtype=self.dtype,
+    kw = dict(head_dim=c.head_dim, use_bias=c.use_bias or c.qkv_bias, dtype=self.dtype,
               param_dtype=self.param_dtype)
     kv_heads = c.num_kv_heads or c.num_heads
     q = layers.HeadProjection(c.num_heads, name="query", **kw)(x)
     k = layers.HeadProjection(kv_heads, name="key", **kw)(x)
     v = layers.HeadProjection(kv_heads, name="value", **kw)(x)
+    if c.qk_norm:  # over all heads at once, as mosaic_gpt's q_ln / k_ln on [B, L, H * Dh]
+      q = _head_norm(c, "query_norm", self.dtype, self.param_dtype)(q)
+      k = _head_norm(c, "key_norm", self.dtype, self.param_dtype)(k)
     if c.positions == "rotary":
-      q = partial_rotary(q, positions, c.rotary_dim, c.rotary_base)
-      k = partial_rotary(k, positions, c.rotary_dim, c.rotary_base)
+      inv_freq = rotary.config_frequencies(c)
+      q = rotary.apply_rotary(q, positions, inv_freq)
+      k = rotary.apply_rotary(k, positions, inv_freq)
     if cache is not None:
       keys, values, index = cache
       start = (0, index, 0, 0)
@@ -163,16 +169,39 @@ class DecoderBlock(nn.Module):
     return y if cache is None else (y, cache)
 
 
-def causal_mask(attention_mask: Optional[jax.Array], length: int, batch: int):
-  """[B, 1, L, L] bool: causal, and padded keys (attention_mask 0) hidden."""
-  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-  if attention_mask is None:
-    return jnp.broadcast_to(causal, (batch, 1, length, length))
-  return causal & attention_mask.astype(bool)[:, None, None, :]
+def self_attention_mask(query_slots, key_valid, query_positions, key_positions,
+                        sliding_window: int = 0):
+  """The LM's self-attention mask, for a whole sequence and for the KV cache alike.
+
+  query_slots [Lq] int: each query's index in the key axis (its own slot);
+  key_valid [B, S] bool: real keys (padding and unwritten cache slots False);
+  query_positions [B, Lq], key_positions [B, S] int: token positions, counting
+  real tokens only. A query attends to a key when the key is valid, not after
+  it (slot <= the query's slot), and, with sliding_window W > 0, fewer than W
+  positions back (Mistral: itself and the W - 1 tokens before it). Returns
+  [B, 1, Lq, S] bool (True = attend).
+  """
+  s = key_valid.shape[1]
+  causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [Lq, S]
+  mask = key_valid[:, None, None, :] & causal[None, None]
+  if sliding_window:
+    near = query_positions[:, :, None] - key_positions[:, None, :] < sliding_window
+    mask = mask & near[:, None]
+  return mask
+
+
+def sequence_mask(attention_mask: Optional[jax.Array], positions, sliding_window: int = 0):
+  """[B, 1, L, L] mask of a whole sequence: attention_mask [B, L] (1 = real token, None:
+  all real), positions [B, L]."""
+  b, length = positions.shape
+  valid = (jnp.ones((b, length), bool) if attention_mask is None
+           else attention_mask.astype(bool))
+  return self_attention_mask(jnp.arange(length), valid, positions, positions, sliding_window)
 
 
 def default_positions(attention_mask: Optional[jax.Array], batch: int, length: int):
-  """[B, L] positions counting only real tokens (left padding safe)."""
+  """[B, L] positions counting only real tokens (left padding safe); also the key
+  positions of a KV cache, given its real slots [B, S]."""
   if attention_mask is None:
     return jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -192,6 +221,8 @@ class DecoderLM(nn.Module):
     if not 0 <= c.rotary_dim <= c.head_dim or c.rotary_dim % 2:
       raise ValueError(f"LMConfig.rotary_dim {c.rotary_dim} must be even and in "
                        f"[0, head_dim = {c.head_dim}]")
+    if c.positions == "rotary":
+      rotary.config_frequencies(c)  # rejects an unknown rope_scaling here, by name
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / c.width ** 0.5),
                                               ("vocab", "embed"))
@@ -212,10 +243,18 @@ class DecoderLM(nn.Module):
     if not c.tie_embeddings:
       self.unembed = layers.Dense(c.vocab_size, ("embed", "vocab"), name="unembed", **kw)
 
-  def embed(self, tokens, positions):
-    """tokens [B, L] int, positions [B, L] -> [B, L, D]."""
+  def embed(self, tokens, positions, new_rows=()):
+    """tokens [B, L] int, positions [B, L] -> [B, L, D].
+
+    new_rows: (token id, row [D]) pairs that replace the embedding matrix's
+    rows of those ids (Flamingo's trainable `<image>` / `<EOC>`). Only the
+    token embedding is replaced: the row is scaled and gets its position
+    embedding like any other, so it equals writing the row into the matrix.
+    """
     c = self.config
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    for token_id, row in new_rows:
+      x = jnp.where((tokens == token_id)[..., None], row.astype(x.dtype), x)
     if c.embedding_scale != 1.0:
       x = x * jnp.asarray(c.embedding_scale, self.dtype)
     if c.positions == "learned":
@@ -240,13 +279,13 @@ class DecoderLM(nn.Module):
   def __call__(self, tokens, attention_mask=None, positions=None):
     """tokens [B, L] int, attention_mask [B, L] (1 = real token) -> logits [B, L, V].
 
-    positions [B, L] feed learned and rotary positions; ALiBi derives its
-    distances from the mask (see `alibi_attention`).
+    positions [B, L] feed learned and rotary positions and the sliding window;
+    ALiBi derives its distances from the mask (see `alibi_attention`).
     """
     b, length = tokens.shape
     if positions is None:
       positions = default_positions(attention_mask, b, length)
-    mask = causal_mask(attention_mask, length, b)
+    mask = sequence_mask(attention_mask, positions, self.config.sliding_window)
     x = self.embed(tokens, positions)
     for i in range(self.config.num_layers):
       x = self.block(i, x, positions, mask)
