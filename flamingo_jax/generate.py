@@ -17,7 +17,7 @@ The completion goes to stdout; logs go to stderr.
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import logging
 import os
@@ -31,7 +31,7 @@ import numpy as np
 from flamingo_jax import model_dir
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.data.tokenizer import Tokenizer
-from flamingo_jax.errors import run_cli
+from flamingo_jax.errors import ArgumentParser, run_cli
 from flamingo_jax.evaluate import decode, prompts, runner
 
 log = logging.getLogger("flamingo_jax.generate")  # not "__main__" under -m
@@ -108,7 +108,8 @@ def decode_options(tokenizer: Tokenizer, *, max_new_tokens: int = 20, num_beams:
 
 def complete(params, config: FlamingoConfig, ids: Sequence[int], images: Optional[np.ndarray],
              options: decode.DecodeConfig, *, stop_at_eoc: bool = True, seed: int = 0,
-             prompt_buckets: Sequence[int] = decode.DEFAULT_BUCKETS) -> list[int]:
+             prompt_buckets: Sequence[int] = decode.DEFAULT_BUCKETS,
+             placement: Optional[decode.Placement] = None) -> list[int]:
   """New token ids for one prompt (ids [P], images [N, T, H, W, 3] or None), without
   the final stop token.
 
@@ -117,7 +118,12 @@ def complete(params, config: FlamingoConfig, ids: Sequence[int], images: Optiona
   stop_at_eoc=False an `<EOC>` is kept and generation resumes from prompt +
   tokens so far, until EOS or max_new_tokens.
   """
-  fn = decode.compiled_generate(config, options)
+  placement = placement or decode.Placement()
+  if placement.mesh is None:
+    fn = decode.compiled_generate(config, options)
+  else:  # params in their shardings; the one prompt replicated
+    fn = jax.jit(functools.partial(decode.generate, config=config, options=options),
+                 in_shardings=(placement.param_shardings,) + (placement.replicated,) * 5)
   imgs = None if images is None else decode.stack_images([images], len(images))
   if options.method == "beam" and not stop_at_eoc:
     log.info("beam search restarts after each <EOC> (stop_at_eoc off)")
@@ -131,8 +137,9 @@ def complete(params, config: FlamingoConfig, ids: Sequence[int], images: Optiona
     seq = list(ids) + out
     tokens, mask = decode.left_pad([seq], decode.bucket(len(seq), prompt_buckets),
                                    options.pad_token_id)
-    result = fn(params, tokens, mask, imgs, None, jax.random.fold_in(rng, len(out)))
-    toks, lengths = jax.device_get((result.tokens, result.lengths))
+    result = placement.run(fn, params, tokens, mask, imgs, None,
+                           jax.random.fold_in(rng, len(out)))
+    toks, lengths = placement.fetch((result.tokens, result.lengths))
     new = [int(t) for t in toks[0, :lengths[0]]]
     out += new
     if stop_at_eoc or not new or new[-1] != config.eoc_token_id:
@@ -155,11 +162,11 @@ def generate_text(model: Model, prompt: str, image_paths: Sequence[str] = (), *,
 
 
 def _run(model: Model, inputs, options: decode.DecodeConfig, stop_at_eoc: bool,
-         seed: int) -> dict:
+         seed: int, placement: Optional[decode.Placement] = None) -> dict:
   text, ids, images = inputs
   t0 = time.time()
   tokens = complete(model.params, model.config, ids, images, options,
-                    stop_at_eoc=stop_at_eoc, seed=seed)
+                    stop_at_eoc=stop_at_eoc, seed=seed, placement=placement)
   log.info("%d prompt tokens, %d image(s) -> %d new tokens in %.1f s (compilation "
            "included)", len(ids), 0 if images is None else len(images), len(tokens),
            time.time() - t0)
@@ -179,12 +186,22 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
   return values
 
 
+def mesh_section(argv: Sequence[str]) -> tuple[list[str], dict]:
+  """argv without its `--mesh.AXIS=N` flags, and those as a `mesh` section."""
+  import ml_collections
+  from flamingo_jax.config import apply_overrides
+  rest, overrides = runner.mesh_args(argv)
+  cfg = apply_overrides(ml_collections.ConfigDict({"mesh": {}}), overrides, open_keys=("mesh",))
+  return rest, cfg.mesh.to_dict()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   """The CLI; prints the completion (or --json) and returns generate_text's dict."""
-  p = argparse.ArgumentParser(
+  p = ArgumentParser(
       prog="python -m flamingo_jax.generate",
       description="Complete a prompt with interleaved images using a model directory "
-      "(DIR/params, DIR/model_config.json, DIR/tokenizer.model). Prints only the completion "
+      "(DIR/params, DIR/model_config.json, DIR/tokenizer.model); --mesh.tensor=N (and "
+      "--mesh.fsdp / --mesh.data) shards the params over the devices. Prints only the completion "
       "on stdout; logs go to stderr.")
   p.add_argument("--checkpoint", required=True, metavar="DIR",
                  help="model directory (export_model_dir or a converter wrote it)")
@@ -216,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  help="RGB std in 0..255 units")
   p.add_argument("--json", action="store_true",
                  help='print {"prompt": ..., "completion": ..., "tokens": [...]} instead')
+  argv, mesh = mesh_section(list(sys.argv[1:] if argv is None else argv))
   a = p.parse_args(argv)
   mean, std = _floats(a.image_mean, "image_mean"), _floats(a.image_std, "image_std")
   if min(std) <= 0:
@@ -228,8 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
   options.validate(config)
   inputs = build_inputs(a.prompt, a.image, config, tokenizer, mean, std)
-  model = Model(config, model_dir.load_params(a.checkpoint, config), tokenizer)
-  result = _run(model, inputs, options, a.stop_at_eoc, a.seed)
+  placement = runner.make_placement(mesh, config)
+  model = Model(config, model_dir.load_params(a.checkpoint, config, placement.mesh,
+                                              mesh or None), tokenizer)
+  result = _run(model, inputs, options, a.stop_at_eoc, a.seed, placement)
   print(json.dumps(result) if a.json else result["completion"], flush=True)
   return result
 

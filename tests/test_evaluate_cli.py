@@ -1,6 +1,8 @@
-"""End to end: tiny benchmark files + an orbax checkpoint -> the CLI -> results JSON and table."""
+"""The evaluation CLI as users run it: a model directory + configs/eval/* on small files
+laid out exactly like the released datasets -> results, predictions, resume, trials, mesh."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,209 +10,368 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flamingo_jax import model_dir
 from flamingo_jax.evaluate import runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL = os.path.join(REPO, "configs", "eval")
 CAPTIONS = ["a red square on a blue field", "two green circles", "a small yellow triangle",
             "a big red circle", "three blue squares", "a green square and a red circle"]
 QUESTIONS = [("what colour is the square", "red"), ("how many circles are there", "two"),
              ("what shape is yellow", "triangle"), ("is the circle big", "yes"),
              ("what colour are the squares", "blue"), ("how many shapes", "2")]
-
-CONFIG = '''
-import importlib.util
-spec = importlib.util.spec_from_file_location("tiny", {tiny!r})
-tiny = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tiny)
+GREEDY = ["--config.eval.decode_method=greedy", "--config.eval.batch_size=2",
+          "--config.eval.prompt_buckets=(128,)", "--no_progress"]
 
 
-def get_config():
-  config = tiny.get_config()
-  config.model.image_token_id = {image_id}
-  config.model.eoc_token_id = {eoc_id}
-  config.eval = {eval!r}
-  return config
-'''
+def _short(*tasks):
+  """Every task at 5 new tokens, so the runs share one compiled decoder."""
+  return [f"--config.eval.tasks.{t}.max_new_tokens=5" for t in tasks]
 
 
-def _write_png(path, seed, size):
+def _png(path, seed, size=(24, 40)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   rng = np.random.default_rng(seed)
-  Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(path)
+  Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(path, format="PNG")
+
+
+def _json(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def make_coco(root):
+  """dataset_coco.json (Karpathy) + train2014/ and val2014/ COCO-named images."""
+  split = ["train", "restval", "train", "val", "test", "test"]
+  images = []
+  for i in range(6):
+    folder = "val2014" if split[i] in ("val", "test", "restval") else "train2014"
+    name = f"COCO_{folder}_{i + 1:012d}.jpg"
+    _png(os.path.join(root, folder, name), i, (24 + 4 * i, 40))
+    images.append({"filepath": folder, "filename": name, "cocoid": i + 1, "imgid": i,
+                   "split": split[i], "sentids": [2 * i, 2 * i + 1],
+                   "sentences": [{"raw": CAPTIONS[i], "tokens": CAPTIONS[i].split(),
+                                  "imgid": i, "sentid": 2 * i},
+                                 {"raw": CAPTIONS[(i + 1) % 6], "imgid": i,
+                                  "tokens": CAPTIONS[(i + 1) % 6].split(),
+                                  "sentid": 2 * i + 1}]})
+  _json(os.path.join(root, "dataset_coco.json"), {"images": images, "dataset": "coco"})
+
+
+def make_vqa(root, questions_name, annotations_name, subtypes=("train2014", "val2014")):
+  """The VQAv2 (and OK-VQA) pair per split, COCO-named images under train2014/, val2014/."""
+  for subtype, ids in zip(subtypes, (range(4), range(4, 6))):
+    qs = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+          "data_subtype": subtype, "license": {},
+          "questions": [{"question_id": 100 + i, "image_id": i + 1,
+                         "question": QUESTIONS[i][0] + "?"} for i in ids]}
+    anns = {"info": {}, "data_subtype": subtype, "annotations": [
+        {"question_id": 100 + i, "image_id": i + 1, "question_type": "what",
+         "answer_type": "other", "multiple_choice_answer": QUESTIONS[i][1],
+         "answers": [{"answer": QUESTIONS[i][1], "answer_confidence": "yes",
+                      "answer_id": j + 1} for j in range(10)]} for i in ids]}
+    _json(os.path.join(root, questions_name.format(subtype)), qs)
+    _json(os.path.join(root, annotations_name.format(subtype)), anns)
+    for i in ids:
+      _png(os.path.join(root, subtype, f"COCO_{subtype}_{i + 1:012d}.jpg"), i)
+
+
+def make_textvqa(root):
+  for split, ids in (("train", range(4)), ("val", range(4, 6))):
+    _json(os.path.join(root, f"TextVQA_0.5.1_{split}.json"), {
+        "dataset_type": split, "dataset_name": "textvqa", "dataset_version": "0.5.1",
+        "data": [{"question": QUESTIONS[i][0], "image_id": f"{i:016x}",
+                  "image_classes": ["Sign"], "flickr_original_url": "", "flickr_300k_url": "",
+                  "image_width": 40, "image_height": 24, "answers": [QUESTIONS[i][1]] * 10,
+                  "question_tokens": QUESTIONS[i][0].split(), "question_id": 30000 + i,
+                  "set_name": split} for i in ids]})
+    for i in ids:
+      _png(os.path.join(root, "train_images", f"{i:016x}.jpg"), i)
+
+
+def make_vizwiz(root):
+  for split, ids in (("train", range(4)), ("val", range(4, 6))):
+    entries = []
+    for i in ids:
+      name = f"VizWiz_{split}_{i:08d}.jpg"
+      _png(os.path.join(root, split, name), i)
+      entries.append({"image": name, "question": QUESTIONS[i][0], "answerable": 1,
+                      "answer_type": "other",
+                      "answers": [{"answer": QUESTIONS[i][1], "answer_confidence": "yes"}] * 10})
+    _json(os.path.join(root, "Annotations", f"{split}.json"), entries)
+
+
+def make_hateful_memes(root):
+  for split, ids in (("train", range(4)), ("test_seen", range(4, 8))):
+    with _open_new(os.path.join(root, f"{split}.jsonl")) as f:
+      for i in ids:
+        f.write(json.dumps({"id": 42950 + i, "img": f"img/{42950 + i}.png", "label": i % 2,
+                            "text": CAPTIONS[i % 6]}) + "\n")
+        _png(os.path.join(root, "img", f"{42950 + i}.png"), i)
+
+
+def _open_new(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return open(path, "w")
+
+
+def make_imagenet(root):
+  wnids = ["n01440764", "n01443537", "n01484850"]
+  for split, per in (("train", 2), ("val", 1)):
+    for c, wnid in enumerate(wnids):
+      for k in range(per):
+        _png(os.path.join(root, split, wnid, f"ILSVRC2012_{split}_{c}{k}.JPEG"), 10 * c + k)
+  with open(os.path.join(root, "classnames.txt"), "w") as f:
+    f.write("tench\ngoldfish\ngreat white shark\n")
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-  """Fake COCO (Karpathy) and VQAv2 files, PNGs, a tokenizer, a config and a checkpoint."""
-  from flamingo_jax.training.checkpoint import save_params
+def world(tmp_path_factory):
+  """Every benchmark's files in its released layout, and an exported tiny model."""
+  from flamingo_jax.config import load_config, model_config
   from flamingo_jax.data.train_tokenizer import train_tokenizer
-  root = tmp_path_factory.mktemp("bench")
-  os.makedirs(root / "images")
-  for i in range(6):  # non-square images: aspect-preserving resize with mean padding
-    _write_png(root / "images" / f"img_{i}.png", i, (24 + 4 * i, 40))
-  split = ["train"] * 4 + ["test"] * 2
-  karpathy = {"images": [
-      {"filename": f"img_{i}.png", "imgid": i, "split": split[i],
-       "sentences": [{"raw": CAPTIONS[i]}, {"raw": CAPTIONS[(i + 1) % 6]}]} for i in range(6)]}
-  (root / "karpathy.json").write_text(json.dumps(karpathy))
-  for name, ids in (("train", range(4)), ("test", range(4, 6))):
-    qs = {"questions": [{"question_id": 100 + i, "image_id": i, "question": QUESTIONS[i][0]}
-                        for i in ids]}
-    anns = {"annotations": [{"question_id": 100 + i, "image_id": i, "answer_type": "other",
-                             "answers": [{"answer": QUESTIONS[i][1]}] * 10} for i in ids]}
-    (root / f"{name}_questions.json").write_text(json.dumps(qs))
-    (root / f"{name}_annotations.json").write_text(json.dumps(anns))
+  root = tmp_path_factory.mktemp("eval")
+  data = root / "data"
+  make_coco(str(data / "coco"))
+  make_vqa(str(data / "vqav2"), "v2_OpenEnded_mscoco_{}_questions.json",
+           "v2_mscoco_{}_annotations.json")
+  make_vqa(str(data / "ok_vqa"), "OpenEnded_mscoco_{}_questions.json",
+           "mscoco_{}_annotations.json")
+  make_textvqa(str(data / "textvqa"))
+  make_vizwiz(str(data / "vizwiz"))
+  make_hateful_memes(str(data / "hateful_memes"))
+  make_imagenet(str(data / "imagenet"))
   corpus = root / "corpus.txt"
   corpus.write_text("\n".join([f"Output: {c}" for c in CAPTIONS] +
                               [f"Question: {q} Answer: {a}" for q, a in QUESTIONS]) * 3)
   tok = train_tokenizer([str(corpus)], 96, str(root / "tokenizer"), model_type="bpe")
-  images = str(root / "images")
-  eval_section = {
-      "tokenizer": str(root / "tokenizer" / "tokenizer.model"),
-      "batch_size": 2, "prompt_buckets": (64, 128),
-      "tasks": {
-          "coco": {"kind": "captioning", "train": str(root / "karpathy.json"),
-                   "train_splits": ("train",), "image_root": images, "max_new_tokens": 5},
-          "vqav2": {"kind": "vqa", "train": str(root / "train_questions.json"),
-                    "train_annotations": str(root / "train_annotations.json"),
-                    "test": str(root / "test_questions.json"),
-                    "test_annotations": str(root / "test_annotations.json"),
-                    "image_root": images, "image_naming": "img_{image_id}.png",
-                    "max_new_tokens": 5},
-      }}
-  config_path = root / "eval_config.py"
-  config_path.write_text(CONFIG.format(tiny=os.path.join(REPO, "configs", "tiny.py"),
-                                       image_id=tok.info.image_token_id,
-                                       eoc_id=tok.info.eoc_token_id, eval=eval_section))
-  from flamingo_jax.config import model_config
-  from flamingo_jax.config import load_config
-  config = model_config(load_config(str(config_path)))
-  save_params(str(root / "ckpt"), runner.init_params(config, seed=1))
-  return dict(root=root, config=str(config_path), ckpt=str(root / "ckpt"), tok=tok)
+  tiny = load_config(os.path.join(REPO, "configs", "tiny.py"))
+  tiny.model.image_token_id = tok.info.image_token_id
+  tiny.model.eoc_token_id = tok.info.eoc_token_id
+  config = model_config(tiny)
+  directory = model_dir.export_model_dir(str(root / "model"), config,
+                                         runner.init_params(config, seed=1),
+                                         str(root / "tokenizer" / "tokenizer.model"))
+  return dict(root=root, data=data, model=directory, config=config)
 
 
-def _check_outputs(out, tasks, shots):
-  report = json.loads((out / "results.json").read_text())
-  assert report["tasks"] == tasks and report["shots"] == shots
-  for task in tasks:
-    entry = report["results"][task]
-    assert entry["metric"] == {"coco": "CIDEr", "vqav2": "VQA acc."}[task]
-    assert sorted(entry["shots"]) == sorted(str(s) for s in shots)
-    for run in entry["shots"].values():
-      assert np.isfinite(run["score"]) and run["examples_per_s"] > 0
-    for s in shots:
-      assert (out / "predictions" / f"{task}_{s}shot.json").exists()
+def _eval(name, world):
+  return f"{EVAL}/{name}.py:{world['data'] / name}"
+
+
+def _run(world, out, *args):
+  return runner.main(["--checkpoint", world["model"], "--out", str(out), *args])
+
+
+def test_every_benchmark_in_one_command(world, tmp_path):
+  """Captioning and the four VQA formats from their released files, composed in one run;
+  predictions carry their references, results.md states the decoding used, and
+  results_open_flamingo.json has OpenFlamingo's layout."""
+  out = tmp_path / "out"
+  evals = ["coco", "vqav2", "ok_vqa", "textvqa", "vizwiz"]
+  report = _run(world, out, *[a for n in evals for a in ("--eval", _eval(n, world))],
+                "--shots", "1", "--config.eval.tasks.ok_vqa.answer_postprocess=vqa",
+                *_short("coco", "textvqa"), *GREEDY)
+  assert report["tasks"] == evals and report["shots"] == [1]
+  for name in evals:
+    entry = report["results"][name]
+    assert entry["num_examples"] == 2 and entry["seeds"] == [42]
+    run = entry["shots"]["1"]
+    assert np.isfinite(run["score"]) and run["examples_per_s"] > 0 and run["stddev"] == 0
+    rows = json.loads((out / "predictions" / f"{name}_1shot.json").read_text())
+    assert len(rows) == 2 and all(len(r["shots"]) == 1 for r in rows)
+    key = "references" if name == "coco" else "answers"
+    assert all(len(r[key]) >= 2 and isinstance(r["prediction"], str) for r in rows)
+  coco = json.loads((out / "predictions" / "coco_1shot.json").read_text())
+  assert {r["id"] for r in coco} == {5, 6}  # cocoid of the Karpathy test images
+  assert coco[0]["references"] == [CAPTIONS[4], CAPTIONS[5]]
+  assert all(r["shots"][0] in (0, 1, 2) for r in coco)  # train + restval demonstrations
   table = (out / "results.md").read_text()
-  assert "| task | metric | " + " | ".join(f"{s}-shot" for s in shots) + " |" in table
-  for task in tasks:
-    assert f"| {task} |" in table
-  return report
+  assert "| vizwiz | VQA acc. |" in table
+  assert "- coco: 2 examples; greedy, at most 5 new tokens, stop at <EOC>; 1 trial (seed 42)." \
+      in table
+  assert "- vqav2: 2 examples; greedy, at most 5 new tokens, stop at <EOC>, answers " \
+      "post-processed 'vqa'" in table
+  of = json.loads((out / "results_open_flamingo.json").read_text())
+  assert sorted(of) == sorted(evals)
+  assert of["coco"] == [{"shots": 1, "trials": [report["results"]["coco"]["shots"]["1"]["score"]],
+                         "mean": report["results"]["coco"]["shots"]["1"]["score"],
+                         "stddev": 0.0}]
 
 
-def test_cli_function_call(bench, tmp_path):
+def test_benchmark_configs_follow_the_protocol(world):
+  """Each configs/eval file: the paper's shots, beam 3, OpenFlamingo's token limits and
+  answer post-processing, every path under the one data root."""
+  cfg, order = runner.compose({}, eval_files=[_eval(n, world) for n in (
+      "coco", "flickr30", "vqav2", "ok_vqa", "textvqa", "vizwiz", "hateful_memes",
+      "imagenet")])
+  ec = runner.eval_config(cfg)
+  assert order == ["coco", "flickr30", "vqav2", "ok_vqa", "textvqa", "vizwiz",
+                   "hateful_memes", "imagenet"]
+  assert (ec.decode_method, ec.num_beams, ec.length_penalty) == ("beam", 3, 0.0)
+  limits = {"coco": 20, "flickr30": 20, "vqav2": 5, "ok_vqa": 5, "textvqa": 10, "vizwiz": 5}
+  for name, t in ec.tasks.items():
+    assert t.shots == (0, 4, 32) and t.num_trials == 1
+    assert t.train.startswith(str(world["data"] / name))
+    if name in limits:
+      assert t.max_new_tokens == limits[name]
+  assert ec.tasks["ok_vqa"].answer_postprocess == "ok_vqa"
+  assert ec.tasks["vqav2"].answer_postprocess == "vqa"
+  # Every file of the released layouts is where the configs look (flickr30: not made here).
+  for name in limits.keys() - {"flickr30"} | {"hateful_memes", "imagenet"}:
+    train, test, _ = runner.load_task_data(ec.tasks[name])
+    assert train and test and all(os.path.exists(ex.image_path) for ex in train + test)
+
+
+def test_resume_trials_and_feature_cache(world, tmp_path):
+  """A killed run continues where it stopped (a torn last line included) and gives the
+  predictions of an uninterrupted one; trials are mean ± std of per-seed scores; the
+  second run reads every vision feature from the disk cache."""
   out = tmp_path / "out"
-  report = runner.main(["--config", bench["config"], "--checkpoint", bench["ckpt"],
-                        "--tasks", "coco,vqav2", "--shots", "0,2", "--num_samples", "2",
-                        "--out", str(out), "--no_progress"])
-  _check_outputs(out, ["coco", "vqav2"], [0, 2])
-  assert report["checkpoint"] == bench["ckpt"] and not report["random_init"]
-  preds = json.loads((out / "predictions" / "coco_2shot.json").read_text())
-  assert len(preds) == 2 and all(len(p["shots"]) == 2 for p in preds)
-  assert all(s < 4 for p in preds for s in p["shots"])  # demonstrations from the train split
-  # RICES picks demonstrations by pooled vision features, most similar last.
-  rices_out = tmp_path / "rices"
-  runner.main(["--config", bench["config"], "--checkpoint", bench["ckpt"], "--tasks", "coco",
-               "--shots", "2", "--rices", "--out", str(rices_out), "--no_progress"])
-  report = _check_outputs(rices_out, ["coco"], [2])
-  assert report["rices"]
+  args = ["--eval", _eval("coco", world), "--shots", "1", "--num_trials", "2", *_short("coco"),
+          *GREEDY]
+  full = _run(world, out, *args)
+  run = full["results"]["coco"]["shots"]["1"]
+  assert len(run["trials"]) == 2 and full["results"]["coco"]["seeds"] == [42, 43]
+  assert run["score"] == pytest.approx(np.mean(run["trials"]))
+  assert run["stddev"] == pytest.approx(np.std(run["trials"]))
+  assert "±" in (out / "results.md").read_text()
+  assert full["features"]["computed"] > 0
+  first = json.loads((out / "predictions" / "coco_1shot_trial1.json").read_text())
+  log_path = out / "predictions" / "coco_1shot_trial1.jsonl"
+  lines = log_path.read_text().splitlines()
+  assert len(lines) == 3  # header + 2 examples
+  log_path.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:15])  # killed mid-write
+  again = _run(world, out, *args)
+  resumed = again["results"]["coco"]["shots"]["1"]
+  assert resumed["evaluated"] == 1 and resumed["trials"] == run["trials"]
+  assert json.loads((out / "predictions" / "coco_1shot_trial1.json").read_text()) == first
+  assert again["features"]["computed"] == 0 and again["features"]["loaded"] > 0
+  # Other settings never continue these files.
+  with pytest.raises(ValueError, match=r"coco_1shot\.jsonl holds predictions of another run "
+                     r"\(differs in \['num_beams'\]\)"):
+    _run(world, out, *args, "--config.eval.num_beams=2")
+  # Features from the cache decode as the pixels do.
+  pixels = _run(world, tmp_path / "pixels", *args, "--config.eval.feature_cache=off")
+  assert pixels["results"]["coco"]["shots"]["1"]["trials"] == run["trials"]
 
 
-@pytest.mark.slow
-def test_cli_subprocess(bench, tmp_path):
+def test_classification_ensembling_and_hateful_memes(world, tmp_path):
   out = tmp_path / "out"
+  report = _run(world, out, "--eval", _eval("imagenet", world), "--eval",
+                _eval("hateful_memes", world), "--ensemble", "2",
+                "--config.eval.tasks.imagenet.shots=(2,)",
+                "--config.eval.tasks.hateful_memes.shots=(0,)", *GREEDY)
+  imagenet = report["results"]["imagenet"]
+  assert imagenet["metric"] == "top-1" and "2 shot orders" in imagenet["decoding"]
+  assert sorted(imagenet["shots"]) == ["2"] and sorted(report["results"]["hateful_memes"]
+                                                       ["shots"]) == ["0"]
+  rows = json.loads((out / "predictions" / "imagenet_2shot.json").read_text())
+  assert len(rows) == 3 and {r["label_name"] for r in rows} == {"tench", "goldfish",
+                                                              "great white shark"}
+  assert all(sorted(r["top5"]) == [0, 1, 2] and r["prediction"] in
+             ("tench", "goldfish", "great white shark") for r in rows)
+  hm = json.loads((out / "predictions" / "hateful_memes_0shot.json").read_text())
+  assert len(hm) == 4 and all(len(r["scores"]) == 2 for r in hm)
+  assert 0 <= report["results"]["hateful_memes"]["shots"]["0"]["score"] <= 100
+
+
+def test_mesh_gives_the_one_device_predictions(world, tmp_path):
+  """8 fake CPU devices: params restored straight into tensor-parallel shardings, the
+  queries split over 4 data-parallel shards; predictions equal one device's."""
+  import jax
+  if len(jax.devices()) < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  args = ["--eval", _eval("vqav2", world), "--shots", "1", "--config.eval.batch_size=4",
+          "--config.eval.decode_method=greedy", "--config.eval.prompt_buckets=(128,)",
+          "--no_progress"]
+  one = _run(world, tmp_path / "one", *args)
+  sharded = _run(world, tmp_path / "mesh", *args, "--mesh.data=4", "--mesh.tensor=2")
+  assert sharded["devices"] == 8
+  a = json.loads((tmp_path / "one" / "predictions" / "vqav2_1shot.json").read_text())
+  b = json.loads((tmp_path / "mesh" / "predictions" / "vqav2_1shot.json").read_text())
+  assert [r["generated"] for r in a] == [r["generated"] for r in b]
+  assert len(a) == 2
+  # The sharded restore really lays the params out over the mesh.
+  from flamingo_jax.training import sharding
+  mesh = sharding.make_mesh(sharding.mesh_config({"data": 4, "tensor": 2}))
+  params = model_dir.load_params(world["model"], world["config"], mesh, {"data": 4, "tensor": 2})
+  specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)}
+  assert any("tensor" in s for s in specs)
+
+
+def test_user_errors_are_one_line(world, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "flamingo_jax.evaluate", "--config", bench["config"],
-       "--random_init", "--tasks", "vqav2", "--shots", "0", "--num_samples", "1",
-       "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| vqav2 | VQA acc. |" in proc.stdout
-  assert "examples_per_s" in proc.stderr  # the tqdm progress bar
-  _check_outputs(out, ["vqav2"], [0])
+  cases = [
+      (["--checkpoint", os.path.join(world["model"], "params"), "--eval", _eval("coco", world)],
+       "is the params checkpoint; pass the model directory"),
+      (["--checkpoint", world["model"], "--eval", f"{EVAL}/coco.py:{tmp_path}/nowhere"],
+       "dataset_coco.json"),
+      (["--checkpoint", world["model"]], "no benchmarks: pass one or more --eval"),
+      (["--checkpoint", world["model"], "--eval", _eval("coco", world), "--eval",
+        _eval("coco", world)], "eval task 'coco' of"),
+  ]
+  for args, message in cases:
+    proc = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate", *args, "--out",
+                           str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
-def test_bad_configs(bench):
+def test_bad_configs(world):
   with pytest.raises(ValueError, match="eval.tasks.x.kind"):
-    runner.eval_config({"tasks": {"x": {"kind": "captions", "train": "a"}}})
-  with pytest.raises(ValueError, match="eval.tasks.v.test_annotations"):
-    runner.eval_config({"tasks": {"v": {"kind": "vqa", "train": "q", "train_annotations": "a",
-                                        "test": "q"}}})
+    runner.eval_config({"tasks": {"x": {"kind": "retrieval", "train": "a"}}})
   with pytest.raises(ValueError, match="unknown config key 'eval.batchsize'"):
     runner.eval_config({"batchsize": 3})
-  with pytest.raises(ValueError, match="no 'eval' section"):
+  with pytest.raises(ValueError, match="no 'eval' section: pass one or more --eval"):
     from flamingo_jax.config import load_config
     runner.eval_config(load_config(os.path.join(REPO, "configs", "tiny.py")))
-  with pytest.raises(ValueError, match="unknown eval task"):
-    runner.main(["--config", bench["config"], "--random_init", "--tasks", "flickr",
-                 "--out", "/tmp/unused"])
+  with pytest.raises(ValueError, match="answer_postprocess"):
+    runner.eval_config({"tasks": {"v": {"kind": "vqa", "format": "textvqa", "train": "a",
+                                        "test": "b", "answer_postprocess": "lemmas"}}})
+  with pytest.raises(ValueError, match="3 trials but only 2 trial seeds"):
+    runner.protocol(runner.EvalConfig(), runner.EvalTaskConfig(), num_trials=3,
+                    trial_seeds=(1, 2))
+  # Paths resolve under data_root; absolute ones stay.
+  t = runner.validate_task(runner.EvalTaskConfig(kind="vqa", format="textvqa", data_root="/d",
+                                                 train="a.json", test="/abs/b.json",
+                                                 image_root="imgs"), "t")
+  assert (t.train, t.test, t.train_image_root) == ("/d/a.json", "/abs/b.json", "/d/imgs")
 
 
-def test_encode_prompt_and_image(bench):
-  tok = bench["tok"]
-  ids = runner.encode_prompt("Output: two<EOC><image>Output:", tok)
-  info = tok.info
-  assert ids[0] == info.bos_id and info.eoc_token_id in ids
-  assert ids.index(info.image_token_id) == ids.index(info.eoc_token_id) + 1
-  img = runner.load_image(str(bench["root"] / "images" / "img_0.png"), 32)
-  assert img.shape == (1, 32, 32, 3)
-  # 24x40 -> 19x32 content: the padding rows are the mean, so exactly 0 once normalised.
-  assert np.abs(img[0, 0]).max() == 0 and np.abs(img[0, 16]).max() > 0
+def test_demo_style_config_with_eval_section(world, tmp_path):
+  """`--config FILE` with an eval section (the demo's way) composes with a model dir."""
+  cfg = tmp_path / "eval_cfg.py"
+  section = {"batch_size": 2, "decode_method": "greedy", "prompt_buckets": (128,),
+             "tasks": {"caps": {"kind": "captioning", "data_root": str(world["data"] / "coco"),
+                                "train": "dataset_coco.json", "train_splits": ("train",),
+                                "image_root": ".", "max_new_tokens": 5}}}
+  cfg.write_text("import ml_collections\n\n\ndef get_config():\n"
+                 f"  return ml_collections.ConfigDict({{'eval': {section!r}}})\n")
+  report = runner.main(["--config", str(cfg), "--checkpoint", world["model"], "--shots", "0",
+                        "--out", str(tmp_path / "out"), "--no_progress"])
+  assert report["tasks"] == ["caps"] and report["results"]["caps"]["num_examples"] == 2
 
 
-@pytest.mark.slow
-def test_synthetic_heldout_split(tmp_path):
-  """The embedded shapes dataset's held-out (val) split: captions, VQA and classification."""
-  synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
-  from flamingo_jax.training.checkpoint import save_params
-  from flamingo_jax.config import model_config
-  from flamingo_jax.config import load_config
-  data = tmp_path / "shapes"
-  manifest = synthetic.write_synthetic(
-      str(data), image_size=32, arrayrecord=False,
-      sizes=synthetic.Sizes(pairs=(16, 16), documents=(1, 1), videos=(1, 1), video_frames=2,
-                            corpus_lines=200, vocab_size=200))
-  info = manifest["tokenizer"]
-  images = str(data / "images")
-  eval_section = {
-      "tokenizer": str(data / "tokenizer" / "tokenizer.model"), "batch_size": 2,
-      "prompt_buckets": (64, 128), "decode_method": "greedy",
-      "tasks": {
-          "coco": {"kind": "captioning", "train": str(data / "captions" / "dataset_shapes.json"),
-                   "train_splits": ("train",), "test_splits": ("val",), "image_root": images,
-                   "max_new_tokens": 5},
-          "vqav2": {"kind": "vqa", "train": str(data / "vqa" / "train_questions.json"),
-                    "train_annotations": str(data / "vqa" / "train_annotations.json"),
-                    "test": str(data / "vqa" / "val_questions.json"),
-                    "test_annotations": str(data / "vqa" / "val_annotations.json"),
-                    "image_root": images, "image_naming": "{data_subtype}/{image_id}.png",
-                    "max_new_tokens": 5},
-          "shapes": {"kind": "classification", "format": "list",
-                     "train": str(data / "classification" / "train.json"),
-                     "test": str(data / "classification" / "val.json"),
-                     "class_names": str(data / "classification" / "classes.json"),
-                     "image_root": images},
-      }}
-  config_path = tmp_path / "shapes_config.py"
-  config_path.write_text(CONFIG.format(tiny=os.path.join(REPO, "configs", "tiny.py"),
-                                       image_id=info["image_token_id"],
-                                       eoc_id=info["eoc_token_id"], eval=eval_section))
-  config = model_config(load_config(str(config_path)))
-  save_params(str(tmp_path / "ckpt"), runner.init_params(config, seed=2))
-  out = tmp_path / "out"
-  report = runner.main(["--config", str(config_path), "--checkpoint", str(tmp_path / "ckpt"),
-                        "--tasks", "coco,vqav2,shapes", "--shots", "2", "--num_samples",
-                        "3", "--out", str(out), "--no_progress"])
-  shapes_run = report["results"]["shapes"]
-  assert shapes_run["metric"] == "top-1"
-  assert all(0 <= r["score"] <= 100 for r in shapes_run["shots"].values())
-  table = (out / "results.md").read_text()
-  assert "| shapes | top-1 |" in table and "| coco | CIDEr |" in table
+def test_readers_textvqa_vizwiz(tmp_path):
+  from flamingo_jax.evaluate import datasets
+  make_textvqa(str(tmp_path / "t"))
+  exs = datasets.read_textvqa(str(tmp_path / "t" / "TextVQA_0.5.1_val.json"), "imgs")
+  assert [e.question_id for e in exs] == [30004, 30005]
+  assert exs[0].image_path == os.path.join("imgs", f"{4:016x}.jpg")
+  assert exs[0].answers == ("blue",) * 10
+  make_vizwiz(str(tmp_path / "v"))
+  exs = datasets.read_vizwiz(str(tmp_path / "v" / "Annotations" / "val.json"), "val")
+  assert exs[1].question_id == "VizWiz_val_00000005.jpg" and exs[1].answer_type == "other"
+  assert exs[1].answers == ("2",) * 10
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps([{"image": "x.jpg"}]))
+  with pytest.raises(ValueError, match="entry 0 is missing field 'question'"):
+    datasets.read_vizwiz(str(bad))
+  bad.write_text(json.dumps({"data": [{"question_id": 1, "question": "q"}]}))
+  with pytest.raises(ValueError, match=r"data\[0\] is missing field 'image_id'"):
+    datasets.read_textvqa(str(bad))

@@ -126,6 +126,19 @@ def test_one_image_equals_decode_generate(world, capsys):
   assert capsys.readouterr().out == result["completion"] + "\n"
 
 
+def test_mesh_sharded_params_same_tokens(world):
+  """--mesh.tensor=2 (data takes the other 4 of 8 fake devices): the params restored
+  straight into tensor-parallel shardings give the one-device completion."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  w = world
+  args = ["--checkpoint", w["dir"], "--image", w["images"]["a"], "--prompt", "a red",
+          "--max_new_tokens", str(MAX_NEW)]
+  one = gen.main(args)
+  sharded = gen.main(args + ["--mesh.tensor=2"])
+  assert sharded["tokens"] == one["tokens"] and len(one["tokens"]) == MAX_NEW
+
+
 def test_two_images_interleaved(world, capsys):
   w, info = world, world["tok"].info
   prompt = "<image>a red square<EOC><image>a"

@@ -1,8 +1,10 @@
 """`python -m flamingo_jax.evaluate`: see flamingo_jax/evaluate/runner.py."""
 import logging
+import sys
 
+from flamingo_jax.errors import run_cli
 from flamingo_jax.evaluate.runner import main
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  main()
+  sys.exit(run_cli(main))

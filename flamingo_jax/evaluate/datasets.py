@@ -18,8 +18,8 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 # How VQA-style files name images, per dataset (questions' image_id -> file).
 VQA_IMAGE_NAMING = {
     "coco": "COCO_{data_subtype}_{image_id:012d}.jpg",  # VQAv2, OK-VQA
-    "filename": "{image_id}",  # VizWiz converted to the VQAv2 layout
-    "id_jpg": "{image_id}.jpg",  # TextVQA converted to the VQAv2 layout
+    "filename": "{image_id}",  # VizWiz converted to the VQAv2 layout (OpenFlamingo's files)
+    "id_jpg": "{image_id}.jpg",  # TextVQA converted to the VQAv2 layout (OpenFlamingo's files)
 }
 HATEFUL_MEMES_CLASS_NAMES = ("no", "yes")  # label 0, 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -198,6 +198,71 @@ def read_vqa(questions_path: str, annotations_path: Optional[str] = None, *,
     out.append(VQAExample(question_id=qid, image_id=image_id,
                           image_path=os.path.join(image_root, name), question=text,
                           answers=answers, question_type=qtype, answer_type=atype))
+  return out
+
+
+def read_textvqa(path: str, image_root: str = "") -> list[VQAExample]:
+  """TextVQA as released (`TextVQA_0.5.1_{train,val,test}.json`):
+
+    {"dataset_name": "textvqa", "data": [{"question_id": 34602, "image_id":
+     "003a8ae2ef43b901", "question": "...", "answers": [10 strings], ...}]}
+
+  Images are `image_root/{image_id}.jpg` (train and val images both live in
+  `train_images/`). The test file has no "answers": its examples have none.
+  """
+  data = _load_json(path)
+  entries = _get(data, "data", path, "the top level", list)
+  out, seen = [], set()
+  for i, e in enumerate(entries):
+    where = f"data[{i}]"
+    qid = _get(e, "question_id", path, where, (int, str))
+    image_id = _get(e, "image_id", path, where, str)
+    question = _get(e, "question", path, where, str)
+    if qid in seen:
+      raise ValueError(f"{path}: question_id {qid} appears twice")
+    seen.add(qid)
+    answers = ()
+    if "answers" in e:
+      answers = tuple(_get(e, "answers", path, where, list))
+      bad = [j for j, a in enumerate(answers) if not isinstance(a, str)]
+      if bad:
+        raise ValueError(f"{path}: {where}.answers[{bad[0]}] should be a string")
+    out.append(VQAExample(question_id=qid, image_id=image_id,
+                          image_path=os.path.join(image_root, f"{image_id}.jpg"),
+                          question=question, answers=answers))
+  return out
+
+
+def read_vizwiz(path: str, image_root: str = "") -> list[VQAExample]:
+  """VizWiz-VQA as released (`Annotations/{train,val,test}.json`): a list of
+
+    {"image": "VizWiz_val_00000000.jpg", "question": "...", "answerable": 1,
+     "answer_type": "other", "answers": [{"answer": "...", "answer_confidence":
+     "yes"} x 10]}
+
+  Images are `image_root/{image}`; the image name is the question id (one
+  question per image). The test file has no "answers".
+  """
+  data = _load_json(path)
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: expected the released VizWiz layout, a JSON list of "
+                     "{'image', 'question', 'answers'} objects")
+  out, seen = [], set()
+  for i, e in enumerate(data):
+    where = f"entry {i}"
+    image = _get(e, "image", path, where, str)
+    question = _get(e, "question", path, where, str)
+    if image in seen:
+      raise ValueError(f"{path}: image {image!r} appears twice")
+    seen.add(image)
+    answers = ()
+    if "answers" in e:
+      answers = tuple(_get(a, "answer", path, f"{where}.answers[{j}]", str)
+                      for j, a in enumerate(_get(e, "answers", path, where, list)))
+    atype = e.get("answer_type")
+    out.append(VQAExample(question_id=image, image_id=image,
+                          image_path=os.path.join(image_root, image), question=question,
+                          answers=answers, answer_type=atype if isinstance(atype, str) else None))
   return out
 
 

@@ -405,6 +405,68 @@ def count_image_tokens(prompts: Sequence[Sequence[int]], image_token_id: int) ->
   return [sum(1 for t in p if t == image_token_id) for p in prompts]
 
 
+def check_image_counts(prompts: Sequence, counts: Sequence[int],
+                       images: Optional[Sequence[Optional[np.ndarray]]]) -> list:
+  """Per prompt images (or features) whose count matches its `<image>` tokens."""
+  if images is None:
+    images = [None] * len(prompts)
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+  for i, (n, x) in enumerate(zip(counts, images)):
+    have = 0 if x is None else len(x)
+    if n != have:
+      raise ValueError(f"prompt {i} has {n} <image> tokens but {have} images")
+  return list(images)
+
+
+class Placement:
+  """Where the evaluation's arrays live: one device (mesh None), or a mesh with
+  the params in their tensor / FSDP shardings and each batch split over the
+  data-parallel axes. `run` calls a jitted function under the mesh and the
+  logical-axis rules; `fetch` brings results to the host (gathered from every
+  process on a multi-host mesh)."""
+
+  def __init__(self, mesh=None, rules=(), param_shardings: Any = None):
+    self.mesh, self.rules, self.param_shardings = mesh, tuple(rules), param_shardings
+    self.data_sharding = None
+    if mesh is not None:
+      from jax.sharding import NamedSharding, PartitionSpec
+      from flamingo_jax.training.sharding import BATCH_AXES
+      self.data_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+      self.replicated = NamedSharding(mesh, PartitionSpec())
+
+  @property
+  def batch_shards(self) -> int:
+    if self.mesh is None:
+      return 1
+    from flamingo_jax.training.sharding import batch_shards
+    return batch_shards(self.mesh)
+
+  def put(self, x):
+    """A host batch [B, ...] (the same on every process) -> a global array split over
+    the data-parallel axes (replicated when B does not divide)."""
+    if self.mesh is None or not isinstance(x, np.ndarray):
+      return x
+    sharding = self.data_sharding if x.ndim and x.shape[0] % self.batch_shards == 0 \
+        else self.replicated
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  def run(self, fn, *args):
+    if self.mesh is None:
+      return fn(*args)
+    import flax.linen as nn
+    args = [self.put(a) for a in args]
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return fn(*args)
+
+  def fetch(self, tree):
+    if self.mesh is None or jax.process_count() == 1:
+      return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)),
+                        tree)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_generate(config: FlamingoConfig, options: DecodeConfig):
   """jit(generate) for (config, options), shared so its compilations are reused."""
@@ -423,8 +485,11 @@ class Generator:
 
   def __init__(self, config: FlamingoConfig, options: DecodeConfig, *, batch_size: int = 8,
                prompt_buckets: Sequence[int] = DEFAULT_BUCKETS, param_shardings: Any = None,
-               data_sharding: Any = None):
+               data_sharding: Any = None, placement: Optional["Placement"] = None):
     options.validate(config)
+    self.placement = placement or Placement()
+    if placement is not None and placement.mesh is not None:
+      param_shardings, data_sharding = placement.param_shardings, placement.data_sharding
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompt_buckets or min(prompt_buckets) < 1:
@@ -436,28 +501,24 @@ class Generator:
     else:
       self._fn = jax.jit(functools.partial(generate, config=config, options=options),
                          in_shardings=(param_shardings, data_sharding, data_sharding,
-                                       data_sharding, None, None))
+                                       data_sharding, data_sharding, None))
 
   def __call__(self, params, prompts: Sequence[Sequence[int]],
-               images: Optional[Sequence[Optional[np.ndarray]]] = None, rng=None
+               images: Optional[Sequence[Optional[np.ndarray]]] = None, rng=None, *,
+               visual_features: Optional[Sequence[Optional[np.ndarray]]] = None
                ) -> list[list[int]]:
     """Token lists -> generated token lists (without the stop token and padding).
 
     images: per prompt [N_i, T, H, W, 3] float32 (N_i = its `<image>` count) or
-    None for text-only prompts.
+    None for text-only prompts; or visual_features: per prompt the frozen
+    vision features [N_i, T, S, C] (`features.FeatureCache`) instead.
     """
     c = self.config
     if not prompts:
       return []
     counts = count_image_tokens(prompts, c.image_token_id)
-    if images is None:
-      images = [None] * len(prompts)
-    if len(images) != len(prompts):
-      raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    for i, (n, x) in enumerate(zip(counts, images)):
-      have = 0 if x is None else len(x)
-      if n != have:
-        raise ValueError(f"prompt {i} has {n} <image> tokens but {have} images")
+    as_features = visual_features is not None
+    images = check_image_counts(prompts, counts, visual_features if as_features else images)
     slots = max(counts)
     length = bucket(max(len(p) for p in prompts), self.prompt_buckets)
     if rng is None:
@@ -468,8 +529,10 @@ class Generator:
       idx += [idx[0]] * (self.batch_size - len(idx))  # fixed batch shape
       tokens, mask = left_pad([prompts[i] for i in idx], length, self.options.pad_token_id)
       imgs = stack_images([images[i] for i in idx], slots) if slots else None
-      result = self._fn(params, tokens, mask, imgs, None, jax.random.fold_in(rng, start))
-      toks, lengths = jax.device_get((result.tokens, result.lengths))
+      visual = (None, imgs) if as_features else (imgs, None)
+      result = self.placement.run(self._fn, params, tokens, mask, *visual,
+                                  jax.random.fold_in(rng, start))
+      toks, lengths = self.placement.fetch((result.tokens, result.lengths))
       stops = set((c.eoc_token_id,) + tuple(self.options.stop_token_ids))
       for row in range(min(self.batch_size, len(prompts) - start)):
         seq = [int(t) for t in toks[row, :lengths[row]]]

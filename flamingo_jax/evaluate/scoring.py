@@ -22,7 +22,8 @@ import numpy as np
 
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.evaluate import classification
-from flamingo_jax.evaluate.decode import (DEFAULT_BUCKETS, bucket, count_image_tokens, left_pad,
+from flamingo_jax.evaluate.decode import (DEFAULT_BUCKETS, Placement, bucket,
+                                          check_image_counts, count_image_tokens, left_pad,
                                           stack_images)
 from flamingo_jax.models.flamingo import DecodeCache, Flamingo
 
@@ -95,7 +96,7 @@ def _make_fns(config: FlamingoConfig, max_option_length: int, shardings=None):
   kw = {}
   if shardings is not None:
     params, data = shardings
-    kw["in_shardings"] = (params, data, data, data, None)
+    kw["in_shardings"] = (params, data, data, data, data)
   return (jax.jit(encode, **kw),
           jax.jit(functools.partial(continuation_logprobs, config=config)))
 
@@ -118,7 +119,8 @@ class Scorer:
   def __init__(self, config: FlamingoConfig, *, batch_size: int = 8,
                prompt_buckets: Sequence[int] = DEFAULT_BUCKETS,
                option_buckets: Sequence[int] = (4, 8, 16, 32, 64), option_chunk: int = 32,
-               pad_token_id: int = 0, param_shardings: Any = None, data_sharding: Any = None):
+               pad_token_id: int = 0, param_shardings: Any = None, data_sharding: Any = None,
+               placement: Optional[Placement] = None):
     if batch_size < 1 or option_chunk < 1:
       raise ValueError(f"batch_size and option_chunk must be >= 1, got {batch_size} and "
                        f"{option_chunk}")
@@ -126,6 +128,9 @@ class Scorer:
     self.prompt_buckets, self.option_buckets = tuple(prompt_buckets), tuple(option_buckets)
     self.pad_token_id = pad_token_id
     self._shardings = None
+    self.placement = placement or Placement()
+    if placement is not None and placement.mesh is not None:
+      param_shardings, data_sharding = placement.param_shardings, placement.data_sharding
     if param_shardings is not None or data_sharding is not None:
       self._shardings = (param_shardings, data_sharding)
     self._own_fns: dict = {}
@@ -140,11 +145,13 @@ class Scorer:
 
   def token_logprobs(self, params, prompts: Sequence[Sequence[int]],
                      options: Sequence[Sequence[int]],
-                     images: Optional[Sequence[Optional[np.ndarray]]] = None
+                     images: Optional[Sequence[Optional[np.ndarray]]] = None, *,
+                     visual_features: Optional[Sequence[Optional[np.ndarray]]] = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """-> (log p [len(prompts), O, T] float32, lengths [O]) for options shared by all prompts.
 
-    images: per prompt [N_i, T, H, W, 3] (N_i = its `<image>` count) or None.
+    images: per prompt [N_i, T, H, W, 3] (N_i = its `<image>` count) or None;
+    or visual_features: per prompt [N_i, T, S, C] frozen vision features.
     """
     c = self.config
     if not prompts:
@@ -152,13 +159,8 @@ class Scorer:
     if not options or any(len(opt) == 0 for opt in options):
       raise ValueError("Scorer: options must be a non-empty list of non-empty token lists")
     counts = count_image_tokens(prompts, c.image_token_id)
-    images = [None] * len(prompts) if images is None else images
-    if len(images) != len(prompts):
-      raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    for i, (n, x) in enumerate(zip(counts, images)):
-      if n != (0 if x is None else len(x)):
-        raise ValueError(f"prompt {i} has {n} <image> tokens but "
-                         f"{0 if x is None else len(x)} images")
+    as_features = visual_features is not None
+    images = check_image_counts(prompts, counts, visual_features if as_features else images)
     lengths = np.array([len(opt) for opt in options])
     t = bucket(int(lengths.max()), self.option_buckets)
     num = len(options)
@@ -176,11 +178,13 @@ class Scorer:
       tokens, mask = left_pad([prompts[i] for i in idx], length, self.pad_token_id)
       imgs = stack_images([images[i] for i in idx], slots) if slots else None
       encode, score = self._fns(t)
-      next_logp, cache = encode(params, tokens, mask, imgs, None)
+      visual = (None, imgs) if as_features else (imgs, None)
+      next_logp, cache = self.placement.run(encode, params, tokens, mask, *visual)
       for o in range(0, padded, self.option_chunk):
-        chunk = np.broadcast_to(table[o:o + self.option_chunk],
-                                (self.batch_size, self.option_chunk, t))
-        lp = np.asarray(score(params, next_logp, cache, chunk))
+        chunk = np.ascontiguousarray(np.broadcast_to(
+            table[o:o + self.option_chunk], (self.batch_size, self.option_chunk, t)))
+        lp = np.asarray(self.placement.fetch(
+            self.placement.run(score, params, next_logp, cache, chunk)))
         keep = min(self.option_chunk, num - o)
         out[start:start + real, o:o + keep] = lp[:real, :keep]
     return out, lengths
@@ -188,8 +192,10 @@ class Scorer:
   def __call__(self, params, prompts: Sequence[Sequence[int]],
                options: Sequence[Sequence[int]],
                images: Optional[Sequence[Optional[np.ndarray]]] = None, *,
-               normalize: bool = True) -> np.ndarray:
+               normalize: bool = True,
+               visual_features: Optional[Sequence[Optional[np.ndarray]]] = None) -> np.ndarray:
     """[len(prompts), O] option scores (`classification.option_scores`)."""
-    logp, lengths = self.token_logprobs(params, prompts, options, images)
+    logp, lengths = self.token_logprobs(params, prompts, options, images,
+                                        visual_features=visual_features)
     return classification.option_scores(
         logp, np.broadcast_to(lengths, logp.shape[:2]), normalize=normalize)

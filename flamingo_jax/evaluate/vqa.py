@@ -172,3 +172,71 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], examples: Iterable, *,
                    per_question_type={k: mean(v) for k, v in by_qtype.items()},
                    per_answer_type={k: mean(v) for k, v in by_atype.items()},
                    per_question=per_question)
+
+
+# ------------------------------------------------------------------ answer post-processing
+
+ANSWER_POSTPROCESS = ("none", "vqa", "ok_vqa")
+_STEMMER = None
+_NEW_LABEL = re.compile("Question|Answer|Short")
+
+
+def postprocess_vqa_answer(answer: str) -> str:
+  """OpenFlamingo's VQA post-processing of a generated answer: cut at the first
+  "Question" / "Answer" / "Short" (a new demonstration) and the first ", "."""
+  return _NEW_LABEL.split(answer, maxsplit=1)[0].split(", ", 1)[0]
+
+
+def _ok_vqa_stemmer():
+  """OpenFlamingo's OK-VQA stemmer (OK-VQA v1.1's rules: NLTK tokenizer and tagger,
+  WordNet verb lemmas for "-ing", inflection's singular for plural nouns, a
+  manual table). Used from the open_flamingo package, never reimplemented."""
+  global _STEMMER
+  if _STEMMER is not None:
+    return _STEMMER
+  import importlib.util
+  import os
+  spec = importlib.util.find_spec("open_flamingo")  # the package's __init__ is not run
+  path = spec and os.path.join(spec.submodule_search_locations[0], "eval", "ok_vqa_utils.py")
+  if not path or not os.path.isfile(path):
+    raise ValueError("OK-VQA answers are stemmed as OpenFlamingo does (answer_postprocess="
+                     "'ok_vqa'), which needs the open_flamingo package (pip install "
+                     "open-flamingo --no-deps); or set the task's answer_postprocess to 'vqa'")
+  module_spec = importlib.util.spec_from_file_location("_open_flamingo_ok_vqa_utils", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except ImportError as e:
+    raise ValueError(f"OK-VQA stemming (answer_postprocess='ok_vqa') needs nltk and "
+                     f"inflection installed ({e}); or set the task's answer_postprocess to "
+                     "'vqa'") from None
+  stemmer = module.stemmer
+  try:
+    stemmer.stem("riding horses")
+  except LookupError as e:
+    first = " ".join(str(e).split())[:160]
+    raise ValueError("OK-VQA stemming needs NLTK's data (punkt, averaged_perceptron_tagger, "
+                     f"wordnet) installed locally: {first}") from None
+  _STEMMER = stemmer
+  return stemmer
+
+
+def check_answer_postprocess(name: str) -> None:
+  """ValueError unless `name` is known and its dependencies load (before any model runs)."""
+  if name not in ANSWER_POSTPROCESS:
+    raise ValueError(f"answer_postprocess {name!r}: expected one of {ANSWER_POSTPROCESS}")
+  if name == "ok_vqa":
+    _ok_vqa_stemmer()
+
+
+def postprocess_answer(answer: str, name: str) -> str:
+  """"none": as generated; "vqa": `postprocess_vqa_answer`; "ok_vqa": that, then
+  OpenFlamingo's OK-VQA stemming (OK-VQA's annotations hold stemmed answers)."""
+  if name == "none":
+    return answer
+  answer = postprocess_vqa_answer(answer)
+  if name == "ok_vqa":
+    answer = _ok_vqa_stemmer().stem(answer)
+  elif name != "vqa":
+    raise ValueError(f"answer_postprocess {name!r}: expected one of {ANSWER_POSTPROCESS}")
+  return answer
