@@ -224,6 +224,7 @@ def test_benchmark_configs_follow_the_protocol(world):
     assert train and test and all(os.path.exists(ex.image_path) for ex in train + test)
 
 
+@pytest.mark.slow
 def test_resume_trials_and_feature_cache(world, tmp_path):
   """A killed run continues where it stopped (a torn last line included) and gives the
   predictions of an uninterrupted one; trials are mean ± std of per-seed scores; the
@@ -257,6 +258,7 @@ def test_resume_trials_and_feature_cache(world, tmp_path):
   assert pixels["results"]["coco"]["shots"]["1"]["trials"] == run["trials"]
 
 
+@pytest.mark.slow
 def test_classification_ensembling_and_hateful_memes(world, tmp_path):
   out = tmp_path / "out"
   report = _run(world, out, "--eval", _eval("imagenet", world), "--eval",
@@ -277,6 +279,7 @@ def test_classification_ensembling_and_hateful_memes(world, tmp_path):
   assert 0 <= report["results"]["hateful_memes"]["shots"]["0"]["score"] <= 100
 
 
+@pytest.mark.slow
 def test_mesh_gives_the_one_device_predictions(world, tmp_path):
   """8 fake CPU devices: params restored straight into tensor-parallel shardings, the
   queries split over 4 data-parallel shards; predictions equal one device's."""
@@ -301,6 +304,7 @@ def test_mesh_gives_the_one_device_predictions(world, tmp_path):
   assert any("tensor" in s for s in specs)
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(world, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cases = [

@@ -26,15 +26,21 @@ import numpy as np
 from flamingo_jax.config import FlamingoConfig
 
 
-def vision_fingerprint(params: Any, config: FlamingoConfig) -> str:
-  """A short hash of the vision config and a sample of the vision weights."""
-  h = hashlib.sha1(repr(config.vision).encode())
-  for leaf in jax.tree.leaves(params.get("vision", {})):
-    arr = np.asarray(jax.device_get(leaf.addressable_shards[0].data
-                                    if hasattr(leaf, "addressable_shards") else leaf))
-    h.update(str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr.reshape(-1)[:64], np.float32).tobytes())
+def params_fingerprint(params: Any, salt: str = "") -> str:
+  """A short hash of every leaf's shape and first values (of its first local shard):
+  cheap on any mesh, and different for retrained or other weights."""
+  h = hashlib.sha1(salt.encode())
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    data = leaf.addressable_shards[0].data if hasattr(leaf, "addressable_shards") else leaf
+    arr = np.asarray(jax.device_get(data.reshape(-1)[:64]), np.float32)
+    h.update(f"{jax.tree_util.keystr(path)}{tuple(np.shape(leaf))}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
   return h.hexdigest()[:16]
+
+
+def vision_fingerprint(params: Any, config: FlamingoConfig) -> str:
+  """The vision config and weights: what an image's features depend on."""
+  return params_fingerprint(params.get("vision", {}), repr(config.vision))
 
 
 def _encode_fn(config: FlamingoConfig, shardings: Any = None):

@@ -40,7 +40,7 @@ from flamingo_jax.errors import ArgumentParser, ConfigError
 from flamingo_jax.evaluate import classification, datasets, prompts, rices
 from flamingo_jax.evaluate.cider import cider_d
 from flamingo_jax.evaluate.decode import DEFAULT_BUCKETS, DecodeConfig, Generator, Placement
-from flamingo_jax.evaluate.features import FeatureCache
+from flamingo_jax.evaluate.features import FeatureCache, params_fingerprint
 from flamingo_jax.evaluate.predictions import PredictionLog, file_stem
 from flamingo_jax.evaluate.scoring import Scorer
 from flamingo_jax.evaluate.vqa import (ANSWER_POSTPROCESS, GT_NORMALISATIONS,
@@ -677,8 +677,8 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
   params: the unboxed Flamingo param tree (placed as `placement` says, default one
   device); tokenizer: `data.tokenizer.Tokenizer` (its `<image>`/`<EOC>` ids must
   be the model's); shots / num_trials / ensemble: override the tasks' protocol;
-  model_id: names the params in the predictions' fingerprint (a rerun with
-  other params must not continue these files); metadata: extra entries for
+  model_id: names the params in the predictions' fingerprint, beside a hash of
+  the weights (a rerun with other params never continues these files); metadata: extra entries for
   results.json (the CLI records the config and checkpoint paths).
   """
   _check(config.vision.name != "none", "evaluation reads images, but model.vision.name is "
@@ -697,6 +697,8 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
     if ec.tasks[name].kind == "vqa":
       check_answer_postprocess(ec.tasks[name].answer_postprocess)
   m = _Model(config, ec, params, tokenizer, placement, out_dir)
+  model_id = (f"{model_id}|{params_fingerprint(params)}|"
+              f"{hashlib.sha1(repr(config).encode()).hexdigest()[:12]}")
   rices_fn = m.rices() if use_rices else None
   results: dict = {}
   protocols: dict = {}
@@ -950,7 +952,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if a.random_init:
     params = jax.device_put(init_params(config, a.seed), placement.param_shardings) \
         if placement.mesh is not None else init_params(config, a.seed)
-    model_id = f"random_init:{a.seed}:{hashlib.sha1(repr(config).encode()).hexdigest()[:12]}"
+    model_id = f"random_init:{a.seed}"
   else:
     params = model_dir.load_params(a.checkpoint, config, placement.mesh,
                                    cfg.mesh if placement.mesh is not None else None)
