@@ -3,8 +3,8 @@
   python -m flamingo_jax.data.synthetic --out /tmp/synth
   python -m flamingo_jax.contrastive --config configs/contrastive_tiny.py:data=/tmp/synth \
       --workdir /tmp/contrastive_tiny
-  python -m flamingo_jax.contrastive_eval --config configs/contrastive_tiny.py:data=/tmp/synth \
-      --workdir /tmp/contrastive_tiny
+  python -m flamingo_jax.contrastive --config configs/contrastive_tiny.py:data=/tmp/synth \
+      --workdir /tmp/contrastive_tiny --eval_only
 
 Config argument: comma-separated key=value, e.g. `:data=/tmp/synth,vision=nfnet`.
   data    the directory `flamingo_jax.data.synthetic` wrote (default /tmp/synth)

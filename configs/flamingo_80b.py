@@ -1,16 +1,22 @@
-"""Flamingo-80B as in paper Table 4 (NFNet-F6 at 320 px, Perceiver Resampler
-6 x 1536, GATED XATTN-DENSE, frozen Chinchilla-style LM).
+"""Flamingo-80B: paper Table 4's model and appendix B.1.2's training recipe
+(configs/flamingo_recipe.py states every value and where it comes from).
 
   python -m flamingo_jax.tools.count_params --config configs/flamingo_80b.py
   python -m flamingo_jax.tools.count_params --config configs/flamingo_80b.py:v1  # head size 128
+  python -m flamingo_jax.train --config configs/flamingo_80b.py:local --workdir /tmp/80b_local
+  python -m flamingo_jax.train --config configs/flamingo_80b.py:data=gs://b/flamingo \
+      --workdir gs://b/runs/80b
 
-The argument selects the paper version for head sizes (v2 default; see docs/architecture.md).
+The argument: `v1` (paper v1 head sizes; default v2), `local` (the recipe shrunk
+to run on a CPU in about a minute), `data=ROOT` (datasets and tokenizer), comma-separated.
 """
-import ml_collections
+import importlib.util
+import os
 
-from flamingo_jax.config import paper_model, to_config_dict
 
-
-def get_config(version=None):
-  model = paper_model("80b", version or "v2")
-  return ml_collections.ConfigDict({"model": to_config_dict(model)})
+def get_config(arg=None):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flamingo_recipe.py")
+  spec = importlib.util.spec_from_file_location("_flamingo_recipe", path)
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  return recipe.get_config(",".join(["80b"] + ([arg] if arg else [])))

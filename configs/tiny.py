@@ -5,7 +5,7 @@
   python -m flamingo_jax.train --config configs/tiny.py --workdir /tmp/tiny \
       --fake_devices=8 --config.mesh.fsdp=2 --config.mesh.tensor=2 --config.mesh.zero1=True
 
-Trains on the deterministic synthetic image-text data of flamingo_jax/train_data.py
+Trains on the deterministic synthetic image-text data of flamingo_jax/data/in_memory.py
 (two datasets, combined by gradient accumulation as in the paper); the loss falls
 within a few dozen steps.
 """

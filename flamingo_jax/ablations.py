@@ -31,6 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION_DIR = os.path.join(REPO, "configs", "ablations")
 REQUIRED = ("TABLE", "GROUP", "CHANGE", "get_config")
 
+from flamingo_jax.errors import UserError, run_cli
+
 log = logging.getLogger("flamingo_jax.ablations")
 
 
@@ -191,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   names = [n for n in a.only.split(",") if n] or list(available)
   unknown = [n for n in names if n not in available]
   if unknown:
-    raise SystemExit(f"unknown ablation(s) {unknown}; available: {sorted(available)}")
+    raise UserError(f"unknown ablation(s) {unknown}; available: {sorted(available)}")
   rows = [control_row(a.workdir, scale)]
   for name in names:
     log.info("ablation %s ...", name)
@@ -208,4 +210,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main))

@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from flamingo_jax.errors import ConfigError
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "squared_relu", "silu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
@@ -211,6 +213,11 @@ class LMConfig:
   tie_embeddings: bool = True
   parallel_residual: bool = False  # GPT-NeoX style attn and FFW in parallel
   embedding_scale: float = 1.0  # multiply token embeddings (Gemma-style sqrt(D))
+  # Rows of the LM's own input / output embedding matrices; 0: vocab_size. Fewer:
+  # the ids from embedding_rows up (only <image> / <EOC>, with their trainable
+  # rows in new_token_*) are a Flamingo's growth of a pretrained LM's vocabulary,
+  # and the LM's checkpoint loads as converted (configs/from_hf_lm.py).
+  embedding_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +246,19 @@ class FlamingoConfig:
   dtype: str = "float32"  # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"
   remat: str = "none"  # none | block | dots (activation checkpointing per block)
+  # Run the LM blocks and the GATED XATTN-DENSE blocks under a scan over stacked
+  # parameters (a leading `layers` axis: `lm/blocks`, `xattn_blocks`), so compile
+  # time does not grow with depth; False: one module per block (`lm/blocks_{i}`,
+  # `xattn_block_{i}`). Checkpoints of either layout load into both
+  # (models/layer_stack.py).
+  scan_layers: bool = False
+  # Attention kernel: xla (einsum + float32 softmax, the reference) | cudnn
+  # (jax.nn.dot_product_attention on GPU) | splash (Pallas kernel on TPU) | auto
+  # (cudnn on GPU, splash on TPU, xla elsewhere). Decoding keeps the xla path.
+  attention: str = "xla"
 
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
 COMPONENTS = ("vision", "resampler", "xattn", "lm", "new_tokens")
 
@@ -271,7 +290,7 @@ LM_FAMILIES = {
 def lm_preset(family: str, **overrides) -> LMConfig:
   """An LMConfig with `family`'s conventions and the given sizes."""
   if family not in LM_FAMILIES:
-    raise ValueError(f"unknown LM family {family!r}; expected one of {sorted(LM_FAMILIES)}")
+    raise ConfigError(f"unknown LM family {family!r}; expected one of {sorted(LM_FAMILIES)}")
   return LMConfig(family=family, **{**LM_FAMILIES[family], **overrides})
 
 
@@ -298,14 +317,14 @@ def from_config_dict(cls, cfg: Any, prefix: str = "model"):
     cfg = to_config_dict(cfg)
   items = cfg.items() if hasattr(cfg, "items") else None
   if items is None:
-    raise ValueError(f"config {prefix!r} must be a mapping, got {type(cfg).__name__}")
+    raise ConfigError(f"config {prefix!r} must be a mapping, got {type(cfg).__name__}")
   fields = _fields(cls)
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for key, value in items:
     path = f"{prefix}.{key}"
     if key not in fields:
-      raise ValueError(
+      raise ConfigError(
           f"unknown config key {path!r}; valid keys under {prefix!r}: "
           f"{', '.join(sorted(fields))}")
     hint = hints[key]
@@ -326,13 +345,13 @@ def _coerce(value, hint, path):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
   if origin is tuple:
     if not isinstance(value, (list, tuple)):
-      raise ValueError(f"config key {path!r} must be a sequence, got {value!r}")
+      raise ConfigError(f"config key {path!r} must be a sequence, got {value!r}")
     return tuple(_coerce(v, args[0], path) for v in value)
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if hint in (int, float, str, bool) and not isinstance(value, hint) or (
       hint is int and isinstance(value, bool)):
-    raise ValueError(
+    raise ConfigError(
         f"config key {path!r} must be {hint.__name__}, got {value!r}")
   return value
 
@@ -351,7 +370,7 @@ def model_config(cfg) -> FlamingoConfig:
 
 def _check(cond: bool, msg: str):
   if not cond:
-    raise ValueError(msg)
+    raise ConfigError(msg)
 
 
 def _choice(value, choices, key):
@@ -383,6 +402,7 @@ def validate(c: FlamingoConfig) -> None:
   _choice(c.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
   _choice(c.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
   _choice(c.remat, ("none", "block", "dots"), "model.remat")
+  _choice(c.attention, ATTENTION_IMPLEMENTATIONS, "model.attention")
   for key, v in [("model.resampler.depth", r.depth), ("model.resampler.width", r.width),
                  ("model.resampler.num_heads", r.num_heads),
                  ("model.resampler.head_dim", r.head_dim),
@@ -415,6 +435,16 @@ def validate(c: FlamingoConfig) -> None:
          "0 < low < high")
   _check(lm.sliding_window >= 0,
          f"config key 'model.lm.sliding_window' must be >= 0 (0: none), got {lm.sliding_window}")
+  rows = lm.embedding_rows or lm.vocab_size
+  _check(0 <= lm.embedding_rows <= lm.vocab_size,
+         f"config key 'model.lm.embedding_rows' ({lm.embedding_rows}) must be in "
+         f"[0, model.lm.vocab_size = {lm.vocab_size}]")
+  grown = set(range(rows, lm.vocab_size))
+  _check(not grown or (c.train_new_token_embeddings
+                       and grown <= {c.image_token_id, c.eoc_token_id}),
+         f"config key 'model.lm.embedding_rows' ({lm.embedding_rows}): the ids "
+         f"{sorted(grown)[:4]} past the LM's rows must be model.image_token_id / "
+         "model.eoc_token_id, with model.train_new_token_embeddings")
   for key, tid in [("model.image_token_id", c.image_token_id),
                    ("model.eoc_token_id", c.eoc_token_id)]:
     _check(0 <= tid < lm.vocab_size,
@@ -453,9 +483,9 @@ def paper_model(size: str, version: str = "v2") -> FlamingoConfig:
   appended at 32000 and 32001 (their rows are trained in `new_token_*`).
   """
   if size not in PAPER_SIZES:
-    raise ValueError(f"unknown Flamingo size {size!r}; expected one of {sorted(PAPER_SIZES)}")
+    raise ConfigError(f"unknown Flamingo size {size!r}; expected one of {sorted(PAPER_SIZES)}")
   if version not in ("v1", "v2"):
-    raise ValueError(f"paper version must be 'v1' or 'v2', got {version!r}")
+    raise ConfigError(f"paper version must be 'v1' or 'v2', got {version!r}")
   layers_, width, heads, every = PAPER_SIZES[size]
   vocab = PAPER_VOCAB + 2
   return FlamingoConfig(
@@ -489,16 +519,16 @@ def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDi
   if match:
     path, arg = match.group(1), match.group(2)
   if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} does not exist")
+    raise ConfigError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location(
       "flamingo_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} has no get_config() function")
+    raise ConfigError(f"config file {path!r} has no get_config() function")
   takes_arg = len(inspect.signature(module.get_config).parameters) > 0
   if arg is not None and not takes_arg:
-    raise ValueError(f"config file {path!r} takes no argument but got {arg!r}")
+    raise ConfigError(f"config file {path!r} takes no argument but got {arg!r}")
   return module.get_config(arg) if takes_arg else module.get_config()
 
 
@@ -509,32 +539,84 @@ def _parse_value(text: str):
     return text  # a bare string
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies "a.b.c=value" strings (Python literals, or bare strings)."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    open_keys: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Applies "a.b.c=value" strings (Python literals, or bare strings).
+
+  open_keys: dotted paths of dict-valued fields (`model_init`,
+  `train.micro_batches`) that take new keys, so `--config.model_init.lm=PATH`
+  adds an entry; anywhere else an unknown key is an error naming it.
+  """
   config = copy.deepcopy(config)  # never modify the caller's config
   for item in overrides:
     item = item.removeprefix("--config.").removeprefix("config.")
     if "=" not in item:
-      raise ValueError(f"override {item!r} must look like key.path=value")
+      raise ConfigError(f"override {item!r} must look like key.path=value")
     key, text = item.split("=", 1)
     node = config
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
+      prefix = ".".join(parts[:i + 1])
+      if part not in node and prefix in open_keys:
+        with node.unlocked():
+          node[part] = ml_collections.ConfigDict()
       if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r} in override {item!r}")
+        raise ConfigError(f"unknown config key {prefix!r} in override {item!r}")
       node = node[part]
-    if parts[-1] not in node:
-      raise ValueError(f"unknown config key {key!r} in override {item!r}; valid keys here: "
-                       f"{', '.join(sorted(node.keys()))}")
     value = _parse_value(text)
+    if parts[-1] not in node:
+      if ".".join(parts[:-1]) not in open_keys:
+        valid = ", ".join(sorted(node.keys())) or "none (this section takes no keys)"
+        raise ConfigError(f"unknown config key {key!r} in override {item!r}; valid keys "
+                          f"here: {valid}")
+      with node.unlocked():
+        node[parts[-1]] = value
+      continue
     old = node[parts[-1]]
     if isinstance(old, tuple) and isinstance(value, list):
       value = tuple(value)
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
-    with node.unlocked():
-      node[parts[-1]] = value
+    try:
+      with node.unlocked():
+        node[parts[-1]] = value
+    except TypeError as e:  # ml_collections names only the last key
+      raise ConfigError(f"config key {key!r} must be {type(old).__name__} (as its default "
+                        f"{old!r}), got {value!r} in override {item!r}") from e
+  return config
+
+
+def _section_value(value):
+  """A dataclass field's default as a ConfigDict value (nested dataclasses as dicts,
+  tuples of tuples as lists)."""
+  if dataclasses.is_dataclass(value):
+    return {f.name: _section_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+  if isinstance(value, tuple) and value and all(isinstance(v, tuple) for v in value):
+    return [list(v) for v in value]
+  if isinstance(value, typing.Mapping):
+    return dict(value)
+  return value
+
+
+def _fill(node: ml_collections.ConfigDict, defaults: typing.Mapping) -> None:
+  for key, value in defaults.items():
+    if key not in node or node[key] is None and isinstance(value, dict) and value:
+      node[key] = value
+    elif isinstance(value, dict) and value and isinstance(node[key], ml_collections.ConfigDict):
+      _fill(node[key], value)
+
+
+def with_defaults(config: ml_collections.ConfigDict,
+                  defaults: typing.Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """config with every section of `defaults` (name -> dataclass instance or dict)
+  present and every key a section leaves out (nested ones too) set to its default.
+
+  Runs before the command-line overrides, so `--config.mesh.tensor=16` works on
+  a model-only config, and config.json shows every value the run used.
+  """
+  config = ml_collections.ConfigDict(config)
+  with config.unlocked():
+    _fill(config, {name: _section_value(d) for name, d in defaults.items()})
   return config
 
 

@@ -1,7 +1,11 @@
 """Evaluation of the contrastive dual encoder: zero-shot classification and retrieval.
 
-  python -m flamingo_jax.contrastive_eval --config configs/contrastive_tiny.py:data=/tmp/synth \
-      --workdir /tmp/contrastive_tiny [--step N]
+  python -m flamingo_jax.contrastive --config configs/contrastive_tiny.py:data=/tmp/synth \
+      --workdir /tmp/contrastive_tiny --eval_only [--step N]
+
+The trainer evaluates during and after training (eval.every) and, with
+--eval_only, a run's checkpoint; this module is the evaluator it calls and
+imports no trainer.
 
 Zero-shot classification (CLIP's protocol): every class name is put into each
 prompt template ("a photo of a {}."), the text embeddings of a class's
@@ -17,17 +21,14 @@ captions is reported beside.
 
 Texts are tokenised exactly as the training pipeline lays out captions
 (`<BOS><image>caption<EOC><EOS>`, read through targets/loss_mask, see
-contrastive.batch_from_pairs), without the training-time random space.
+batch_from_pairs below), without the training-time random space.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,6 +37,7 @@ from jax.sharding import NamedSharding
 
 from flamingo_jax.training import sharding
 from flamingo_jax.config import from_config_dict
+from flamingo_jax.errors import ConfigError, DataError
 from flamingo_jax.data import images as images_lib
 from flamingo_jax.data import layouts
 from flamingo_jax.data.config import DataConfig, DatasetConfig
@@ -82,29 +84,29 @@ class EvalConfig:
 def eval_config(cfg: Any) -> EvalConfig:
   c = from_config_dict(EvalConfig, cfg or {}, "eval")
   if c.every < 0:
-    raise ValueError(f"config key 'eval.every' must be >= 0, got {c.every}")
+    raise ConfigError(f"config key 'eval.every' must be >= 0, got {c.every}")
   if c.batch_size < 1:
-    raise ValueError(f"config key 'eval.batch_size' must be positive, got {c.batch_size}")
+    raise ConfigError(f"config key 'eval.batch_size' must be positive, got {c.batch_size}")
   if not c.recall_at or any(k < 1 for k in c.recall_at):
-    raise ValueError(f"config key 'eval.recall_at' must be positive ints, got {c.recall_at}")
+    raise ConfigError(f"config key 'eval.recall_at' must be positive ints, got {c.recall_at}")
   if c.retrieval.source not in ("tar", "arrayrecord"):
-    raise ValueError(f"config key 'eval.retrieval.source' is {c.retrieval.source!r}; "
+    raise ConfigError(f"config key 'eval.retrieval.source' is {c.retrieval.source!r}; "
                      "expected 'tar' or 'arrayrecord'")
   cls = c.classification
   if cls.examples:
     if not cls.class_names:
-      raise ValueError("config key 'eval.classification.class_names' is empty but "
+      raise ConfigError("config key 'eval.classification.class_names' is empty but "
                        "eval.classification.examples is set")
     if not cls.templates:
-      raise ValueError("config key 'eval.classification.templates' is empty")
+      raise ConfigError("config key 'eval.classification.templates' is empty")
     for t in cls.templates:
       if t.count("{}") != 1:
-        raise ValueError(f"config key 'eval.classification.templates' entry {t!r} must hold "
+        raise ConfigError(f"config key 'eval.classification.templates' entry {t!r} must hold "
                          "exactly one '{}' for the class name")
   for key, n in (("retrieval.max_examples", c.retrieval.max_examples),
                  ("classification.max_examples", cls.max_examples)):
     if n < 0:
-      raise ValueError(f"config key 'eval.{key}' must be >= 0, got {n}")
+      raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {n}")
   return c
 
 
@@ -175,11 +177,31 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], seq_len: int
 # --------------------------------------------------------------------------
 # Data
 
+def batch_from_pairs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A pairs batch of flamingo_jax.data -> the dual encoder's inputs.
+
+  The pipeline lays captions out for the LM as <BOS><image>caption<EOC><EOS>;
+  its `targets` row is that sequence shifted by one and `loss_mask` marks its
+  real text (caption, <EOC>, <EOS>; not <image>, not padding). So the text
+  tower reads tokens = targets under mask = loss_mask > 0: the caption in the
+  pipeline's own tokenisation, padding masked out.
+    images [B, 1, 1, H, W, 3] -> images [B, H, W, 3]
+    targets [B, L], loss_mask [B, L] -> tokens [B, L] int32, mask [B, L] bool
+  """
+  for key in ("images", "targets", "loss_mask"):
+    if key not in batch:
+      raise ValueError(f"pairs batch has no {key!r}; it has {sorted(batch)}")
+  images = np.asarray(batch["images"])
+  if images.ndim != 6 or images.shape[1:3] != (1, 1):
+    raise ValueError(f"pairs batch images must be [B, 1, 1, H, W, 3], got {images.shape}")
+  return {"images": images[:, 0, 0], "tokens": np.asarray(batch["targets"], np.int32),
+          "mask": np.asarray(batch["loss_mask"]) > 0}
+
+
 
 def load_retrieval(cfg: RetrievalConfig, data: DataConfig, tokenizer: Tokenizer,
                    batch_size: int) -> dict[str, np.ndarray]:
   """The held-out pairs: images [N, H, W, 3], tokens [N, L], mask [N, L]."""
-  from flamingo_jax.contrastive import batch_from_pairs
   from flamingo_jax.data import make_dataset
   dcfg = DatasetConfig(kind="pairs", source=cfg.source, paths=tuple(cfg.paths),
                        batch_size=batch_size, seq_len=cfg.seq_len)
@@ -193,7 +215,7 @@ def load_retrieval(cfg: RetrievalConfig, data: DataConfig, tokenizer: Tokenizer,
     if cfg.max_examples and seen >= cfg.max_examples:
       break
   if not parts:
-    raise ValueError(f"eval.retrieval.paths {list(cfg.paths)} hold no usable pairs")
+    raise DataError(f"eval.retrieval.paths {list(cfg.paths)} hold no usable pairs")
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   if cfg.max_examples:
     out = {k: v[:cfg.max_examples] for k, v in out.items()}
@@ -209,14 +231,14 @@ def load_classification(cfg: ClassificationConfig, data: DataConfig
   if cfg.max_examples:
     examples = examples[:cfg.max_examples]
   if not examples:
-    raise ValueError(f"eval.classification.examples {cfg.examples!r} lists no images")
+    raise DataError(f"eval.classification.examples {cfg.examples!r} lists no images")
   images = []
   for ex in examples:
     try:
       with open(ex.image_path, "rb") as f:
         raw = f.read()
     except OSError as e:
-      raise ValueError(f"eval.classification: cannot read image {ex.image_path!r}: {e}") from e
+      raise DataError(f"eval.classification: cannot read image {ex.image_path!r}: {e}") from e
     img = images_lib.decode(raw, data.image.size)
     images.append(images_lib.process([img], data.image, None, train=False)[0])
   return np.stack(images), np.array([ex.label for ex in examples], np.int32), names
@@ -240,7 +262,7 @@ class Evaluator:
     self.model, self.cfg, self.data, self.mesh, self.rules = model, cfg, data, mesh, rules
     if tokenizer is None:
       if not data.tokenizer:
-        raise ValueError("config key 'data.tokenizer' is empty; the evaluator needs it to "
+        raise ConfigError("config key 'data.tokenizer' is empty; the evaluator needs it to "
                          "tokenise prompts")
       tokenizer = Tokenizer.load(data.tokenizer)
     self.tokenizer = tokenizer
@@ -248,11 +270,11 @@ class Evaluator:
     for key, length in (("retrieval.seq_len", cfg.retrieval.seq_len),
                         ("classification.seq_len", cfg.classification.seq_len)):
       if not 4 <= length <= max_length:
-        raise ValueError(f"config key 'eval.{key}' ({length}) must be in [4, "
+        raise ConfigError(f"config key 'eval.{key}' ({length}) must be in [4, "
                          f"model.text.max_length={max_length}]")
     shards = sharding.batch_shards(mesh)
     if cfg.batch_size % shards:
-      raise ValueError(f"config key 'eval.batch_size' ({cfg.batch_size}) must be divisible by "
+      raise ConfigError(f"config key 'eval.batch_size' ({cfg.batch_size}) must be divisible by "
                        f"the {shards} data-parallel devices")
     batch_sh = lambda ndim: NamedSharding(mesh, sharding.batch_spec(ndim))  # noqa: E731
     out_sh = sharding.replicated(mesh)
@@ -341,52 +363,7 @@ class Evaluator:
     return out
 
 
-# --------------------------------------------------------------------------
-# Command line: evaluate a run's checkpoint
-
-
-def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
-                        devices: Optional[Sequence[jax.Device]] = None) -> dict:
-  """Restores `workdir/checkpoints/<step>` (default: latest) and evaluates it
-  on a mesh of `devices` (default: all)."""
-  from flamingo_jax.training import checkpoint as ckpt_lib
-  from flamingo_jax.contrastive import abstract_state, setup
-  s = setup(config)
-  cfg = eval_config(config.get("eval") if "eval" in config else None)
-  mesh = sharding.make_mesh(s.mesh, devices)
-  model, _, state_abs, state_sh, _ = abstract_state(s, mesh)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                       s.checkpoint)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or step not in checkpointer.all_steps():
-      what = "no checkpoint" if step is None else f"no checkpoint of step {step}"
-      raise ValueError(f"{what} in {workdir}/checkpoints (it has "
-                       f"{checkpointer.all_steps()})")
-    state, _ = checkpointer.restore(step, sharding.with_shardings(state_abs, state_sh))
-  finally:
-    checkpointer.close()
-  evaluator = Evaluator(model, cfg, s.data, mesh, state_sh["params"], rules=s.mesh.rules)
-  results = evaluator.evaluate(state["params"])
-  return dict(results, step=int(step))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flamingo_jax.config import split_config_args
-  from flamingo_jax.contrastive import load
-  argv = sys.argv[1:] if argv is None else list(argv)
-  rest, overrides = split_config_args(argv)
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
-  parser.add_argument("--workdir", required=True, help="the training run's workdir")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  args = parser.parse_args(rest)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  config = load(args.config, overrides)
-  print(json.dumps(evaluate_checkpoint(config, args.workdir, args.step), indent=2,
-                   sort_keys=True))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # the evaluation CLI lives with the trainer's config parsing
+  from flamingo_jax.contrastive import main as _main
+  from flamingo_jax.errors import run_cli
+  sys.exit(run_cli(lambda argv: _main(["--eval_only", *(sys.argv[1:] if argv is None else argv)])))

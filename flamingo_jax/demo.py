@@ -6,7 +6,8 @@ Stages (each skipped when its output exists, each resumable when interrupted:
 the trainers restart from their last checkpoint):
   data      the synthetic dataset (flamingo_jax/data/synthetic.py) and its
             sentencepiece tokenizer, trained on the text corpus
-  lm        a tiny Chinchilla-style LM pretrained on that corpus (lm_pretrain.py)
+  lm        a tiny Chinchilla-style LM pretrained on that corpus (lm_pretrain.py on
+            configs/lm_pretrain_demo.py)
   vision    a tiny NFNet + text tower pretrained contrastively on the image-text
             pairs (contrastive.py, configs/contrastive_tiny.py:vision=nfnet)
   flamingo  both frozen; the resampler and gated cross-attention trained on the
@@ -37,6 +38,8 @@ from typing import Callable, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "lm", "vision", "flamingo", "eval", "report")
 RESULT = "result.json"  # a stage's marker, written last
+
+from flamingo_jax.errors import UserError, run_cli
 
 log = logging.getLogger("flamingo_jax.demo")
 
@@ -133,22 +136,17 @@ def run_data(paths: dict, scale: Scale) -> dict:
 
 
 def run_lm(paths: dict, scale: Scale) -> dict:
+  import jax
   from flamingo_jax import lm_pretrain
-  from flamingo_jax.data.tokenizer import Tokenizer
-  cfg = _configs_demo()
-  tokenizer = Tokenizer.load(paths["tokenizer"])
-  lm = cfg.lm_config(tokenizer.info.vocab_size)
-  # Rows of 256 tokens (many corpus lines each): 8-shot prompts are ~150-250
-  # tokens long, and a rotary LM trained on shorter rows degrades past them.
-  c = lm_pretrain.PretrainConfig(steps=scale.lm_steps, batch_size=16, seq_len=256,
-                                 checkpoint_every=100, log_every=50)
-  with open(os.path.join(paths["data"], "corpus.txt")) as f:
-    corpus = f.read().splitlines()
-  bar = Bar("lm pretraining", c.steps)
-  try:
-    out = lm_pretrain.pretrain(lm, c, corpus, tokenizer, paths["lm"], on_step=bar)
+  config = lm_pretrain.load(os.path.join(REPO, "configs", "lm_pretrain_demo.py") + ":"
+                            + paths["root"], [f"train.total_steps={scale.lm_steps}"])
+  bar = Bar("lm pretraining", scale.lm_steps)
+  try:  # one device: the tiny LM's batch of 16 rows gains nothing from fake devices
+    out = lm_pretrain.run(config, paths["lm"], on_step=bar, devices=jax.devices()[:1])
   finally:
     bar.close()
+  if out["stopped"] != "done":
+    raise RuntimeError(f"LM pretraining stopped early ({out['stopped']})")
   losses = [r["loss"] for r in out["history"]]
   return {"steps": out["step"], "first_loss": losses[0] if losses else None,
           "final_loss": losses[-1] if losses else None, "val_loss": out["val_loss"],
@@ -457,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   stages = [s for s in a.stages.split(",") if s]
   bad = [s for s in force + stages if s not in STAGES]
   if bad:
-    raise SystemExit(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
+    raise UserError(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
   t0 = time.perf_counter()
   results = run(a.workdir, SCALES[a.scale], force, stages)
   if "eval" in results:
@@ -472,4 +470,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main))

@@ -1,65 +1,133 @@
 """Text-only pretraining of the decoder LM that Flamingo later freezes.
 
-  python -m flamingo_jax.lm_pretrain --corpus corpus.txt --tokenizer tok.model \
-      --workdir DIR [--steps 300] [--config.lm.width=128 ...]
+  python -m flamingo_jax.lm_pretrain --config configs/lm_pretrain_demo.py:demo_workdir \
+      --workdir demo_workdir/lm [--config.train.total_steps=300 ...]
 
 Flamingo starts from a pretrained LM (Chinchilla in the paper); the demo
 trains a tiny one first, on the text of its synthetic world. The corpus
-(one document a line) is tokenised as <BOS> ids <EOS>, concatenated and cut
-into rows of seq_len + 1 tokens; 2% of the rows are held out for a
-validation loss. Batch k of an epoch is a fixed function of (seed, step), so
-resuming from a checkpoint replays exactly the batches an uninterrupted run
-would have seen. At the end the LM is exported as a parameter checkpoint
-(`DIR/export/lm`, the tree Flamingo's `lm` component holds) that a
-Flamingo config loads with `model_init.lm`.
+(`corpus.paths`, one document a line) is tokenised as <BOS> ids <EOS>,
+concatenated and cut into rows of seq_len + 1 tokens; `corpus.val_fraction`
+of the rows is held out for a validation loss. Batch k of an epoch is a fixed
+function of (seed, k), and the batch index is the data state saved in every
+checkpoint, so a resumed run replays exactly the batches an uninterrupted run
+would have seen. The loss is objective.token_nll; the step, mesh and
+shardings, checkpoints (with SIGTERM), non-finite skip and metrics are the
+training library's (flamingo_jax/training/). At the end the LM is exported as
+a parameter checkpoint (`WORKDIR/export/lm`, the tree Flamingo's `lm`
+component holds) that a Flamingo config loads with `model_init.lm`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+from etils import epath
 
-from flamingo_jax.training import checkpoint as ckpt_lib
-from flamingo_jax.config import LMConfig, from_config_dict, lm_preset, to_config_dict
+from flamingo_jax.config import LMConfig, from_config_dict, to_config_dict, with_defaults
+from flamingo_jax.errors import ConfigError, DataError, run_cli
 from flamingo_jax.models.lm import DecoderLM
+from flamingo_jax.training import checkpoint as ckpt_lib
+from flamingo_jax.training import cli, distributed, objective, optim, sharding
+from flamingo_jax.training import state as state_lib
+from flamingo_jax.training.loop import (LoopConfig, StepHandler, batch_shardings,
+                                        check_batch_sizes, check_loop_config, prepare_workdir,
+                                        process_rows, put_batch, run_loop)
+from flamingo_jax.training.metrics import MetricsWriter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flamingo_jax.lm_pretrain")
+
+
+# --------------------------------------------------------------------------
+# Config
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-  """Optimisation of the text-only run (AdamW, warm-up then cosine decay)."""
-  steps: int = 300
-  batch_size: int = 32
-  seq_len: int = 64
+class TrainConfig(LoopConfig):
+  """`train` section."""
+  total_steps: int = 300
+  log_every: int = 25
+  batch_size: int = 32  # rows per update, global over all processes
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  """`corpus` section: the text and how it becomes rows."""
+  paths: tuple[str, ...] = ()  # text files, one document a line
+  tokenizer: str = ""  # sentencepiece .model (or a Hugging Face tokenizer)
+  seq_len: int = 64  # tokens a row feeds the LM (rows hold seq_len + 1)
+  val_fraction: float = 0.02  # rows held out for the validation loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LMOptimConfig(optim.OptimConfig):
+  """`optim` section: AdamW, warm-up then cosine decay to end_learning_rate; no weight
+  decay on norms and biases (1-D leaves), as is usual for LMs."""
   learning_rate: float = 3e-3
   warmup_steps: int = 20
-  weight_decay: float = 0.1
-  clip_norm: float = 1.0
-  seed: int = 0
-  checkpoint_every: int = 100
-  log_every: int = 25
-  val_fraction: float = 0.02
+  schedule: str = "cosine"
+  end_learning_rate: float = 3e-4
 
-  def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"lm_pretrain: {name} must be > 0, got {getattr(self, name)}")
-    if not 0.0 <= self.val_fraction < 0.5:
-      raise ValueError(f"lm_pretrain: val_fraction must be in [0, 0.5), got "
-                       f"{self.val_fraction}")
+
+SECTIONS = {"train": TrainConfig, "corpus": CorpusConfig, "optim": LMOptimConfig,
+            **cli.RUN_SECTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Every section, validated once."""
+  model: LMConfig
+  train: TrainConfig
+  corpus: CorpusConfig
+  optim: LMOptimConfig
+  mesh: sharding.MeshConfig
+  checkpoint: ckpt_lib.CheckpointConfig
+  distributed: distributed.DistributedConfig
+
+
+def with_default_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The sections and keys a config leaves out, with their defaults (before overrides)."""
+  return with_defaults(config, {name: cls() for name, cls in SECTIONS.items()})
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Parses and checks every section once; errors name the key."""
+  if "model" not in config:
+    raise ConfigError("config has no 'model' section (the LMConfig to train)")
+  model = from_config_dict(LMConfig, config.model, "model")
+  train = from_config_dict(TrainConfig, config.get("train") or {}, "train")
+  check_loop_config(train)
+  corpus = from_config_dict(CorpusConfig, config.get("corpus") or {}, "corpus")
+  for key, v in (("train.batch_size", train.batch_size), ("corpus.seq_len", corpus.seq_len)):
+    if v <= 0:
+      raise ConfigError(f"config key '{key}' must be a positive int, got {v}")
+  if not 0.0 <= corpus.val_fraction < 0.5:
+    raise ConfigError(f"config key 'corpus.val_fraction' must be in [0, 0.5), got "
+                      f"{corpus.val_fraction}")
+  if corpus.seq_len > model.max_length and model.positions == "learned":
+    raise ConfigError(f"config key 'corpus.seq_len' ({corpus.seq_len}) exceeds "
+                      f"model.max_length ({model.max_length}) of learned positions")
+  return Setup(model=model, train=train, corpus=corpus,
+               optim=optim.optim_config(config.get("optim"), LMOptimConfig),
+               mesh=sharding.mesh_config(config.get("mesh")),
+               checkpoint=ckpt_lib.checkpoint_config(config.get("checkpoint")),
+               distributed=distributed.distributed_config(config.get("distributed")))
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  return cli.load(spec, overrides, with_default_sections)
+
+
+# --------------------------------------------------------------------------
+# Data: rows of the corpus, batch k a fixed function of (seed, k)
 
 
 def token_rows(lines: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
@@ -72,8 +140,8 @@ def token_rows(lines: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
       stream.extend([info.bos_id, *tokenizer.encode(line), info.eos_id])
   n = len(stream) // (seq_len + 1)
   if n < 2:
-    raise ValueError(f"lm_pretrain: the corpus has {len(stream)} tokens, fewer than two rows "
-                     f"of seq_len + 1 = {seq_len + 1}; use a longer corpus or a shorter seq_len")
+    raise DataError(f"lm_pretrain: the corpus has {len(stream)} tokens, fewer than two rows "
+                    f"of seq_len + 1 = {seq_len + 1}; use a longer corpus or a shorter seq_len")
   return np.asarray(stream[:n * (seq_len + 1)], np.int32).reshape(n, seq_len + 1)
 
 
@@ -93,146 +161,220 @@ def batch_at(rows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndar
   return rows[idx]
 
 
-def next_token_loss(logits, targets):
-  """Mean NLL of targets [B, L] under logits [B, L, V]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+def lm_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+  """Rows [B, L + 1] -> objective's batch: tokens, targets [B, L] int32, loss_mask [B, L]."""
+  return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
+          "loss_mask": np.ones(rows[:, 1:].shape, np.float32)}
 
 
-def make_optimizer(c: PretrainConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps,
-                                                max(c.steps, c.warmup_steps + 1),
-                                                c.learning_rate * 0.1)
-  # No decay on norms and biases (1-D leaves), as is usual for LMs.
+class RowBatches:
+  """This process's rows of batch k = batch_at(rows, k, ...); the state is k."""
+
+  def __init__(self, rows: np.ndarray, batch_size: int, seed: int, local: tuple[int, int]):
+    self.rows, self.batch_size, self.seed, self.local = rows, batch_size, seed, local
+    self.batch_index = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = batch_at(self.rows, self.batch_index, self.batch_size, self.seed)
+    self.batch_index += 1
+    return lm_batch(batch[self.local[0]:self.local[1]])
+
+  def get_state(self) -> dict:
+    return {"batch_index": int(self.batch_index)}
+
+  def set_state(self, state: dict) -> None:
+    self.batch_index = int(state["batch_index"])
+
+
+# --------------------------------------------------------------------------
+# Model, optimizer, step
+
+
+def make_optimizer(c: LMOptimConfig, total_steps: int) -> optax.GradientTransformation:
+  schedule = optim.learning_rate_schedule(c, total_steps)
   decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
-  return optax.chain(optax.clip_by_global_norm(c.clip_norm),
-                     optax.adamw(schedule, weight_decay=c.weight_decay, mask=decay_mask))
+  adamw = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                      mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw) if c.clip_norm else adamw
 
 
-def pretrain(lm: LMConfig, c: PretrainConfig, corpus: Sequence[str], tokenizer, workdir: str,
-             *, on_step: Optional[Callable[[int, dict], None]] = None,
-             stop_at: Optional[int] = None) -> dict:
-  """Trains `lm` on the corpus lines, resuming from workdir's checkpoints; exports
-  workdir/export/lm when done. Returns {'step', 'history', 'val_loss', 'export'}.
+def make_grad_fn(model: DecoderLM) -> Callable:
+  """-> grad_fn(params, frozen, batches, rng) -> (grads, metrics): mean token NLL."""
 
-  on_step(step, metrics): called after every step (progress bars).
-  stop_at: stop after this step with a checkpoint, as a preemption would.
-  """
-  if lm.vocab_size < tokenizer.info.vocab_size:
-    raise ValueError(f"lm_pretrain: lm.vocab_size {lm.vocab_size} is smaller than the "
-                     f"tokenizer's vocabulary {tokenizer.info.vocab_size}")
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  rows = token_rows(corpus, tokenizer, c.seq_len)
-  train_rows, val_rows = split_rows(rows, c.val_fraction, c.seed)
-  model = DecoderLM(lm)
-  tx = make_optimizer(c)
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["tokens"])
+    nll, count = objective.token_nll(logits, batch["targets"], batch["loss_mask"])
+    return nll / jnp.maximum(count, 1.0)
 
-  def init(rng):
-    params = nn.unbox(model.init(rng, jnp.zeros((1, c.seq_len), jnp.int32))["params"])
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  def grad_fn(params, frozen, batches, rng):
+    del frozen, rng
+    loss, grads = jax.value_and_grad(loss_fn)(params, batches["text"])
+    return grads, {"loss": loss}
 
-  @jax.jit
-  def train_step(state, batch):
-    def loss_fn(params):
-      return next_token_loss(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-             "step": state["step"] + 1},
-            {"loss": loss, "grad_norm": optax.global_norm(grads)})
-
-  @jax.jit
-  def eval_loss(params, batch):
-    return next_token_loss(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
-
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1,
-                                           enable_async_checkpointing=False))
-  abstract = jax.eval_shape(init, jax.random.key(c.seed))
-  latest = manager.latest_step()
-  if latest is not None:
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    log.info("lm_pretrain: resumed from step %d", latest)
-  else:
-    state = jax.jit(init)(jax.random.key(c.seed))
-  history_path = os.path.join(workdir, "history.jsonl")
-  history = _read_history(history_path, int(state["step"]))
-  end = c.steps if stop_at is None else min(stop_at, c.steps)
-  t0 = time.perf_counter()
-  with open(history_path, "a") as hist:
-    for step in range(int(state["step"]), end):
-      state, metrics = train_step(state, batch_at(train_rows, step, c.batch_size, c.seed))
-      row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
-      history.append(row)
-      hist.write(json.dumps(row) + "\n")
-      if on_step:
-        on_step(step + 1, row)
-      if (step + 1) % c.log_every == 0:
-        log.info("lm_pretrain step %d/%d loss %.4f (%.1f s)", step + 1, c.steps, row["loss"],
-                 time.perf_counter() - t0)
-      if (step + 1) % c.checkpoint_every == 0 or step + 1 == end:
-        hist.flush()
-        manager.save(step + 1, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
-  out = {"step": int(state["step"]), "history": history}
-  if int(state["step"]) < c.steps:
-    return out
-  val = [float(eval_loss(state["params"], val_rows[i:i + c.batch_size]))
-         for i in range(0, len(val_rows) - c.batch_size + 1, c.batch_size)]
-  out["val_loss"] = float(np.mean(val)) if val else float("nan")
-  export = os.path.join(workdir, "export", "lm")
-  ckpt_lib.save_params(export, state["params"], {
-      "component": "lm", "step": int(state["step"]), "val_loss": out["val_loss"],
-      "lm_config": to_config_dict(lm).to_dict(), "source": "flamingo_jax.lm_pretrain"})
-  out["export"] = export
-  return out
+  return grad_fn
 
 
-def _read_history(path: str, upto: int) -> list[dict]:
-  """The logged steps <= upto (a crash may have logged steps past the checkpoint)."""
-  if not os.path.exists(path):
+def _history(path: epath.Path, upto: int) -> list[dict]:
+  """The logged steps <= upto (a killed run may have logged steps past its checkpoint)."""
+  if not path.exists():
     return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   rows = [r for r in rows if r["step"] <= upto]
-  with open(path, "w") as f:  # drop the steps that will be replayed
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # the rest is replayed
   return rows
 
 
+# --------------------------------------------------------------------------
+# The run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool = False,
+        stop_at: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None,
+        on_step: Optional[Callable[[int, dict], None]] = None,
+        lines: Optional[Sequence[str]] = None, tokenizer: Any = None) -> dict:
+  """Trains the LM of `config`, resuming from workdir's checkpoints; exports
+  workdir/export/lm when done. lines / tokenizer: the corpus and tokenizer in
+  memory instead of corpus.paths / corpus.tokenizer.
+  Returns {'step', 'stopped', 'history', 'memory', 'val_loss', 'export'}.
+  """
+  # ------------------------------------------------------------------ Config, data, workdir
+  config = with_default_sections(config)
+  s = setup(config)
+  distributed.initialize(s.distributed)
+  if tokenizer is None:
+    if not s.corpus.tokenizer:
+      raise ConfigError("config key 'corpus.tokenizer' is empty")
+    from flamingo_jax.data.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(s.corpus.tokenizer)
+  if s.model.vocab_size < tokenizer.info.vocab_size:
+    raise DataError(f"lm_pretrain: model.vocab_size {s.model.vocab_size} is smaller than the "
+                    f"tokenizer's vocabulary {tokenizer.info.vocab_size} "
+                    f"({s.corpus.tokenizer or 'the tokenizer given'})")
+  if lines is None:
+    if not s.corpus.paths:
+      raise ConfigError("config key 'corpus.paths' is empty (text files, a document a line)")
+    lines = [line for p in s.corpus.paths for line in epath.Path(p).read_text().splitlines()]
+  rows = token_rows(lines, tokenizer, s.corpus.seq_len)
+  train_rows, val_rows = split_rows(rows, s.corpus.val_fraction, s.train.seed)
+  workdir = prepare_workdir(workdir, config)
+  total_steps = s.train.total_steps
+
+  # ------------------------------------------------------------------ Mesh, model, layout
+  mesh = sharding.make_mesh(s.mesh, devices)
+  model = DecoderLM(s.model)
+  schedule = optim.learning_rate_schedule(s.optim, total_steps)
+  tx = make_optimizer(s.optim, total_steps)
+  tokens = jnp.zeros((1, s.corpus.seq_len), jnp.int32)
+  init = lambda r: model.init(r, tokens)["params"]  # noqa: E731
+  boxed = state_lib.boxed_params(init, mesh)
+  ts = state_lib.train_state(nn.unbox(boxed), sharding.param_specs(boxed, mesh, s.mesh), tx,
+                             mesh, s.mesh)
+
+  # ------------------------------------------------------------------ Compile the update step
+  b, length = s.train.batch_size, s.corpus.seq_len
+  check_batch_sizes({"text": b}, mesh, "train.batch_size")
+  sds = jax.ShapeDtypeStruct
+  batch_abs = {"tokens": sds((b, length), jnp.int32), "targets": sds((b, length), jnp.int32),
+               "loss_mask": sds((b, length), jnp.float32)}
+  batch_sh = batch_shardings(mesh, batch_abs)
+  step_fn = objective.make_train_step(make_grad_fn(model), tx, schedule, ts.grad_shardings)
+  compiled = state_lib.compile_step(
+      step_fn, mesh, s.mesh.rules, (ts.shardings, {}, {"text": batch_sh}),
+      (ts.shardings, sharding.replicated(mesh)),
+      (ts.target(), {}, {"text": sharding.with_shardings(batch_abs, batch_sh)}))
+  memory = state_lib.memory_report(compiled, {
+      "params": (ts.abstract["params"], ts.shardings["params"]),
+      "optimizer_state": (ts.abstract["opt_state"], ts.shardings["opt_state"])})
+  summary = {"step": None, "stopped": None, "history": [], "memory": memory}
+  if compile_only:
+    return summary
+
+  # ------------------------------------------------------------------ Initialise or restore
+  local = process_rows(mesh, b)
+  iterators = {"text": RowBatches(train_rows, b, s.train.seed, local)}
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), s.checkpoint)
+  state = (state_lib.restore_latest(checkpointer, ts.target(), iterators)
+           if s.checkpoint.enabled else None)
+  if state is None:
+    state = state_lib.fresh_state(lambda r: nn.unbox(init(r)), tx, s.train.seed, mesh,
+                                  s.mesh.rules, ts.shardings)
+
+  # ------------------------------------------------------------------ Loop
+  step = int(jax.device_get(state["step"]))
+  history_path = workdir / "history.jsonl"
+  history = _history(history_path, step) if jax.process_index() == 0 else []
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+
+  def every_step(done, metrics):  # the per-step history (plots, exact-resume checks)
+    row = {"step": done, **{k: v for k, v in metrics.items() if k != "step"}}
+    history.append(row)
+    if jax.process_index() == 0:
+      with history_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if on_step is not None:
+      on_step(done, row)
+
+  def train_step(state, step):
+    batch = put_batch(next(iterators["text"]), batch_abs, batch_sh, "text", local)
+    with jax.transfer_guard("disallow"):
+      state, metrics = compiled(state, {}, {"text": batch})
+    return state, metrics, None
+
+  handler = StepHandler(total_steps=total_steps, log_every=s.train.log_every,
+                        max_consecutive_nonfinite=s.train.max_consecutive_nonfinite,
+                        writer=writer, start_step=step, on_step=every_step,
+                        throughput=lambda _, dt: {"tokens_per_second": b * length / dt})
+  try:
+    state, step, stopped = run_loop(
+        state, step=step, total_steps=total_steps, train_step=train_step, handler=handler,
+        checkpointer=checkpointer if s.checkpoint.enabled else None,
+        data_states=lambda: {"text": iterators["text"].get_state()}, stop_at=stop_at)
+  finally:
+    checkpointer.close()
+    writer.close()
+  summary.update(step=step, stopped=stopped, history=history)
+  if stopped != "done":
+    return summary
+
+  # ------------------------------------------------------------------ Validation, export
+  summary["val_loss"] = validation_loss(model, state["params"], ts.shardings["params"],
+                                        val_rows, batch_abs, batch_sh, mesh, s.mesh.rules)
+  export = str(workdir / "export" / "lm")
+  ckpt_lib.save_params(export, state["params"], {
+      "component": "lm", "step": step, "val_loss": summary["val_loss"],
+      "lm_config": to_config_dict(s.model).to_dict(), "source": "flamingo_jax.lm_pretrain"})
+  summary["export"] = export
+  log.info("step %d: validation loss %.4f; exported the LM to %s", step, summary["val_loss"],
+           export)
+  return summary
+
+
+def validation_loss(model, params, param_sh, val_rows, batch_abs, batch_sh, mesh, rules):
+  """Mean token NLL over the held-out rows, in whole batches (nan if there are none)."""
+  b = batch_abs["tokens"].shape[0]
+  local = process_rows(mesh, b)
+
+  def loss(params, batch):
+    nll, count = objective.token_nll(model.apply({"params": params}, batch["tokens"]),
+                                     batch["targets"], batch["loss_mask"])
+    return nll / jnp.maximum(count, 1.0)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fn = jax.jit(loss, in_shardings=(param_sh, batch_sh),
+                 out_shardings=sharding.replicated(mesh))
+    losses = [float(fn(params, put_batch(lm_batch(val_rows[i:i + b][local[0]:local[1]]),
+                                         batch_abs, batch_sh, "val", local)))
+              for i in range(0, len(val_rows) - b + 1, b)]
+  return float(np.mean(losses)) if losses else float("nan")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flamingo_jax.config import apply_overrides, split_config_args
-  from flamingo_jax.data.tokenizer import Tokenizer
-  import ml_collections
-  argv = list(sys.argv[1:] if argv is None else argv)
-  rest, overrides = split_config_args(argv)
-  p = argparse.ArgumentParser(prog="python -m flamingo_jax.lm_pretrain",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--corpus", required=True, nargs="+", help="text files, a document a line")
-  p.add_argument("--tokenizer", required=True, help="sentencepiece model")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--family", default="chinchilla", help="LM family preset (config.py)")
-  args = p.parse_args(rest)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  tokenizer = Tokenizer.load(args.tokenizer)
-  lm = lm_preset(args.family, vocab_size=tokenizer.info.vocab_size, num_layers=2, width=128,
-                 num_heads=4, head_dim=32, max_length=256)
-  cfg = ml_collections.ConfigDict({"lm": to_config_dict(lm),
-                                   "pretrain": dataclasses.asdict(PretrainConfig())})
-  cfg = apply_overrides(cfg, overrides)
-  lm = from_config_dict(LMConfig, cfg.lm, prefix="lm")
-  c = from_config_dict(PretrainConfig, cfg.pretrain, prefix="pretrain")
-  corpus = []
-  for path in args.corpus:
-    with open(path) as f:
-      corpus.extend(f.read().splitlines())
-  out = pretrain(lm, c, corpus, tokenizer, args.workdir)
-  print(json.dumps({k: v for k, v in out.items() if k != "history"}))
+  args, overrides = cli.parse_args(argv, __doc__, "checkpoints, metrics, history, export/lm")
+  summary = run(load(args.config, overrides), args.workdir, compile_only=args.compile_only,
+                stop_at=args.stop_at)
+  print(json.dumps({k: v for k, v in summary.items() if k != "history"}, sort_keys=True))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main))

@@ -1,26 +1,23 @@
 """Trains Flamingo: frozen vision encoder and LM, trained resampler and cross-attention.
 
   python -m flamingo_jax.train --config configs/tiny.py --workdir /tmp/tiny
+  python -m flamingo_jax.train --config configs/flamingo_3b.py:local --workdir /tmp/3b_local
   python -m flamingo_jax.train --config configs/flamingo_9b.py --workdir gs://b/run \
       --config.mesh.tensor=16 --compile_only --fake_devices=256
 
-One main() read top to bottom: config, distributed start-up, mesh, model and
-optimizer, abstract state and its shardings, input pipeline, the compiled
-update step, initialise-or-restore, the loop. Resume order: this workdir's
-latest checkpoint, else `model_init` (pretrained components), else random init.
+run() reads top to bottom: config, distributed start-up, workdir, mesh, model
+and optimizer, abstract state and its shardings, input shapes, the compiled
+update step, input pipeline, initialise-or-restore, the loop (the training
+library, flamingo_jax/training/). Resume order: this workdir's latest
+checkpoint, else `model_init` (pretrained components), else random init.
 Every option is in docs/training.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -29,17 +26,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flamingo_jax.training import checkpoint as ckpt_lib
-from flamingo_jax.training import distributed, flops, objective, optim, sharding
-from flamingo_jax.data import in_memory as train_data
-from flamingo_jax.config import COMPONENTS, FlamingoConfig, from_config_dict, model_config
-from flamingo_jax.config import apply_overrides, load_config, split_config_args
-from flamingo_jax.training.metrics import MetricsWriter, progress_line
+from flamingo_jax.config import (COMPONENTS, FlamingoConfig, from_config_dict, model_config,
+                                 with_defaults)
+from flamingo_jax.data import in_memory
+from flamingo_jax.data.config import DataConfig, data_config
+from flamingo_jax.errors import CheckpointError, ConfigError, run_cli
+from flamingo_jax.model_dir import check_tokenizer, export_model_dir, init_inputs
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.labels import component_of
+from flamingo_jax.training import checkpoint as ckpt_lib
+from flamingo_jax.training import cli, distributed, flops, objective, optim, sharding
+from flamingo_jax.training import state as state_lib
+from flamingo_jax.training.loop import (LoopConfig, StepHandler, batch_shardings,
+                                        check_batch_sizes, check_loop_config, pipeline_stats,
+                                        prepare_workdir, process_rows, put_batch, run_loop)
+from flamingo_jax.training.metrics import MetricsWriter
 
 log = logging.getLogger("flamingo_jax.train")
 
@@ -49,16 +53,12 @@ log = logging.getLogger("flamingo_jax.train")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(LoopConfig):
   """`train` section of a config."""
-  total_steps: int = 500_000
-  seed: int = 0
-  input: str = "synthetic"  # synthetic (train_data.py) | pipeline (flamingo_jax.data)
+  input: str = "synthetic"  # synthetic (data/in_memory.py) | pipeline (flamingo_jax.data)
   mixing: str = "accumulate"  # accumulate (paper) | round_robin (one dataset per step)
   micro_batches: Mapping[str, int] = dataclasses.field(default_factory=dict)
   frozen_dtype: str = "bfloat16"  # storage of frozen weights: bfloat16 | float32
-  log_every: int = 10
-  max_consecutive_nonfinite: int = 10  # stop after this many skipped updates in a row
   peak_flops_per_device: float = 0.0  # MFU denominator; 0: datasheet, else a measured matmul
   # At the end of the run, write the whole model (trainable + frozen weights,
   # model_config.json and, with train.input='pipeline', the data tokenizer) as
@@ -66,233 +66,126 @@ class TrainConfig:
   export_dir: str = ""
 
 
+# Sections every Flamingo config has once defaults are filled (before overrides).
+SECTIONS = {"train": TrainConfig, "optim": optim.OptimConfig, **cli.RUN_SECTIONS}
+# Dict-valued fields: dotted overrides add keys (--config.model_init.lm=PATH).
+OPEN_KEYS = ("model_init", "train.micro_batches")
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """Every section of a config, validated before anything touches a device."""
+  """Every section of a config, validated once, before anything touches a device."""
   model: FlamingoConfig
   train: TrainConfig
   optim: optim.OptimConfig
   mesh: sharding.MeshConfig
   checkpoint: ckpt_lib.CheckpointConfig
   distributed: distributed.DistributedConfig
-  datasets: tuple  # train_data.DatasetSpec per dataset
+  datasets: tuple  # in_memory.DatasetSpec per dataset
   model_init: Mapping[str, str]
   image_size: int
-
-
-def _section(config, name):
-  return config.get(name) if name in config else None
+  synthetic: Optional[in_memory.SyntheticConfig]  # train.input = 'synthetic'
+  data: Optional[DataConfig]  # train.input = 'pipeline'
 
 
 def train_config(cfg: Any) -> TrainConfig:
   items = dict(cfg.items()) if cfg is not None else {}
   micro = items.pop("micro_batches", {}) or {}
   if not hasattr(micro, "items"):
-    raise ValueError(f"config key 'train.micro_batches' must map dataset names to counts, "
-                     f"got {micro!r}")
+    raise ConfigError(f"config key 'train.micro_batches' must map dataset names to counts, "
+                      f"got {micro!r}")
   c = from_config_dict(TrainConfig, items, "train")
   for name, k in micro.items():
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-      raise ValueError(f"config key 'train.micro_batches.{name}' must be a positive int, "
-                       f"got {k!r}")
+      raise ConfigError(f"config key 'train.micro_batches.{name}' must be a positive int, "
+                        f"got {k!r}")
   c = dataclasses.replace(c, micro_batches=dict(micro))
-  checks = [
-      (c.input in ("synthetic", "pipeline"), "train.input", "'synthetic' or 'pipeline'"),
-      (c.mixing in ("accumulate", "round_robin"), "train.mixing",
-       "'accumulate' or 'round_robin'"),
-      (c.frozen_dtype in ("bfloat16", "float32"), "train.frozen_dtype",
-       "'bfloat16' or 'float32'"),
-      (c.total_steps >= 1, "train.total_steps", "a positive int"),
-      (c.log_every >= 1, "train.log_every", "a positive int"),
-      (c.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "a positive int"),
-      (c.peak_flops_per_device >= 0, "train.peak_flops_per_device", ">= 0"),
-  ]
-  for ok, key, want in checks:
+  check_loop_config(c)
+  for ok, key, want in [
+      (c.input in ("synthetic", "pipeline"), "input", "'synthetic' or 'pipeline'"),
+      (c.mixing in ("accumulate", "round_robin"), "mixing", "'accumulate' or 'round_robin'"),
+      (c.frozen_dtype in ("bfloat16", "float32"), "frozen_dtype", "'bfloat16' or 'float32'"),
+      (c.peak_flops_per_device >= 0, "peak_flops_per_device", ">= 0")]:
     if not ok:
-      raise ValueError(f"config key {key!r} is {getattr(c, key.split('.')[1])!r}; "
-                       f"expected {want}")
+      raise ConfigError(f"config key 'train.{key}' is {getattr(c, key)!r}; expected {want}")
   return c
 
 
-def dataset_specs(config, train: TrainConfig, model: FlamingoConfig):
-  """(specs, image size) from `synthetic` or, with train.input=pipeline, `data`."""
-  if train.input == "synthetic":  # no `synthetic` section: the paper's mixture shapes
-    return train_data.synthetic_specs(_section(config, "synthetic")), model.vision.image_size
-  from flamingo_jax.data.config import data_config
-  data = data_config(config)
-  specs = [train_data.DatasetSpec(name=n, kind=d.kind, batch_size=d.batch_size,
-                                  seq_len=d.seq_len, max_images=d.max_images,
-                                  num_frames=d.num_frames, weight=d.weight)
-           for n, d in data.datasets.items()]
-  return specs, data.image.size
-
-
 def with_default_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds the trainer's sections (and keys) a config leaves out, with their
-  defaults, so that `--config.mesh.tensor=16` works on a model-only config
-  (configs/flamingo_*.py) and config.json shows every value the run used."""
-  defaults = {
-      "train": TrainConfig(), "optim": optim.OptimConfig(), "mesh": sharding.MeshConfig(),
-      "checkpoint": ckpt_lib.CheckpointConfig(), "distributed": distributed.DistributedConfig(),
-  }
+  """Adds the sections (and keys) a config leaves out, with their defaults, so that
+  `--config.mesh.tensor=16` works on any config and config.json shows every value."""
   config = ml_collections.ConfigDict(config)
-  with config.unlocked():
-    for name, value in defaults.items():
-      section = dataclasses.asdict(value)
-      if name == "mesh":
-        section["rules"] = [list(rule) for rule in section["rules"]]
-      if name not in config:
-        config[name] = ml_collections.ConfigDict(section)
-      else:  # keys the config leaves out get their defaults too
-        for key, default in section.items():
-          if key not in config[name]:
-            config[name][key] = default
-    if "model_init" not in config:
-      config.model_init = ml_collections.ConfigDict()
-    if config.train.input == "synthetic" and "synthetic" not in config:
-      config.synthetic = ml_collections.ConfigDict({"datasets": {
-          d.name: {k: getattr(d, k) for k in train_data.SYNTHETIC_KEYS}
-          for d in train_data.PAPER_MIXTURE}})
-  return config
+  defaults = {name: cls() for name, cls in SECTIONS.items()}
+  defaults["model_init"] = {}
+  train_input = config.train.get("input", "synthetic") if "train" in config else "synthetic"
+  if train_input == "synthetic" and "synthetic" in config:
+    defaults["synthetic"] = in_memory.SyntheticConfig()
+  return with_defaults(config, defaults)
+
+
+def _section(config, name):
+  return config.get(name) if name in config else None
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Parses and cross-checks every section; errors name the offending key."""
+  """Parses and cross-checks every section once; errors name the offending key."""
   model = model_config(config)
   train = train_config(_section(config, "train"))
-  specs, image_size = dataset_specs(config, train, model)
+  synthetic = data = None
+  if train.input == "synthetic":
+    if _section(config, "synthetic") is None:
+      raise ConfigError("train.input is 'synthetic' but the config has no 'synthetic' "
+                        "section (synthetic.datasets gives each dataset's batch shape)")
+    synthetic = in_memory.synthetic_config(config.synthetic)
+    specs, image_size = list(synthetic.datasets.values()), model.vision.image_size
+  else:
+    data = data_config(config)
+    specs = [in_memory.DatasetSpec(name=n, kind=d.kind, batch_size=d.batch_size,
+                                   seq_len=d.seq_len, max_images=d.max_images,
+                                   num_frames=d.num_frames, weight=d.weight)
+             for n, d in data.datasets.items()]
+    image_size = data.image.size
   names = {s.name for s in specs}
   for name in train.micro_batches:
     if name not in names:
-      raise ValueError(f"config key 'train.micro_batches.{name}' names no dataset; datasets: "
-                       f"{sorted(names)}")
+      raise ConfigError(f"config key 'train.micro_batches.{name}' names no dataset; datasets: "
+                        f"{sorted(names)}")
   if train.input == "pipeline" and model.vision.name == "none":
-    raise ValueError("train.input is 'pipeline' (images) but model.vision.name is 'none' "
-                     "(precomputed features): only train.input='synthetic' makes features")
+    raise ConfigError("train.input is 'pipeline' (images) but model.vision.name is 'none' "
+                      "(precomputed features): only train.input='synthetic' makes features")
   model_init = dict(_section(config, "model_init") or {})
   for comp, path in model_init.items():
     if comp not in COMPONENTS:
-      raise ValueError(f"config key 'model_init.{comp}' is not a component; expected one of "
-                       f"{list(COMPONENTS)}")
+      raise ConfigError(f"config key 'model_init.{comp}' is not a component; expected one of "
+                        f"{list(COMPONENTS)}")
     if not isinstance(path, str) or not path:
-      raise ValueError(f"config key 'model_init.{comp}' must be a checkpoint directory")
+      raise ConfigError(f"config key 'model_init.{comp}' must be a checkpoint directory")
   return Setup(
       model=model, train=train, optim=optim.optim_config(_section(config, "optim")),
       mesh=sharding.mesh_config(_section(config, "mesh")),
       checkpoint=ckpt_lib.checkpoint_config(_section(config, "checkpoint")),
       distributed=distributed.distributed_config(_section(config, "distributed")),
-      datasets=tuple(specs), model_init=model_init, image_size=image_size)
+      datasets=tuple(specs), model_init=model_init, image_size=image_size,
+      synthetic=synthetic, data=data)
 
 
 # --------------------------------------------------------------------------
-# Helpers of main(), in the order it uses them
+# Model, state layout, batch shapes
 
 
-def code_version() -> str:
-  """`git describe` of the source tree when available."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
-                         capture_output=True, text=True, timeout=10)
-    if out.returncode == 0 and out.stdout.strip():
-      return out.stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    pass
-  import flamingo_jax
-  return f"flamingo_jax {flamingo_jax.__version__} (no git revision)"
-
-
-def init_inputs(model: FlamingoConfig) -> dict:
-  """Smallest inputs that create every parameter."""
-  if model.vision.name == "none":
-    return {"visual_features": jnp.zeros((1, 1, 1, 4, model.vision_feature_dim), jnp.float32)}
-  size = model.vision.image_size
-  return {"images": jnp.zeros((1, 1, 1, size, size, 3), jnp.float32)}
-
-
-def abstract_batch(spec: train_data.DatasetSpec, model: FlamingoConfig, image_size: int,
-                   feature_positions: int) -> dict:
-  """ShapeDtypeStructs of one dataset's global batch."""
-  b, length, n, t = spec.batch_size, spec.seq_len, spec.max_images, spec.num_frames
-  sds = jax.ShapeDtypeStruct
-  out = {"tokens": sds((b, length), jnp.int32), "targets": sds((b, length), jnp.int32),
-         "loss_mask": sds((b, length), jnp.float32), "image_count": sds((b,), jnp.int32),
-         "next_image": sds((b,), jnp.bool_)}
-  if model.vision.name == "none":
-    out["visual_features"] = sds((b, n, t, feature_positions, model.vision_feature_dim),
-                                 jnp.float32)
-  else:
-    out["images"] = sds((b, n, t, image_size, image_size, 3), jnp.float32)
-  return out
-
-
-def process_rows(mesh, global_batch: int) -> tuple[int, int]:
-  """The contiguous rows of a global batch that this process's devices hold."""
-  index = NamedSharding(mesh, P(sharding.BATCH_AXES)).addressable_devices_indices_map(
-      (global_batch,))
-  rows = sorted({r for (sl,) in index.values() for r in range(*sl.indices(global_batch))})
-  if rows != list(range(rows[0], rows[-1] + 1)):
-    raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}; "
-                     "order the mesh devices by process")
-  return rows[0], rows[-1] + 1
-
-
-def put_batch(local: Mapping[str, np.ndarray], abstract: Mapping, shardings: Mapping,
-              dataset: str, rows: tuple[int, int]) -> dict:
-  """This process's numpy rows -> global sharded arrays, checking the batch contract."""
-  out = {}
-  for key, want in abstract.items():
-    if key not in local:
-      raise ValueError(f"dataset {dataset!r} batch has no {key!r}; it has {sorted(local)}")
-    x = np.asarray(local[key])
-    if x.shape[:1] != (rows[1] - rows[0],):
-      raise ValueError(f"dataset {dataset!r} batch[{key!r}] has {x.shape[0] if x.ndim else 0} "
-                       f"rows; this process feeds rows {rows[0]}..{rows[1] - 1} of the global "
-                       f"batch of {want.shape[0]}")
-    if x.shape[1:] != want.shape[1:] or x.dtype != want.dtype:
-      raise ValueError(f"dataset {dataset!r} batch[{key!r}] is {x.dtype}{list(x.shape)}; "
-                       f"expected {np.dtype(want.dtype)}[B, {', '.join(map(str, want.shape[1:]))}]"
-                       f" (global B = {want.shape[0]})")
-    out[key] = jax.make_array_from_process_local_data(shardings[key], x, want.shape)
-  return out
-
-
-class StopSignal:
-  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
-
-  def __init__(self):
-    self.received: Optional[int] = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.received = signum
-    log.warning("received %s: saving a checkpoint after this step, then exiting",
-                signal.Signals(signum).name)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def agreed(self) -> bool:
-    """True on every process once any process got a signal (same step everywhere)."""
-    flag = self.received is not None
-    if jax.process_count() > 1:
-      flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-    return flag
+def _init(model: Flamingo, model_cfg: FlamingoConfig) -> Callable:
+  """rng -> boxed params, from the model directory's init inputs (one definition)."""
+  inputs = init_inputs(model_cfg)
+  tokens = inputs.pop("tokens")
+  return lambda rng: model.init(rng, tokens, **inputs)["params"]
 
 
 def make_init_params(model: Flamingo, model_cfg: FlamingoConfig, frozen_dtype):
   """rng -> (trainable params in float32, frozen params in frozen_dtype)."""
+  init = _init(model, model_cfg)
 
   def init_params(rng):
-    params = nn.unbox(model.init(rng, jnp.zeros((1, 4), jnp.int32), **init_inputs(model_cfg))
-                      ["params"])
+    params = nn.unbox(init(rng))
     trainable, frozen = optim.split_params(params, model_cfg)
     return optim.cast_tree(trainable, jnp.float32), optim.cast_tree(frozen, frozen_dtype)
 
@@ -314,54 +207,123 @@ class StateLayout:
 def state_layout(model: Flamingo, model_cfg: FlamingoConfig, tx, mesh, mesh_cfg,
                  frozen_dtype=jnp.bfloat16) -> StateLayout:
   """eval_shape of init -> logical axes -> mesh shardings (rules, fallback, ZeRO-1)."""
-  init_params = make_init_params(model, model_cfg, frozen_dtype)
-  with jax.set_mesh(mesh):
-    boxed = jax.eval_shape(
-        lambda r: model.init(r, jnp.zeros((1, 4), jnp.int32), **init_inputs(model_cfg))
-        ["params"], jax.random.key(0))
+  boxed = state_lib.boxed_params(_init(model, model_cfg), mesh)
   param_specs = sharding.param_specs(boxed, mesh, mesh_cfg)
   train_specs, frozen_specs = optim.split_params(param_specs, model_cfg)
-  train_abs, frozen_abs = jax.eval_shape(init_params, jax.random.key(0))
-  state_abs = jax.eval_shape(lambda p: objective.init_state(p, tx, jax.random.key(0)), train_abs)
-  zero1 = (lambda spec, shape: sharding.zero1_spec(spec, shape, mesh)) if mesh_cfg.zero1 else None
-  opt_specs = optim.state_specs(state_abs["opt_state"], train_abs, train_specs, zero1)
-  state_specs = {k: P() for k in state_abs}
-  state_specs.update(params=train_specs, opt_state=opt_specs)
-  grad_sh = None
-  if mesh_cfg.zero1:
-    grad_sh = sharding.named(mesh, jax.tree.map(
-        lambda spec, a: sharding.zero1_spec(spec, a.shape, mesh), train_specs, train_abs,
-        is_leaf=lambda x: isinstance(x, P)))
-  return StateLayout(train_abs=train_abs, frozen_abs=frozen_abs, state_abs=state_abs,
-                     state_sh=sharding.named(mesh, state_specs),
-                     frozen_sh=sharding.named(mesh, frozen_specs), grad_sh=grad_sh,
-                     param_specs=param_specs)
+  train_abs, frozen_abs = jax.eval_shape(make_init_params(model, model_cfg, frozen_dtype),
+                                         jax.random.key(0))
+  ts = state_lib.train_state(train_abs, train_specs, tx, mesh, mesh_cfg)
+  return StateLayout(train_abs=train_abs, frozen_abs=frozen_abs, state_abs=ts.abstract,
+                     state_sh=ts.shardings, frozen_sh=sharding.named(mesh, frozen_specs),
+                     grad_sh=ts.grad_shardings, param_specs=param_specs)
+
+
+def abstract_batch(spec: in_memory.DatasetSpec, model: FlamingoConfig, image_size: int,
+                   feature_positions: int) -> dict:
+  """ShapeDtypeStructs of one dataset's global batch."""
+  b, length, n, t = spec.batch_size, spec.seq_len, spec.max_images, spec.num_frames
+  sds = jax.ShapeDtypeStruct
+  out = {"tokens": sds((b, length), jnp.int32), "targets": sds((b, length), jnp.int32),
+         "loss_mask": sds((b, length), jnp.float32), "image_count": sds((b,), jnp.int32),
+         "next_image": sds((b,), jnp.bool_)}
+  if model.vision.name == "none":
+    out["visual_features"] = sds((b, n, t, feature_positions, model.vision_feature_dim),
+                                 jnp.float32)
+  else:
+    out["images"] = sds((b, n, t, image_size, image_size, 3), jnp.float32)
+  return out
 
 
 def memory_report(compiled, state_abs, state_sh, frozen_abs, frozen_sh) -> dict:
   """Bytes per device: parameters, optimizer state (from shardings), compiled buffers."""
-  report = {
-      "trainable_params": sharding.bytes_per_device(state_abs["params"], state_sh["params"]),
-      "optimizer_state": sharding.bytes_per_device(state_abs["opt_state"],
-                                                   state_sh["opt_state"]),
-      "frozen_params": sharding.bytes_per_device(frozen_abs, frozen_sh),
-  }
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    for key in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                "temp_size_in_bytes", "generated_code_size_in_bytes"):
-      report[key.replace("_size_in_bytes", "")] = int(getattr(mem, key, 0) or 0)
-    report["peak_estimate"] = (report.get("argument", 0) + report.get("output", 0)
-                               - report.get("alias", 0) + report.get("temp", 0))
-  return report
-
-
-def _gib(n: int) -> str:
-  return f"{n / 2 ** 30:.3f} GiB"
+  return state_lib.memory_report(compiled, {
+      "trainable_params": (state_abs["params"], state_sh["params"]),
+      "optimizer_state": (state_abs["opt_state"], state_sh["opt_state"]),
+      "frozen_params": (frozen_abs, frozen_sh)})
 
 
 # --------------------------------------------------------------------------
-# main
+# Inputs and weights (checked before compiling), initialise or restore
+
+
+def input_iterators(s: Setup, rows: Mapping[str, tuple[int, int]]) -> dict:
+  """{dataset: iterator of this process's rows}: the in-memory data, or the grain
+  pipelines with their tokenizer checked against the model first."""
+  if s.synthetic is not None:
+    return in_memory.synthetic_iterators(s.synthetic, s.model, rows)
+  from flamingo_jax.data import make_train_iterators
+  from flamingo_jax.data.tokenizer import Tokenizer
+  if not s.data.tokenizer:
+    raise ConfigError("config key 'data.tokenizer' is empty (train.input is 'pipeline')")
+  tokenizer = Tokenizer.load(s.data.tokenizer)
+  check_tokenizer(s.model, tokenizer, f"data.tokenizer {s.data.tokenizer} vs the model config")
+  return make_train_iterators(s.data, rows=rows, tokenizer=tokenizer)
+
+
+def check_weights(s: Setup, workdir: epath.Path, lay: StateLayout) -> None:
+  """Every model_init / workdir/frozen checkpoint holds the tensors the config makes,
+  in its shapes (from the checkpoint metadata; no array is read)."""
+  for comp, directory in sorted(s.model_init.items()):
+    abstract = lay.frozen_abs if comp in s.model.frozen else lay.train_abs
+    ckpt_lib.check_component(directory, comp, ckpt_lib.component_tree(abstract, comp),
+                             f"model_init / frozen weights of {comp!r} (model_init.{comp})")
+  for comp in sorted({component_of(k) for k in lay.frozen_abs} - set(s.model_init)):
+    directory = str(workdir / "frozen" / comp)
+    if s.checkpoint.enabled and ckpt_lib.params_exist(directory):
+      ckpt_lib.check_component(directory, comp, ckpt_lib.component_tree(lay.frozen_abs, comp),
+                               f"model_init / frozen weights of {comp!r}")
+
+
+
+def frozen_weights(s: Setup, workdir: epath.Path, lay: StateLayout, mesh,
+                   init_params: Callable, resuming: bool) -> dict:
+  """Every frozen component: from model_init, else workdir/frozen/<c> (a previous run's
+  random init), else a random init written there so a resumed run finds the same weights.
+  One jitted function makes only the random ones (XLA prunes the rest)."""
+  components = sorted({component_of(k) for k in lay.frozen_abs})
+  dirs = {c: s.model_init.get(c) or str(workdir / "frozen" / c) for c in components}
+  to_init = [c for c in components if c not in s.model_init and not (
+      s.checkpoint.enabled and ckpt_lib.params_exist(dirs[c]))]
+  if resuming and to_init:
+    raise CheckpointError(f"workdir {workdir} has step checkpoints but no weights for the "
+                          f"frozen components {to_init}: set model_init.<component> or "
+                          f"restore {workdir}/frozen/")
+  needed = ckpt_lib.top_keys_of(lay.frozen_abs, to_init)
+  frozen = {}
+  if needed:  # the init key of state_lib.fresh_state: trainable and frozen from one init
+    frozen = dict(state_lib.init_once(
+        lambda rng: {k: init_params(rng)[1][k] for k in needed}, mesh, s.mesh.rules,
+        {k: lay.frozen_sh[k] for k in needed})(jax.random.split(jax.random.key(s.train.seed))[0]))
+  for c in components:
+    if c in to_init:
+      log.info("frozen %s: random init (no model_init.%s)", c, c)
+      if s.checkpoint.enabled:
+        ckpt_lib.save_params(dirs[c], ckpt_lib.component_tree(frozen, c), {"component": c})
+      continue
+    log.info("frozen %s: loading %s", c, dirs[c])
+    target = sharding.with_shardings(ckpt_lib.component_tree(lay.frozen_abs, c),
+                                     ckpt_lib.component_tree(lay.frozen_sh, c))
+    frozen = ckpt_lib.with_component(frozen, c, ckpt_lib.restore_component(dirs[c], c, target))
+  return frozen
+
+
+def initial_state(s: Setup, lay: StateLayout, tx, mesh, init_params: Callable) -> Any:
+  """A fresh state: trainable components from model_init, the rest random."""
+  loaded = {}
+  train_components = sorted({component_of(k) for k in lay.train_abs})
+  for c in [c for c in train_components if c in s.model_init]:
+    log.info("trainable %s: initialising from %s", c, s.model_init[c])
+    target = sharding.with_shardings(ckpt_lib.component_tree(lay.train_abs, c),
+                                     ckpt_lib.component_tree(lay.state_sh["params"], c))
+    loaded = ckpt_lib.with_component(loaded, c, ckpt_lib.restore_component(
+        s.model_init[c], c, target))
+  # The same key split as the frozen init: trainable and frozen come from one init.
+  return state_lib.fresh_state(lambda rng: init_params(rng)[0], tx, s.train.seed, mesh,
+                               s.mesh.rules, lay.state_sh, loaded)
+
+
+# --------------------------------------------------------------------------
+# The run
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool = False,
@@ -374,176 +336,93 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   devices: the devices of the mesh (default: all).
   Returns {'step', 'stopped', 'history': [metrics per step], 'memory', 'flops'}.
   """
-  # ------------------------------------------------------------------ Config
+  # ------------------------------------------------------------------ Config, workdir, mesh
   config = with_default_sections(config)
   s = setup(config)
   distributed.initialize(s.distributed)
   is_main = jax.process_index() == 0
   names = [d.name for d in s.datasets]
-  weights = {d.name: d.weight for d in s.datasets}
   total_steps = s.train.total_steps
-
-  # ------------------------------------------------------------------ Workdir
-  workdir = os.path.abspath(workdir)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, "version.txt"), "w") as f:
-      f.write(code_version() + "\n")
-
-  # ------------------------------------------------------------------ Mesh
+  workdir = prepare_workdir(workdir, config)
   mesh = sharding.make_mesh(s.mesh, devices)
-  rules = s.mesh.rules
   log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size,
            jax.process_count())
 
-  # ------------------------------------------------------------------ Model, optimizer
+  # ------------------------------------------------------------------ Model, optimizer, layout
   model = Flamingo(s.model)
   schedule = optim.learning_rate_schedule(s.optim, total_steps)
   tx = optim.make_optimizer(s.optim, s.model, total_steps)
   frozen_dtype = jnp.dtype(s.train.frozen_dtype)
-
   init_params = make_init_params(model, s.model, frozen_dtype)
-
-  # ------------------------------------------------------------------ Abstract state, shardings
   lay = state_layout(model, s.model, tx, mesh, s.mesh, frozen_dtype)
-  train_abs, frozen_abs, state_abs = lay.train_abs, lay.frozen_abs, lay.state_abs
-  state_sh, frozen_sh, grad_sh = lay.state_sh, lay.frozen_sh, lay.grad_sh
   if is_main:  # parameter -> PartitionSpec, so a change of layout is a visible diff
-    with open(os.path.join(workdir, "shardings.json"), "w") as f:
-      json.dump({"mesh": dict(mesh.shape), "params": sharding.describe(lay.param_specs)}, f,
-                indent=1, sort_keys=True)
-  n_train = sum(x.size for x in jax.tree.leaves(train_abs))
-  n_frozen = sum(x.size for x in jax.tree.leaves(frozen_abs))
+    (workdir / "shardings.json").write_text(json.dumps(
+        {"mesh": dict(mesh.shape), "params": sharding.describe(lay.param_specs)}, indent=1,
+        sort_keys=True))
+  n_train = sum(x.size for x in jax.tree.leaves(lay.train_abs))
+  n_frozen = sum(x.size for x in jax.tree.leaves(lay.frozen_abs))
   log.info("parameters: %s trainable (float32), %s frozen (%s)", f"{n_train:,}",
            f"{n_frozen:,}", frozen_dtype.name)
 
   # ------------------------------------------------------------------ Input shapes
-  shards = sharding.batch_shards(mesh)
-  for d in s.datasets:
-    k = s.train.micro_batches.get(d.name, 1)
-    if d.batch_size % (shards * k):
-      raise ValueError(
-          f"dataset {d.name!r}: batch_size {d.batch_size} must be divisible by the "
-          f"{shards} data-parallel devices (mesh slice*data*fsdp) times its "
-          f"{k} micro-batches (train.micro_batches.{d.name})")
-  section = _section(config, "synthetic") or {}
-  feature_positions = int(section.get("feature_positions", 16)) if hasattr(section, "get") else 16
-  batch_abs = {d.name: abstract_batch(d, s.model, s.image_size, feature_positions)
-               for d in s.datasets}
-  batch_sh = {n: {k: NamedSharding(mesh, sharding.batch_spec(len(a.shape)))
-                  for k, a in b.items()} for n, b in batch_abs.items()}
+  prefix = ("synthetic" if s.synthetic else "data") + ".datasets.{name}.batch_size"
+  check_batch_sizes({d.name: d.batch_size for d in s.datasets}, mesh, prefix,
+                    s.train.micro_batches)
+  positions = s.synthetic.feature_positions if s.synthetic else 0
+  batch_abs = {d.name: abstract_batch(d, s.model, s.image_size, positions) for d in s.datasets}
+  batch_sh = {n: batch_shardings(mesh, b) for n, b in batch_abs.items()}
+  features = s.model.vision.name == "none"
   shapes = {d.name: flops.BatchShape(
       d.batch_size, d.seq_len, d.max_images, d.num_frames,
-      image_size=0 if s.model.vision.name == "none" else s.image_size,
-      feature_positions=feature_positions if s.model.vision.name == "none" else 0)
-            for d in s.datasets}
+      image_size=0 if features else s.image_size,
+      feature_positions=positions if features else 0) for d in s.datasets}
+
+  # -------------------------------------------------------------- Inputs, checked before compiling
+  # A wrong tokenizer, a missing shard or misshapen frozen weights fail here, in
+  # seconds, not after the step has compiled.
+  if not compile_only:
+    rows = {d.name: process_rows(mesh, d.batch_size) for d in s.datasets}
+    iterators = input_iterators(s, rows)
+    check_weights(s, workdir, lay)
 
   # ------------------------------------------------------------------ Compile the update step
   grad_fn = objective.make_grad_fn(
-      model, weights=weights, micro_batches=s.train.micro_batches,
-      train_vision="vision" not in s.model.frozen, mesh=mesh)
-  step_fn = objective.make_train_step(grad_fn, tx, schedule, grad_sh)
+      model, weights={d.name: d.weight for d in s.datasets},
+      micro_batches=s.train.micro_batches, train_vision="vision" not in s.model.frozen,
+      mesh=mesh)
+  step_fn = objective.make_train_step(grad_fn, tx, schedule, lay.grad_sh)
   variants = [tuple(names)] if s.train.mixing == "accumulate" else [(n,) for n in names]
+  state_in = sharding.with_shardings(lay.state_abs, lay.state_sh)
+  frozen_in = sharding.with_shardings(lay.frozen_abs, lay.frozen_sh)
   compiled, memory, step_flops = {}, {}, {}
-  state_in = sharding.with_shardings(state_abs, state_sh)
-  frozen_in = sharding.with_shardings(frozen_abs, frozen_sh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    for variant in variants:
-      t0 = time.perf_counter()
-      jitted = jax.jit(
-          step_fn, donate_argnums=(0,),
-          in_shardings=(state_sh, frozen_sh, {n: batch_sh[n] for n in variant}),
-          out_shardings=(state_sh, sharding.replicated(mesh)))
-      lowered = jitted.lower(state_in, frozen_in, {
-          n: sharding.with_shardings(batch_abs[n], batch_sh[n]) for n in variant})
-      compiled[variant] = lowered.compile()
-      memory["+".join(variant)] = memory_report(compiled[variant], state_abs, state_sh,
-                                                frozen_abs, frozen_sh)
-      step_flops[variant] = flops.step_flops(s.model, [shapes[n] for n in variant],
-                                             num_params=n_train + n_frozen)
-      log.info("compiled the step for %s in %.1f s; memory per device: %s", "+".join(variant),
-               time.perf_counter() - t0,
-               {k: _gib(v) for k, v in memory["+".join(variant)].items()})
+  for variant in variants:
+    key = "+".join(variant)
+    compiled[variant] = state_lib.compile_step(
+        step_fn, mesh, s.mesh.rules,
+        (lay.state_sh, lay.frozen_sh, {n: batch_sh[n] for n in variant}),
+        (lay.state_sh, sharding.replicated(mesh)),
+        (state_in, frozen_in,
+         {n: sharding.with_shardings(batch_abs[n], batch_sh[n]) for n in variant}),
+        what=f"the step for {key}")
+    memory[key] = memory_report(compiled[variant], lay.state_abs, lay.state_sh, lay.frozen_abs,
+                                lay.frozen_sh)
+    step_flops[variant] = flops.step_flops(s.model, [shapes[n] for n in variant],
+                                           num_params=n_train + n_frozen)
+    log.info("memory per device for %s: %s", key,
+             {k: state_lib.gib(v) for k, v in memory[key].items()})
   summary = {"step": None, "stopped": None, "history": [], "memory": memory,
              "flops": {"+".join(v): f for v, f in step_flops.items()}}
   if compile_only:
     return summary
 
-  # ------------------------------------------------------------------ Input pipeline
-  rows = {d.name: process_rows(mesh, d.batch_size) for d in s.datasets}
-  if s.train.input == "synthetic":
-    iterators = train_data.synthetic_iterators(section, list(s.datasets), s.model, rows)
-  else:
-    iterators = pipeline_iterators(config, rows)
-
   # ------------------------------------------------------------------ Initialise or restore
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), s.checkpoint)
-  latest = checkpointer.latest_step() if s.checkpoint.enabled else None
-  frozen_components = sorted({component_of(k) for k in frozen_abs})
-  frozen_dirs = {c: s.model_init.get(c) or os.path.join(workdir, "frozen", c)
-                 for c in frozen_components}
-  to_init = [c for c in frozen_components
-             if c not in s.model_init and not (s.checkpoint.enabled and
-                                               ckpt_lib.params_exist(frozen_dirs[c]))]
-  if latest is not None and to_init:
-    raise ValueError(f"workdir has checkpoint {latest} but no weights for the frozen "
-                     f"components {to_init}: set model_init.<component> or restore "
-                     f"{workdir}/frozen/")
-  # Trainable components come from the checkpoint, else model_init, else init.
-  train_components = sorted({component_of(k) for k in train_abs})
-  train_init = [] if latest is not None else [c for c in train_components if c in s.model_init]
-  needed_train = [] if latest is not None else ckpt_lib.top_keys_of(
-      train_abs, [c for c in train_components if c not in train_init])
-  needed_frozen = ckpt_lib.top_keys_of(frozen_abs, to_init)
-  init_out_sh = (state_sh, {k: frozen_sh[k] for k in needed_frozen})
-
-  # One jitted function makes the fresh state and the frozen weights no
-  # checkpoint provides; XLA prunes everything else, so a frozen LM loaded
-  # from disk is never randomly initialised.
-  def init_fresh(rng, loaded):
-    init_rng, state_rng = jax.random.split(rng)
-    trainable, frozen = init_params(init_rng)
-    params = {k: trainable[k] for k in needed_train}
-    params.update(loaded)
-    return objective.init_state(params, tx, state_rng), {k: frozen[k] for k in needed_frozen}
-
   t0 = time.perf_counter()
-  loaded = {}
-  for c in train_init:
-    log.info("trainable %s: initialising from %s", c, s.model_init[c])
-    target = sharding.with_shardings(ckpt_lib.component_tree(train_abs, c),
-                                     ckpt_lib.component_tree(state_sh["params"], c))
-    loaded = ckpt_lib.with_component(loaded, c, ckpt_lib.restore_component(
-        s.model_init[c], c, target))
-  state, frozen = None, {}
-  if latest is None:  # (resuming needs no init: every frozen component exists on disk)
-    # Init runs once: on CPU, optimising its PRNG code costs more than it saves.
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    with jax.set_mesh(mesh):
-      state, frozen = jax.jit(init_fresh, out_shardings=init_out_sh, compiler_options=options)(
-          jax.random.key(s.train.seed), loaded)
-  frozen = dict(frozen)
-  for c in frozen_components:
-    if c in to_init:
-      log.info("frozen %s: random init (no model_init.%s)", c, c)
-      if s.checkpoint.enabled:  # so that a resumed run finds the same weights
-        ckpt_lib.save_params(frozen_dirs[c], ckpt_lib.component_tree(frozen, c), {"component": c})
-    else:
-      log.info("frozen %s: loading %s", c, frozen_dirs[c])
-      target = sharding.with_shardings(ckpt_lib.component_tree(frozen_abs, c),
-                                       ckpt_lib.component_tree(frozen_sh, c))
-      frozen = ckpt_lib.with_component(frozen, c, ckpt_lib.restore_component(
-          frozen_dirs[c], c, target))
-  if latest is not None:
-    log.info("resuming from %s/checkpoints/%d", workdir, latest)
-    state, data_states = checkpointer.restore(latest, state_in)
-    for name, it in iterators.items():
-      if name not in data_states:
-        raise ValueError(f"checkpoint {latest} has no data state for dataset {name!r} "
-                         f"(it has {sorted(data_states)})")
-      it.set_state(data_states[name])
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), s.checkpoint)
+  state = (state_lib.restore_latest(checkpointer, state_in, iterators)
+           if s.checkpoint.enabled else None)
+  frozen = frozen_weights(s, workdir, lay, mesh, init_params, resuming=state is not None)
+  if state is None:
+    state = initial_state(s, lay, tx, mesh, init_params)
   log.info("state ready in %.1f s", time.perf_counter() - t0)
 
   # ------------------------------------------------------------------ Loop
@@ -551,131 +430,60 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   writer.write_text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
   peak = s.train.peak_flops_per_device or flops.peak_flops_per_device() or \
       flops.measure_peak_flops(s.model.dtype, size=1024)
-  step = int(jax.device_get(state["step"]))
-  history, pending, saved = [], None, set(checkpointer.all_steps())
-  last_log_time, last_log_step, last_cpu = time.perf_counter(), step, time.process_time()
-  stopped = None
 
-  def handle(done_step, metrics, variant):
-    """Host side of a finished step: counters, history, logs (one step behind)."""
-    nonlocal last_log_time, last_log_step, last_cpu
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    history.append(metrics)
-    metrics["step"] = done_step
-    if on_step is not None:  # progress bars (the demo)
-      on_step(done_step, metrics)
-    if metrics["nonfinite_consecutive"] >= s.train.max_consecutive_nonfinite:
-      raise FloatingPointError(
-          f"{int(metrics['nonfinite_consecutive'])} consecutive updates had non-finite "
-          f"gradients or loss (train.max_consecutive_nonfinite="
-          f"{s.train.max_consecutive_nonfinite}); stopping at step {done_step}. Parameters "
-          f"are those of the last finite update; {int(metrics['nonfinite_total'])} updates "
-          "were skipped in total. Check the data and the learning rate.")
-    if metrics["update_skipped"]:
-      log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)",
-                  done_step, int(metrics["nonfinite_consecutive"]),
-                  int(metrics["nonfinite_total"]))
-    if done_step % s.train.log_every and done_step != total_steps:
-      return
-    now, cpu = time.perf_counter(), time.process_time()
-    dt = (now - last_log_time) / max(done_step - last_log_step, 1)
-    # Host CPU seconds per step: on a CPU backend the compute itself; on
-    # accelerators a high value flags an input-bound run.
-    metrics["host_cpu_time"] = (cpu - last_cpu) / max(done_step - last_log_step, 1)
+  def throughput(variant, dt):
     f = step_flops[variant]
-    tokens = f["text_tokens"]
-    metrics.update(step_time=dt, tokens_per_second=tokens / dt,
-                   mfu=f["frozen_aware"] / dt / (peak * mesh.size),
-                   mfu_all_3x=f["all_3x"] / dt / (peak * mesh.size))
-    if is_main:
-      log.info(progress_line(done_step, total_steps, metrics, dt, metrics["mfu"]))
-    writer.write(done_step, {k: v for k, v in metrics.items() if k != "step"})
-    last_log_time, last_log_step, last_cpu = now, done_step, cpu
+    return {"tokens_per_second": f["text_tokens"] / dt,
+            "mfu": f["frozen_aware"] / dt / (peak * mesh.size),
+            "mfu_all_3x": f["all_3x"] / dt / (peak * mesh.size)}
 
+  def train_step(state, step):
+    variant = variants[step % len(variants)]
+    batches = {n: put_batch(next(iterators[n]), batch_abs[n], batch_sh[n], n, rows[n])
+               for n in variant}
+    with jax.transfer_guard("disallow"):
+      state, metrics = compiled[variant](state, frozen, batches)
+    return state, metrics, variant
+
+  step = int(jax.device_get(state["step"]))
+  handler = StepHandler(total_steps=total_steps, log_every=s.train.log_every,
+                        max_consecutive_nonfinite=s.train.max_consecutive_nonfinite,
+                        writer=writer, start_step=step, on_step=on_step, throughput=throughput,
+                        data_stats=lambda: pipeline_stats(iterators))
   try:
-    with StopSignal() as stop:
-      while step < total_steps:
-        variant = variants[0] if len(variants) == 1 else variants[step % len(variants)]
-        batches = {n: put_batch(next(iterators[n]), batch_abs[n], batch_sh[n], n, rows[n])
-                   for n in variant}
-        with jax.transfer_guard("disallow"):
-          state, metrics = compiled[variant](state, frozen, batches)
-        step += 1
-        if pending is not None:
-          handle(*pending)
-        pending = (step, metrics, variant)
-        halt = step == stop_at or stop.agreed()
-        if s.checkpoint.enabled and step not in saved and (
-            checkpointer.due(step) or halt or step == total_steps):
-          checkpointer.save(step, state, {n: it.get_state() for n, it in iterators.items()})
-          saved.add(step)
-        if halt:
-          stopped = "signal" if stop.received is not None else "stop_at"
-          break
-      if pending is not None:
-        handle(*pending)
-      if stopped is None and s.train.export_dir and step == total_steps:
-        export_model(s, config, state["params"], frozen)
+    state, step, stopped = run_loop(
+        state, step=step, total_steps=total_steps, train_step=train_step, handler=handler,
+        checkpointer=checkpointer if s.checkpoint.enabled else None,
+        data_states=lambda: {n: it.get_state() for n, it in iterators.items()},
+        stop_at=stop_at)
+    if stopped == "done" and s.train.export_dir:
+      export_model(s, state["params"], frozen)
   finally:
     checkpointer.close()
     writer.close()
-  if stopped == "signal":
-    log.warning("stopped by a signal at step %d; checkpoint saved, resume with the same "
-                "command", step)
-  summary.update(step=step, stopped=stopped or "done", history=history)
+  summary.update(step=step, stopped=stopped, history=handler.history)
   return summary
 
 
-def export_model(s: Setup, config, trainable: Mapping, frozen: Mapping) -> None:
+def export_model(s: Setup, trainable: Mapping, frozen: Mapping) -> None:
   """Writes train.export_dir: every weight in float32 (gathered to the host), the
   model config and the data tokenizer, as `flamingo_jax.generate` reads them."""
-  from flamingo_jax.model_dir import export_model_dir
   def host(a):
     if jax.process_count() > 1:  # shards live on other hosts too
       return np.asarray(multihost_utils.process_allgather(a, tiled=True), np.float32)
     return np.asarray(jax.device_get(a), np.float32)
 
   params = jax.tree.map(host, {**dict(trainable), **dict(frozen)})
-  tokenizer = None
-  if s.train.input == "pipeline":
-    from flamingo_jax.data.config import data_config
-    tokenizer = data_config(config).tokenizer or None
+  tokenizer = (s.data.tokenizer or None) if s.data is not None else None
   if jax.process_index() == 0:
     export_model_dir(s.train.export_dir, s.model, params, tokenizer)
   log.info("exported the model to %s", s.train.export_dir)
 
 
-def pipeline_iterators(config, rows: Mapping[str, tuple[int, int]]):
-  """The grain pipelines of flamingo_jax.data (train.input = 'pipeline', reads config.data)."""
-  from flamingo_jax.data import make_train_iterators
-  return make_train_iterators(config, rows=rows)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  rest, overrides = split_config_args(argv)
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
-  parser.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
-  parser.add_argument("--compile_only", action="store_true",
-                      help="lower and compile the step for the configured mesh, print memory "
-                           "per device and exit")
-  parser.add_argument("--fake_devices", type=int, default=0,
-                      help="run on this many fake CPU devices (with --compile_only: check "
-                           "that a config fits a topology without the hardware)")
-  parser.add_argument("--stop_at", type=int, default=None,
-                      help="stop after this step with a checkpoint (time-boxed jobs)")
-  args = parser.parse_args(rest)
-  handler = logging.StreamHandler(sys.stderr)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  package_log = logging.getLogger("flamingo_jax")
-  package_log.addHandler(handler)
-  package_log.setLevel(logging.INFO)
-  package_log.propagate = False
-  if args.fake_devices:
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.fake_devices)
-  config = apply_overrides(with_default_sections(load_config(args.config)), overrides)
+  args, overrides = cli.parse_args(argv, __doc__, workdir_help="checkpoints, logs and metrics "
+                                   "go here")
+  config = cli.load(args.config, overrides, with_default_sections, OPEN_KEYS)
   summary = run(config, args.workdir, compile_only=args.compile_only, stop_at=args.stop_at)
   if args.compile_only:
     print(json.dumps({"memory_per_device": summary["memory"],
@@ -685,4 +493,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main))

@@ -147,7 +147,7 @@ def test_per_tower_clipping_agc_on_vision_global_norm_on_text():
   }
   eps, lr = 1e8, 1.0
   tx = contrastive.make_optimizer(
-      contrastive.OptimConfig(learning_rate=lr, eps=eps, vision_agc=0.01, text_clip_norm=10.0),
+      contrastive.TowerOptimConfig(learning_rate=lr, eps=eps, vision_agc=0.01, text_clip_norm=10.0),
       total_steps=100)
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 100, jnp.float32),
                        params)
@@ -260,7 +260,7 @@ def tiny_run(tmp_path_factory):
   with _compilation_cache(str(root / "xla_cache")):
     first = contrastive.run(config, workdir, stop_at=15, devices=devices)
     second = contrastive.run(config, workdir, devices=devices)
-    again = contrastive_eval.evaluate_checkpoint(config, workdir, devices=devices)
+    again = contrastive.evaluate_checkpoint(config, workdir, devices=devices)
   return {"config": config, "workdir": workdir, "first": first, "second": second,
           "again": again}
 

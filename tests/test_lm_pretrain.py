@@ -3,12 +3,13 @@ import dataclasses
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from flamingo_jax import lm_pretrain
 from flamingo_jax.training.checkpoint import restore_component
-from flamingo_jax.config import FlamingoConfig, lm_preset
+from flamingo_jax.config import FlamingoConfig, apply_overrides, lm_preset, to_config_dict
 from flamingo_jax.evaluate.runner import init_params
 
 synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
@@ -26,12 +27,17 @@ def corpus_and_tokenizer(tmp_path_factory):
   return lines, tok
 
 
-def small(tok):
-  lm = lm_preset("chinchilla", vocab_size=tok.info.vocab_size, num_layers=1, width=32,
-                 num_heads=2, head_dim=16, max_length=64)
-  c = lm_pretrain.PretrainConfig(steps=6, batch_size=8, seq_len=16, checkpoint_every=3,
-                                 log_every=3, warmup_steps=2, learning_rate=1e-2)
-  return lm, c
+def small(tok, **lm_overrides):
+  lm = lm_preset("chinchilla", **{**dict(vocab_size=tok.info.vocab_size, num_layers=1, width=32,
+                                         num_heads=2, head_dim=16, max_length=64),
+                                  **lm_overrides})
+  config = ml_collections.ConfigDict({
+      "model": to_config_dict(lm),
+      "train": {"total_steps": 6, "batch_size": 8, "log_every": 3},
+      "corpus": {"seq_len": 16},
+      "optim": {"warmup_steps": 2, "learning_rate": 1e-2, "end_learning_rate": 1e-3},
+      "checkpoint": {"every": 3}})
+  return lm, config
 
 
 def test_rows_and_batches(corpus_and_tokenizer):
@@ -46,19 +52,20 @@ def test_rows_and_batches(corpus_and_tokenizer):
   assert not np.array_equal(a, lm_pretrain.batch_at(train, 6, 8, 0))
   with pytest.raises(ValueError, match="fewer than two rows"):
     lm_pretrain.token_rows(lines[:1], tok, 16)
-  with pytest.raises(ValueError, match="batch_size must be > 0"):
-    lm_pretrain.PretrainConfig(batch_size=0)
+  _, config = small(tok)
+  with pytest.raises(ValueError, match=r"'train\.batch_size' must be a positive int"):
+    lm_pretrain.setup(apply_overrides(config, ["train.batch_size=0"]))
 
 
 def test_resume_is_exact_and_export_loads_into_flamingo(corpus_and_tokenizer, tmp_path):
   lines, tok = corpus_and_tokenizer
   lm, c = small(tok)
-  straight = lm_pretrain.pretrain(lm, c, lines, tok, str(tmp_path / "a"))
-  lm_pretrain.pretrain(lm, c, lines, tok, str(tmp_path / "b"), stop_at=3)
-  resumed = lm_pretrain.pretrain(lm, c, lines, tok, str(tmp_path / "b"))
+  straight = lm_pretrain.run(c, str(tmp_path / "a"), lines=lines, tokenizer=tok)
+  lm_pretrain.run(c, str(tmp_path / "b"), stop_at=3, lines=lines, tokenizer=tok)
+  resumed = lm_pretrain.run(c, str(tmp_path / "b"), lines=lines, tokenizer=tok)
   losses = [r["loss"] for r in straight["history"]]
   assert [r["loss"] for r in resumed["history"]] == losses
-  assert len(losses) == c.steps and losses[-1] < losses[0]
+  assert len(losses) == c.train.total_steps and losses[-1] < losses[0]
   assert np.isfinite(straight["val_loss"])
 
   config = FlamingoConfig(lm=lm, image_token_id=tok.info.image_token_id,
@@ -76,7 +83,6 @@ def test_resume_is_exact_and_export_loads_into_flamingo(corpus_and_tokenizer, tm
 
 def test_vocab_too_small_is_an_error(corpus_and_tokenizer, tmp_path):
   lines, tok = corpus_and_tokenizer
-  lm, c = small(tok)
-  lm = dataclasses.replace(lm, vocab_size=8)
+  _, c = small(tok, vocab_size=8)
   with pytest.raises(ValueError, match="smaller than the tokenizer"):
-    lm_pretrain.pretrain(lm, c, lines, tok, str(tmp_path))
+    lm_pretrain.run(c, str(tmp_path), lines=lines, tokenizer=tok)

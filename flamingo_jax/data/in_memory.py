@@ -1,4 +1,4 @@
-"""What the trainer reads: one batch iterator per dataset, plus their shapes.
+"""What the Flamingo trainer reads: one batch iterator per dataset, plus their shapes.
 
 The trainer only relies on this interface, so it runs whether the input is
 the grain pipeline of `flamingo_jax.data` (`train.input = "pipeline"`) or the
@@ -21,7 +21,8 @@ from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.config import FlamingoConfig, from_config_dict
+from flamingo_jax.errors import ConfigError
 
 PAD, BOS, EOS = 0, 1, 2
 KINDS = ("pairs", "interleaved")
@@ -47,52 +48,67 @@ class DatasetSpec:
 
 SYNTHETIC_KEYS = tuple(f.name for f in dataclasses.fields(DatasetSpec) if f.name != "name")
 
-# The paper's mixture (appendix B.1.2: ablation batch sizes, lambda_m) as
-# synthetic shapes: what a config without a `synthetic` section trains on,
-# e.g. to check with --compile_only that a paper model fits a topology.
-PAPER_MIXTURE = (
-    DatasetSpec("m3w", "interleaved", batch_size=256, seq_len=256, max_images=5, weight=1.0),
-    DatasetSpec("align", "pairs", batch_size=512, seq_len=32, weight=0.2),
-    DatasetSpec("ltip", "pairs", batch_size=512, seq_len=64, weight=0.2),
-    DatasetSpec("vtp", "pairs", batch_size=64, seq_len=64, num_frames=8, weight=0.03),
-)
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """`synthetic` section: the in-memory datasets (train.input = 'synthetic')."""
+  seed: int = 0
+  num_classes: int = 8
+  nan_batches: tuple[int, ...] = ()  # batch indices whose pixels are NaN (non-finite skip)
+  feature_positions: int = 16  # S of visual_features when the model has no vision encoder
+  # > 0: only batches 0..N-1 are made; batch i is batch i % N, reused (benchmarks: the
+  # input is made once, so the host does no per-step NumPy work). 0: every batch new.
+  distinct_batches: int = 0
+  # name -> {kind, batch_size, seq_len, max_images, num_frames, weight}
+  datasets: Mapping[str, DatasetSpec] = dataclasses.field(default_factory=dict)
 
 
-def synthetic_specs(cfg: Any) -> list[DatasetSpec]:
-  """Specs from the `synthetic.datasets` ConfigDict (None: PAPER_MIXTURE); errors name the key."""
-  if cfg is None:
-    return list(PAPER_MIXTURE)
-  datasets = getattr(cfg, "datasets", None) if not isinstance(cfg, dict) else cfg.get("datasets")
+def synthetic_config(cfg: Any) -> SyntheticConfig:
+  """The validated `synthetic` section; unknown keys and bad values name the key."""
+  if isinstance(cfg, SyntheticConfig):
+    return cfg
+  if cfg is None or not hasattr(cfg, "items"):
+    raise ConfigError(f"config section 'synthetic' must be a mapping, got {cfg!r}")
+  items = dict(cfg.items())
+  datasets = items.pop("datasets", None)
   if not datasets or not hasattr(datasets, "items"):
-    raise ValueError("config key 'synthetic.datasets' must map dataset names to "
-                     f"{{{', '.join(SYNTHETIC_KEYS)}}}, got {datasets!r}")
-  specs = []
+    raise ConfigError("config key 'synthetic.datasets' must map dataset names to "
+                      f"{{{', '.join(SYNTHETIC_KEYS)}}}, got {datasets!r}")
+  c = from_config_dict(SyntheticConfig, items, "synthetic")
+  if c.num_classes < 1 or c.feature_positions < 1:
+    raise ConfigError("config keys 'synthetic.num_classes' and 'synthetic.feature_positions' "
+                      f"must be positive, got {c.num_classes} and {c.feature_positions}")
+  if c.distinct_batches < 0:
+    raise ConfigError(f"config key 'synthetic.distinct_batches' must be >= 0 (0: every batch "
+                      f"new), got {c.distinct_batches}")
+  specs = {}
   for name, d in datasets.items():
     prefix = f"synthetic.datasets.{name}"
     if not hasattr(d, "items"):
-      raise ValueError(f"config key {prefix!r} must be a mapping, got {d!r}")
-    for key in d.keys():
-      if key not in SYNTHETIC_KEYS:
-        raise ValueError(f"unknown config key '{prefix}.{key}'; valid keys: "
-                         f"{', '.join(SYNTHETIC_KEYS)}")
-    spec = DatasetSpec(name=str(name), **dict(d.items()))
+      raise ConfigError(f"config key {prefix!r} must be a mapping, got {d!r}")
+    spec = from_config_dict(DatasetSpec, {"name": str(name), **dict(d.items())}, prefix)
     validate_spec(spec, prefix)
-    specs.append(spec)
-  return specs
+    specs[str(name)] = spec
+  return dataclasses.replace(c, datasets=specs)
+
+
+def synthetic_specs(cfg: Any) -> list[DatasetSpec]:
+  """The DatasetSpecs of a `synthetic` section (ConfigDict or SyntheticConfig)."""
+  return list(synthetic_config(cfg).datasets.values())
 
 
 def validate_spec(spec: DatasetSpec, prefix: str) -> None:
   if spec.kind not in KINDS:
-    raise ValueError(f"config key '{prefix}.kind' is {spec.kind!r}; expected one of "
+    raise ConfigError(f"config key '{prefix}.kind' is {spec.kind!r}; expected one of "
                      f"{list(KINDS)}")
   for key in ("batch_size", "max_images", "num_frames"):
     v = getattr(spec, key)
     if not isinstance(v, int) or v < 1:
-      raise ValueError(f"config key '{prefix}.{key}' must be a positive int, got {v!r}")
+      raise ConfigError(f"config key '{prefix}.{key}' must be a positive int, got {v!r}")
   if spec.seq_len < 4:
-    raise ValueError(f"config key '{prefix}.seq_len' must be >= 4, got {spec.seq_len}")
+    raise ConfigError(f"config key '{prefix}.seq_len' must be >= 4, got {spec.seq_len}")
   if not spec.weight >= 0:
-    raise ValueError(f"config key '{prefix}.weight' (lambda) must be >= 0, got {spec.weight}")
+    raise ConfigError(f"config key '{prefix}.weight' (lambda) must be >= 0, got {spec.weight}")
 
 
 # --------------------------------------------------------------------------
@@ -109,15 +125,18 @@ class SyntheticIterator:
   only on (seed, dataset, i, r): any split of the rows over processes yields
   the same global batch, and the state is just the batch index.
   `nan_batches` fills those batches' pixels with NaN (to exercise the
-  non-finite skip).
+  non-finite skip). `distinct_batches` = N > 0 makes batch i equal to batch
+  i % N and makes each only once (benchmark input).
   """
 
   def __init__(self, spec: DatasetSpec, model: FlamingoConfig, *, seed: int = 0,
                dataset_index: int = 0, rows: Optional[tuple[int, int]] = None,
                num_classes: int = 8, nan_batches: tuple[int, ...] = (),
                image_size: Optional[int] = None,
-               feature_shape: Optional[tuple[int, int]] = None):
+               feature_shape: Optional[tuple[int, int]] = None, distinct_batches: int = 0):
     self.spec = spec
+    self.distinct_batches = distinct_batches
+    self._made: dict[int, dict[str, np.ndarray]] = {}  # distinct_batches: index -> batch
     self.seed, self.dataset_index = seed, dataset_index
     self.rows = rows or (0, spec.batch_size)
     self.num_classes = num_classes
@@ -147,9 +166,16 @@ class SyntheticIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows = [self._example(self.batch_index, r) for r in range(*self.rows)]
-    batch = {k: np.stack([ex[k] for ex in rows]) for k in rows[0]}
+    index = self.batch_index % self.distinct_batches if self.distinct_batches else \
+        self.batch_index
+    batch = self._made.get(index)
+    if batch is None:
+      rows = [self._example(index, r) for r in range(*self.rows)]
+      batch = {k: np.stack([ex[k] for ex in rows]) for k in rows[0]}
+      if self.distinct_batches:
+        self._made[index] = batch
     if self.batch_index in self.nan_batches:
+      batch = dict(batch)
       visual = "visual_features" if self.feature_shape else "images"
       batch[visual] = np.full_like(batch[visual], np.nan)
     self.batch_index += 1
@@ -186,22 +212,19 @@ class SyntheticIterator:
     }
 
 
-def synthetic_iterators(cfg: Any, specs: list[DatasetSpec], model: FlamingoConfig,
+def synthetic_iterators(cfg: SyntheticConfig, model: FlamingoConfig,
                         rows: Mapping[str, tuple[int, int]]) -> dict[str, SyntheticIterator]:
-  """One SyntheticIterator per spec, feeding this process's `rows[name]`."""
-  get = (lambda k, d: cfg.get(k, d)) if hasattr(cfg, "get") else (
-      lambda k, d: getattr(cfg, k, d))
+  """One SyntheticIterator per dataset of `cfg`, feeding this process's `rows[name]`."""
   feature_shape = None
   if model.vision.name == "none":
-    positions = int(get("feature_positions", 16))
     if not model.vision_feature_dim:
-      raise ValueError("model.vision.name is 'none': set model.vision_feature_dim so the "
-                       "synthetic data can make visual_features")
-    feature_shape = (positions, model.vision_feature_dim)
+      raise ConfigError("model.vision.name is 'none': set model.vision_feature_dim so the "
+                        "synthetic data can make visual_features")
+    feature_shape = (cfg.feature_positions, model.vision_feature_dim)
   return {
       spec.name: SyntheticIterator(
-          spec, model, seed=int(get("seed", 0)), dataset_index=i, rows=rows[spec.name],
-          num_classes=int(get("num_classes", 8)), nan_batches=tuple(get("nan_batches", ())),
-          feature_shape=feature_shape)
-      for i, spec in enumerate(specs)
+          spec, model, seed=cfg.seed, dataset_index=i, rows=rows[spec.name],
+          num_classes=cfg.num_classes, nan_batches=cfg.nan_batches,
+          feature_shape=feature_shape, distinct_batches=cfg.distinct_batches)
+      for i, spec in enumerate(cfg.datasets.values())
   }

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from flamingo_jax.config import FlamingoConfig, model_config
 from flamingo_jax.config import apply_overrides, load_config, split_config_args
+from flamingo_jax.errors import run_cli
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.labels import FROZEN, component_of, count_by_label
 
@@ -75,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_cli(main))

@@ -16,8 +16,14 @@ Saves are asynchronous (device->host copy blocks; the write does not) and
 atomic: orbax writes into `<step>.orbax-checkpoint-tmp-*`, renames it on commit
 and marks it with commit_success.txt; a temporary directory is never listed as
 a step, and a step directory without the marker (an interrupted save on a
-filesystem without atomic renames) is removed, never restored. Restoring onto a different mesh is a restore
-with other target shardings.
+filesystem without atomic renames) is removed, never restored. Restoring onto a
+different mesh is a restore with other target shardings.
+
+A committed checkpoint can still be unreadable (a disk error, bytes overwritten,
+a file deleted by hand). `Checkpointer.restore_latest` reports such a step in one
+line (step, path, cause) and, with `checkpoint.on_corrupt='fallback'` (the
+default), renames it `<step>.corrupt` and restores the newest intact step;
+`'refuse'` stops with that line instead.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from etils import epath
 from flax import traverse_util
 
 from flamingo_jax.config import from_config_dict
+from flamingo_jax.errors import CheckpointError, ConfigError, one_line
 from flamingo_jax.models.labels import component_of
 
 log = logging.getLogger(__name__)
@@ -47,15 +54,21 @@ class CheckpointConfig:
   keep: int = 3  # most recent checkpoints kept
   async_save: bool = True
   enabled: bool = True  # False: never write or read checkpoints (benchmarks)
+  # The newest checkpoint cannot be read: 'fallback' warns and restores the newest
+  # intact one; 'refuse' stops with a one-line error.
+  on_corrupt: str = "fallback"
 
 
 def checkpoint_config(cfg: Any) -> CheckpointConfig:
   c = cfg if isinstance(cfg, CheckpointConfig) else from_config_dict(
       CheckpointConfig, cfg or {}, "checkpoint")
   if c.every < 0:
-    raise ValueError(f"config key 'checkpoint.every' must be >= 0, got {c.every}")
+    raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {c.every}")
   if c.keep < 1:
-    raise ValueError(f"config key 'checkpoint.keep' must be >= 1, got {c.keep}")
+    raise ConfigError(f"config key 'checkpoint.keep' must be >= 1, got {c.keep}")
+  if c.on_corrupt not in ("fallback", "refuse"):
+    raise ConfigError(f"config key 'checkpoint.on_corrupt' is {c.on_corrupt!r}; expected "
+                      "'fallback' or 'refuse'")
   return c
 
 
@@ -78,9 +91,16 @@ class DataStateHandler(ocp.CheckpointHandler):
     path = self._file(epath.Path(directory))
     if not path.exists():
       found = sorted(p.name for p in epath.Path(directory).iterdir())
-      raise ValueError(f"no data-iterator state for this process at {path} (found {found}); "
-                       "was the checkpoint written with a different number of processes?")
-    return json.loads(path.read_text())
+      raise CheckpointError(f"no data-iterator state for this process at {path} (found "
+                            f"{found}); was the checkpoint written with a different number "
+                            "of processes?")
+    try:
+      states = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"data-iterator state {path} is not JSON: {one_line(e)}") from None
+    if not isinstance(states, dict):
+      raise CheckpointError(f"data-iterator state {path} is not a mapping of datasets")
+    return states
 
   def metadata(self, directory: epath.Path):
     return None
@@ -153,10 +173,91 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """-> (state laid out as abstract_state's shardings/dtypes, data states)."""
+    self.check_files(step)
+    self.check_shapes(step, abstract_state)
     out = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=DataStateRestore()))
     return out["state"], out["data"]
+
+  def check_files(self, step: int) -> None:
+    """The JSON files of a step parse and its items exist: checked here, since orbax
+    fed a garbage metadata file leaves its event loop to fail again at exit."""
+    root = epath.Path(self.directory) / str(step)
+    for item in ("state", "data"):
+      if not (root / item).is_dir():
+        raise CheckpointError(f"{root / item} is missing")
+    for path in [root / "state" / "_METADATA", *(root / "data").glob("*.json")]:
+      if path.exists():
+        try:
+          json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+          raise CheckpointError(f"{path} is not JSON: {one_line(e)}") from None
+
+  def check_shapes(self, step: int, abstract_state: Any) -> None:
+    """Stored shapes vs the config's (a changed config is not a corrupt checkpoint):
+    a mismatch is a CheckpointError naming the tensor, before any array is read."""
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(str(epath.Path(self.directory) / str(step) / "state"))
+      stored = stored.item_metadata.tree
+    except Exception:  # noqa: BLE001 - unreadable metadata: left to restore() to report
+      return
+    stored = _plain(stored) if stored is not None else {}
+    if not (isinstance(stored, dict) and isinstance(stored.get("params"), dict)
+            and isinstance(abstract_state, Mapping)
+            and "params" in abstract_state):
+      return
+    # The parameters only: their tree is plain dicts in both (optimizer states are not).
+    have = traverse_util.flatten_dict(stored["params"], sep="/")
+    want = traverse_util.flatten_dict(dict(abstract_state["params"]), sep="/")
+    bad = [f"params/{k}: checkpoint {tuple(have[k].shape)} vs config {tuple(w.shape)}"
+           for k, w in want.items() if k in have and hasattr(have[k], "shape")
+           and tuple(have[k].shape) != tuple(w.shape)]
+    missing = [f"params/{k}: missing" for k in sorted(set(want) - set(have))]
+    if bad or missing:
+      raise _ConfigMismatch(f"checkpoint {step} at {self.directory}/{step} does not fit the "
+                            f"config: {'; '.join((bad + missing)[:6])}")
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, data states) of the newest intact checkpoint; None without any.
+
+    A step that cannot be read is reported in one line (step, path, cause); with
+    on_corrupt='fallback' it is renamed `<step>.corrupt` (so the run saves that step
+    again) and the next older one is tried, with 'refuse' the line is an error.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return (step, *self.restore(step, abstract_state))
+      except _ConfigMismatch as e:
+        raise CheckpointError(str(e)) from None
+      except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types
+        where = f"{self.directory}/{step}"
+        line = f"checkpoint {step} at {where} is corrupt or partial: {one_line(e)}"
+        if self.cfg.on_corrupt == "refuse":
+          raise CheckpointError(f"{line} (checkpoint.on_corrupt='refuse'; 'fallback' restores "
+                                "the newest intact checkpoint)") from None
+        older = steps[i + 1:]
+        log.warning("%s; %s", line, f"falling back to checkpoint {older[0]}" if older
+                    else "no older checkpoint")
+        self._set_aside(step)
+    if steps:
+      raise CheckpointError(f"no intact checkpoint in {self.directory}: steps {sorted(steps)} "
+                            "are all corrupt or partial (renamed <step>.corrupt)")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      path = epath.Path(self.directory) / str(step)
+      target = epath.Path(self.directory) / f"{step}.corrupt"
+      if target.exists():
+        target.rmtree()
+      path.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"flamingo_jax checkpoint {step} set aside")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -164,6 +265,10 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _ConfigMismatch(Exception):
+  """A readable checkpoint whose shapes are not the config's (never a fallback)."""
 
 
 # --------------------------------------------------------------------------
@@ -181,44 +286,73 @@ def params_exist(directory: str) -> bool:
   return os.path.isdir(directory) and bool(os.listdir(directory))
 
 
+def check_params(directory: str, abstract: Any, what: str = "parameters") -> list[str]:
+  """The checkpoint holds every tensor of `abstract` in its shape (metadata only, no
+  array read): else a CheckpointError naming the tensors, both shapes and the
+  directory. Returns the tensors it has beyond `abstract`."""
+  directory = os.path.abspath(directory)
+  if not params_exist(directory):
+    raise CheckpointError(f"{what}: checkpoint directory {directory!r} does not exist or is "
+                          "empty")
+  stored = _stored_tree(directory, what)
+  have = traverse_util.flatten_dict(_plain(stored), sep="/")
+  want = traverse_util.flatten_dict(abstract, sep="/")
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise CheckpointError(f"{what}: {len(missing)} tensors missing from {directory}: "
+                          f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; it holds "
+                          f"{sorted(have)[:8]}")
+  bad = [f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
+         for k in want if tuple(have[k].shape) != tuple(want[k].shape)]
+  if bad:
+    raise CheckpointError(f"{what}: shape mismatch in {directory}: {'; '.join(bad[:8])}")
+  return sorted(set(have) - set(want))
+
+
 def restore_params(directory: str, abstract: Any, what: str = "parameters",
                    quiet_extra: bool = False) -> Any:
   """Restores a parameter tree into abstract's shardings and dtypes.
 
   abstract: tree of jax.ShapeDtypeStruct with .sharding. Tensors the checkpoint
   has beyond `abstract` (say an NFNet classifier head) are skipped with a
-  warning; missing or misshapen ones are a ValueError naming them.
+  warning; missing or misshapen ones are a CheckpointError naming them.
   """
   directory = os.path.abspath(directory)
-  if not params_exist(directory):
-    raise ValueError(f"{what}: checkpoint directory {directory!r} does not exist or is empty")
-  with ocp.StandardCheckpointer() as ckptr:
-    stored = ckptr.metadata(directory).item_metadata.tree
-  have = traverse_util.flatten_dict(_plain(stored), sep="/")
-  want = traverse_util.flatten_dict(abstract, sep="/")
-  missing = sorted(set(want) - set(have))
-  if missing:
-    raise ValueError(f"{what}: {len(missing)} tensors missing from {directory}: "
-                     f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; it holds "
-                     f"{sorted(have)[:8]}")
-  bad = [f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
-         for k in want if tuple(have[k].shape) != tuple(want[k].shape)]
-  if bad:
-    raise ValueError(f"{what}: shape mismatch in {directory}: {bad[:8]}")
-  extra = sorted(set(have) - set(want))
+  extra = check_params(directory, abstract, what)
   if extra and not quiet_extra:
     log.warning("%s: ignoring %d tensors of %s the model does not use: %s", what, len(extra),
                 directory, extra[:8])
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=restore_args, partial_restore=bool(extra)))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=bool(extra)))
+  except Exception as e:  # noqa: BLE001 - tensorstore / orbax errors of unreadable arrays
+    raise CheckpointError(f"{what}: {directory} is corrupt or partial: {one_line(e)}") from None
 
 
-def stored_top_keys(directory: str) -> list[str]:
+def _stored_tree(directory: str, what: str) -> Any:
+  """The metadata tree of a parameter checkpoint (shapes, no arrays), or a one-line
+  CheckpointError (the JSON is parsed first: orbax fed garbage fails again at exit)."""
+  path = epath.Path(directory) / "_METADATA"
+  try:
+    if path.exists():
+      json.loads(path.read_text())
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(os.path.abspath(directory))
+    cause = "orbax finds no item metadata"
+    tree = getattr(getattr(meta, "item_metadata", None), "tree", None)
+  except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable metadata
+    tree, cause = None, one_line(e)
+  if tree is None:
+    raise CheckpointError(f"{what}: {os.path.abspath(directory)} is corrupt or partial: "
+                          f"cannot read its metadata ({cause})")
+  return tree
+
+
+def stored_top_keys(directory: str, what: str = "parameter checkpoint") -> list[str]:
   """Top-level keys of a parameter checkpoint (without reading any array)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return sorted(_plain(ckptr.metadata(os.path.abspath(directory)).item_metadata.tree))
+  return sorted(_plain(_stored_tree(directory, what)))
 
 
 # --------------------------------------------------------------------------
@@ -251,6 +385,27 @@ def with_component(params: Mapping, component: str, tree: Any) -> dict:
   return params
 
 
+def _component_target(directory: str, component: str, abstract: Any, what: str):
+  """(target tree, whole Flamingo tree?) for either checkpoint layout of a component."""
+  if not params_exist(directory):
+    raise CheckpointError(f"{what}: checkpoint directory {os.path.abspath(directory)!r} does "
+                          "not exist or is empty")
+  stored = stored_top_keys(directory, what)
+  if component in MULTI_KEY_COMPONENTS:
+    whole_tree = any(component_of(k) != component for k in stored)
+  else:
+    whole_tree = component in stored
+  if whole_tree and component not in MULTI_KEY_COMPONENTS:
+    return {component: abstract}, True
+  return abstract, whole_tree
+
+
+def check_component(directory: str, component: str, abstract: Any, what: str = "") -> None:
+  """restore_component's checks (tensors and shapes, from metadata) without reading arrays."""
+  what = what or f"model_init / frozen weights of {component!r}"
+  check_params(directory, _component_target(directory, component, abstract, what)[0], what)
+
+
 def restore_component(directory: str, component: str, abstract: Any) -> Any:
   """One component's weights, from either checkpoint layout:
     * the component's own tree (`python -m flamingo_jax.convert nfnet`, the
@@ -259,20 +414,11 @@ def restore_component(directory: str, component: str, abstract: Any) -> Any:
       only this component is read.
   abstract: component_tree of ShapeDtypeStructs with target shardings/dtypes.
   """
-  if not params_exist(directory):
-    raise ValueError(f"model_init / frozen weights of {component!r}: checkpoint directory "
-                     f"{os.path.abspath(directory)!r} does not exist or is empty")
-  stored = stored_top_keys(directory)
-  if component in MULTI_KEY_COMPONENTS:
-    whole_tree = any(component_of(k) != component for k in stored)
-  else:
-    whole_tree = component in stored
   what = f"model_init / frozen weights of {component!r}"
-  if not whole_tree:
-    return restore_params(directory, abstract, what)
-  target = {component: abstract} if component not in MULTI_KEY_COMPONENTS else abstract
-  restored = restore_params(directory, target, what, quiet_extra=True)
-  return restored[component] if component not in MULTI_KEY_COMPONENTS else restored
+  target, whole_tree = _component_target(directory, component, abstract, what)
+  restored = restore_params(directory, target, what, quiet_extra=whole_tree)
+  return restored[component] if whole_tree and component not in MULTI_KEY_COMPONENTS \
+      else restored
 
 
 def _plain(tree):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Mapping, Optional
+
+from etils import epath
 
 log = logging.getLogger("flamingo_jax.train")
 
@@ -29,16 +30,17 @@ def _fmt_duration(seconds: float) -> str:
 class MetricsWriter:
   """Writes scalar metrics of the run in `workdir` (no-op when not enabled)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True):
     self.enabled = enabled
     self.jsonl = None
     self.tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    workdir = epath.Path(workdir)  # local paths and gs:// alike
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = (workdir / "metrics.jsonl").open("a")
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -21,6 +21,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.config import FlamingoConfig, from_config_dict
+from flamingo_jax.errors import ConfigError
 from flamingo_jax.models.labels import FROZEN, TRAINABLE, TRAINABLE_NO_DECAY, param_labels
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -40,19 +41,20 @@ class OptimConfig:
   clip_norm: float = 1.0  # global norm of the accumulated gradient; 0 disables
 
 
-def optim_config(cfg: Any) -> OptimConfig:
-  c = cfg if isinstance(cfg, OptimConfig) else from_config_dict(OptimConfig, cfg or {}, "optim")
+def optim_config(cfg: Any, cls: type = OptimConfig) -> OptimConfig:
+  """The validated `optim` section as `cls` (OptimConfig or a trainer's subclass)."""
+  c = cfg if isinstance(cfg, cls) else from_config_dict(cls, cfg or {}, "optim")
   if c.schedule not in SCHEDULES:
-    raise ValueError(f"config key 'optim.schedule' is {c.schedule!r}; expected one of "
+    raise ConfigError(f"config key 'optim.schedule' is {c.schedule!r}; expected one of "
                      f"{list(SCHEDULES)}")
   for key in ("learning_rate", "end_learning_rate", "weight_decay", "clip_norm", "eps"):
     if getattr(c, key) < 0:
-      raise ValueError(f"config key 'optim.{key}' must be >= 0, got {getattr(c, key)}")
+      raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {getattr(c, key)}")
   if c.warmup_steps < 0:
-    raise ValueError(f"config key 'optim.warmup_steps' must be >= 0, got {c.warmup_steps}")
+    raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {c.warmup_steps}")
   for key in ("b1", "b2"):
     if not 0.0 <= getattr(c, key) < 1.0:
-      raise ValueError(f"config key 'optim.{key}' must be in [0, 1), got {getattr(c, key)}")
+      raise ConfigError(f"config key 'optim.{key}' must be in [0, 1), got {getattr(c, key)}")
   return c
 
 

@@ -1,0 +1,71 @@
+"""The command line every trainer shares: --config FILE[:arg] --workdir DIR [overrides].
+
+Defaults are filled in before the `--config.a.b=value` overrides are applied,
+so every trainer accepts an override of any key its schema knows (also when
+the config file leaves the section out), rejects a typo naming it, and adds
+keys to dict-valued fields (`--config.model_init.lm=PATH`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+import jax
+import ml_collections
+
+from flamingo_jax.config import apply_overrides, load_config, split_config_args
+from flamingo_jax.training.checkpoint import CheckpointConfig
+from flamingo_jax.training.distributed import DistributedConfig
+from flamingo_jax.training.sharding import MeshConfig
+
+# The sections every trainer has beside its own `train` and `optim` (their schemas).
+RUN_SECTIONS = {"mesh": MeshConfig, "checkpoint": CheckpointConfig,
+                "distributed": DistributedConfig}
+
+
+def setup_logging() -> None:
+  """flamingo_jax.* INFO logs to stderr with timestamps (the progress line among them)."""
+  package_log = logging.getLogger("flamingo_jax")
+  if any(getattr(h, "_flamingo_cli", False) for h in package_log.handlers):
+    return
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  handler._flamingo_cli = True
+  package_log.addHandler(handler)
+  package_log.setLevel(logging.INFO)
+  package_log.propagate = False
+
+
+def parse_args(argv: Optional[Sequence[str]], doc: str, workdir_help: str,
+               extra: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+  """-> (args, overrides). Sets up logging and, with --fake_devices, a CPU mesh."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  rest, overrides = split_config_args(argv)
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  parser.add_argument("--workdir", required=True, help=workdir_help)
+  parser.add_argument("--compile_only", action="store_true",
+                      help="lower and compile the step for the configured mesh, print memory "
+                           "per device and exit")
+  parser.add_argument("--fake_devices", type=int, default=0,
+                      help="run on this many fake CPU devices (with --compile_only: check "
+                           "that a config fits a topology without the hardware)")
+  parser.add_argument("--stop_at", type=int, default=None,
+                      help="stop after this step with a checkpoint (time-boxed jobs)")
+  if extra is not None:
+    extra(parser)
+  args = parser.parse_args(rest)
+  setup_logging()
+  if args.fake_devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.fake_devices)
+  return args, overrides
+
+
+def load(spec: str, overrides: Sequence[str],
+         with_default_sections: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+         open_keys: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config file, its defaults filled, then the overrides."""
+  return apply_overrides(with_default_sections(load_config(spec)), overrides, open_keys)
