@@ -214,3 +214,22 @@ def test_sigterm_and_exit_leave_no_hanging_thread(tmp_path, mode):
   steps, state = map(int, lines["consumed"].split())
   assert state == steps  # batch i+1 was consumed at step i: state of the consumed ones
   assert lines["threads"] == "1"  # (without close the daemon producer is discounted)
+
+
+def test_synthetic_input_made_once_is_reused_exactly(tiny_config):
+  spec = in_memory.DatasetSpec("pairs", "pairs", batch_size=2, seq_len=8)
+  fresh = in_memory.SyntheticIterator(spec, tiny_config)
+  want = [next(fresh) for _ in range(2)]
+  it = in_memory.SyntheticIterator(spec, tiny_config, distinct_batches=2, nan_batches=(2,))
+  got = [next(it) for _ in range(5)]
+  assert it.get_state() == {"batch_index": 5}
+  for i, batch in enumerate(got):
+    for k, v in want[i % 2].items():
+      if i == 2 and k == "images":
+        assert np.isnan(batch[k]).all()  # NaN batches still work ...
+      else:
+        np.testing.assert_array_equal(batch[k], v)
+  assert got[4] is got[0]  # ... on a copy: batch 0 was made once and is intact
+  assert not np.array_equal(got[0]["images"], got[1]["images"])
+  with pytest.raises(ValueError, match="synthetic.distinct_batches"):
+    in_memory.synthetic_config({"distinct_batches": -1, "datasets": {"p": {"kind": "pairs"}}})
