@@ -3,7 +3,6 @@
 configuration: images and the cross-attention change nothing, and the new-token
 rows replace only the token embedding (GPT-2's learned position is still added
 at `<image>` / `<EOC>`)."""
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -14,7 +13,7 @@ import pytest
 
 from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
                                  lm_preset, model_config)
-from flamingo_jax.models.flamingo import Flamingo, merged_lm_params
+from flamingo_jax.models.flamingo import Flamingo, merged_lm_config, merged_lm_params
 from flamingo_jax.models.lm import DecoderLM
 
 V, IMG, EOC, RESET = 64, 61, 62, 2
@@ -28,6 +27,9 @@ LMS = {
     "qwen2": lm_preset("qwen2", **SIZES, rope_scaling="llama3", rope_scaling_factor=8.0,
                        rope_original_max_length=8),
     "gemma": lm_preset("gemma", **SIZES, embedding_scale=32 ** 0.5),
+    # A pretrained LM without rows for <image> / <EOC> (configs/from_hf_lm.py).
+    "llama_grown_vocab": lm_preset("llama", **{**SIZES, "vocab_size": EOC + 1},
+                                   embedding_rows=IMG),
 }
 
 
@@ -98,10 +100,12 @@ def test_gates_at_zero_equal_the_frozen_lm(kind):
   model = Flamingo(config)
   tokens, mask, feats = inputs(config)
   params = random_params(model, tokens, None, feats)
+  assert params["lm"]["embedding"].shape[0] == (config.lm.embedding_rows
+                                                or config.lm.vocab_size)
   apply = jax.jit(lambda p, t, a, f: model.apply({"params": p}, t, visual_features=f,
                                                  attention_mask=a)[0])
   closed = np.asarray(apply(with_gates(params, 0.0), tokens, mask, feats))
-  lm = jax.jit(DecoderLM(config.lm).apply)
+  lm = jax.jit(DecoderLM(merged_lm_config(config)).apply)
   want = np.asarray(lm({"params": merged_lm_params(params, config)}, tokens, mask))
   real = np.asarray(mask, bool)
   assert np.abs(closed[real] - want[real]).max() < 1e-5

@@ -422,13 +422,32 @@ def add_arguments(parser) -> None:
   parser.add_argument("--out", required=True, help="directory to write")
 
 
+# The LM's own tokenizer, copied next to its weights (configs/from_hf_lm.py reads
+# it there); tokenizer.model (sentencepiece) only when there is no tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(src: str, out: str) -> list[str]:
+  """Copies the tokenizer files of HF model directory `src` into `out`; -> their names."""
+  import shutil
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  if "tokenizer.json" not in names and os.path.isfile(os.path.join(src, "tokenizer.model")):
+    names.append("tokenizer.model")
+  for n in names:
+    shutil.copyfile(os.path.join(src, n), os.path.join(out, n))
+  return names
+
+
 def main(args) -> int:
   from flamingo_jax.config import to_config_dict
   config, params = load_hf_lm(args.input)
   write_converted(args.out, params, {"lm": to_config_dict(config).to_dict()})
+  copied = copy_tokenizer(args.input, args.out)
   count = sum(int(np.prod(v.shape)) for v in _leaves(params))
-  print(f"wrote {count:,} {config.family} LM parameters to {args.out}/params and its "
-        f"model.lm config to {args.out}/model_config.json")
+  print(f"wrote {count:,} {config.family} LM parameters to {args.out}/params, its "
+        f"model.lm config to {args.out}/model_config.json"
+        + (f" and its tokenizer ({', '.join(copied)})" if copied else
+           " (no tokenizer files in the input)"))
   return 0
 
 

@@ -4,12 +4,16 @@
   masking.py        image-causal masking (phi per token, p_next)
   resampler.py      Perceiver Resampler
   xattn.py          GATED XATTN-DENSE block
-  lm.py             decoder-only LM (Chinchilla / Llama / GPT-2 families)
+  lm.py             decoder-only LM (Chinchilla / Llama / Qwen2 / Gemma / GPT-2 / GPT-NeoX /
+                    MPT families) and its one self-attention mask
+  rotary.py         rotary position embeddings and their long-context scalings
   vision.py         registry of vision encoders (nfnet.py, patch_encoder.py)
   flamingo.py       the composite model
   labels.py         frozen / trainable / trainable-without-decay labels per parameter
 """
-from flamingo_jax.models.flamingo import Flamingo, merged_lm_params, xattn_layer_indices
+from flamingo_jax.models.flamingo import (Flamingo, merged_lm_config, merged_lm_params,
+                                          xattn_layer_indices)
 from flamingo_jax.models.lm import DecoderLM
 
-__all__ = ["Flamingo", "DecoderLM", "merged_lm_params", "xattn_layer_indices"]
+__all__ = ["Flamingo", "DecoderLM", "merged_lm_config", "merged_lm_params",
+           "xattn_layer_indices"]

@@ -29,6 +29,7 @@ whole sequence.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -386,20 +387,29 @@ def check_inputs(c: FlamingoConfig, tokens, images, visual_features, next_image,
 
 
 def merged_lm_params(params: dict[str, Any], config: FlamingoConfig) -> dict[str, Any]:
-  """The LM's params with the trained `<image>`/`<EOC>` rows written in.
+  """The LM's params with the trained `<image>`/`<EOC>` rows written in, for
+  `DecoderLM(merged_lm_config(config))`.
 
   With the gates at zero, Flamingo equals this LM; also what a text-only
-  export of a trained model needs.
+  export of a trained model needs. A grown vocabulary (`lm.embedding_rows`)
+  gets its rows appended.
   """
   lm = jax.tree.map(lambda a: a, params["lm"])
   if not config.train_new_token_embeddings:
     return lm
   ids = np.array([config.image_token_id, config.eoc_token_id])
   unbox = lambda v: getattr(v, "value", v)  # noqa: E731
-  emb = unbox(lm["embedding"]).at[ids].set(unbox(params["new_token_embeddings"]))
+  emb = unbox(lm["embedding"])
+  grow = config.lm.vocab_size - emb.shape[0]
+  emb = jnp.pad(emb, ((0, grow), (0, 0))).at[ids].set(unbox(params["new_token_embeddings"]))
   lm["embedding"] = emb
   if not config.lm.tie_embeddings:
-    kernel = unbox(lm["unembed"]["kernel"])
+    kernel = jnp.pad(unbox(lm["unembed"]["kernel"]), ((0, 0), (0, grow)))
     lm["unembed"] = dict(lm["unembed"],
                          kernel=kernel.at[:, ids].set(unbox(params["new_token_unembeddings"]).T))
   return lm
+
+
+def merged_lm_config(config: FlamingoConfig):
+  """The LMConfig of `merged_lm_params`: every id of the vocabulary has a row."""
+  return dataclasses.replace(config.lm, embedding_rows=0)

@@ -1,6 +1,6 @@
 """Decoder-only language model: the frozen LM that Flamingo conditions on images.
 
-One module covers five families by config (see `config.lm_preset`):
+One module covers seven families by config (see `config.lm_preset`):
   chinchilla  pre-LayerNorm, GeLU FFW 4x, rotary positions, tied embeddings
               (the paper's frozen LM; Chinchilla itself used RMSNorm and
               relative positions: both are config options, see docs)
@@ -226,7 +226,7 @@ class DecoderLM(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / c.width ** 0.5),
                                               ("vocab", "embed"))
-    self.embedding = self.param("embedding", embed_init, (c.vocab_size, c.width),
+    self.embedding = self.param("embedding", embed_init, (self.rows, c.width),
                                 self.param_dtype)
     if c.positions == "learned":
       self.position_embedding = self.param(
@@ -241,7 +241,13 @@ class DecoderLM(nn.Module):
     self.blocks = [block(c, name=f"blocks_{i}", **kw) for i in range(c.num_layers)]
     self.final_norm = _norm(c, "final_norm", **kw)
     if not c.tie_embeddings:
-      self.unembed = layers.Dense(c.vocab_size, ("embed", "vocab"), name="unembed", **kw)
+      self.unembed = layers.Dense(self.rows, ("embed", "vocab"), name="unembed", **kw)
+
+  @property
+  def rows(self) -> int:
+    """Rows of the embedding matrices: vocab_size, or fewer when a Flamingo grew the
+    vocabulary (`LMConfig.embedding_rows`)."""
+    return self.config.embedding_rows or self.config.vocab_size
 
   def embed(self, tokens, positions, new_rows=()):
     """tokens [B, L] int, positions [B, L] -> [B, L, D].
@@ -252,7 +258,8 @@ class DecoderLM(nn.Module):
     embedding like any other, so it equals writing the row into the matrix.
     """
     c = self.config
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    # ids past the LM's rows (grown vocabulary) must come with a new row
+    x = jnp.take(self.embedding, jnp.minimum(tokens, self.rows - 1), axis=0).astype(self.dtype)
     for token_id, row in new_rows:
       x = jnp.where((tokens == token_id)[..., None], row.astype(x.dtype), x)
     if c.embedding_scale != 1.0:
@@ -268,13 +275,22 @@ class DecoderLM(nn.Module):
     return self.blocks[i](x, positions, mask, cache)
 
   def hidden_to_logits(self, h):
-    """h [B, L, D] (before the final norm) -> (normed h [B, L, D], logits [B, L, V] f32)."""
+    """h [B, L, D] (before the final norm) -> (normed h [B, L, D], logits [B, L, V] f32).
+
+    Ids without an LM row (a grown vocabulary) get the lowest float32 logit: the
+    LM cannot emit them; Flamingo writes its new rows' logits there.
+    """
     h = self.final_norm(h)
     if self.config.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", h, self.embedding.astype(self.dtype))
     else:
       logits = self.unembed(h)
-    return h, logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    missing = self.config.vocab_size - self.rows
+    if missing:
+      logits = jnp.pad(logits, ((0, 0), (0, 0), (0, missing)),
+                       constant_values=jnp.finfo(jnp.float32).min)
+    return h, logits
 
   def __call__(self, tokens, attention_mask=None, positions=None):
     """tokens [B, L] int, attention_mask [B, L] (1 = real token) -> logits [B, L, V].
