@@ -5,7 +5,6 @@ rows replace only the token embedding (GPT-2's learned position is still added
 at `<image>` / `<EOC>`)."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, 
                                  lm_preset, model_config)
 from flamingo_jax.models.flamingo import Flamingo, merged_lm_config, merged_lm_params
 from flamingo_jax.models.lm import DecoderLM
+from random_weights import random_params
 
 V, IMG, EOC, RESET = 64, 61, 62, 2
 SIZES = dict(vocab_size=V, num_layers=4, width=32, num_heads=4, head_dim=8, ffw_dim=48)
@@ -63,20 +63,6 @@ def config_of(kind: str) -> FlamingoConfig:
       image_token_id=IMG, eoc_token_id=EOC))
 
 
-def random_params(model, *args):
-  """Random params of the init's shapes (numpy draws: no jitted init to compile),
-  norm scales near 1; everything else, gates and new-token rows too, O(0.3)."""
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
-  rng = np.random.default_rng(0)
-
-  def draw(path, s):
-    if jax.tree_util.keystr(path).endswith("['scale']"):
-      return jnp.asarray(1 + 0.1 * rng.standard_normal(s.shape), s.dtype)
-    return jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def with_gates(params, value: float):
   return {k: (dict(v, attn_gate=jnp.full_like(v["attn_gate"], value),
                    ffw_gate=jnp.full_like(v["ffw_gate"], value))
@@ -99,7 +85,7 @@ def test_gates_at_zero_equal_the_frozen_lm(kind):
   config = config_of(kind)
   model = Flamingo(config)
   tokens, mask, feats = inputs(config)
-  params = random_params(model, tokens, None, feats)
+  params = random_params(model, tokens, None, feats, scale=0.3)
   assert params["lm"]["embedding"].shape[0] == (config.lm.embedding_rows
                                                 or config.lm.vocab_size)
   apply = jax.jit(lambda p, t, a, f: model.apply({"params": p}, t, visual_features=f,
@@ -120,7 +106,7 @@ def test_new_token_rows_keep_gpt2_positions():
   config = config_of("gpt2")
   model = Flamingo(config)
   tokens, mask, feats = inputs(config)
-  params = random_params(model, tokens, None, feats)
+  params = random_params(model, tokens, None, feats, scale=0.3)
   positions = np.maximum(np.cumsum(np.asarray(mask), -1) - 1, 0)
   got = np.asarray(model.apply({"params": params}, tokens, jnp.asarray(positions),
                                method="embed_tokens"))

@@ -21,6 +21,7 @@ from flamingo_jax.convert.hf_lm import (convert_state_dict, lm_config_from_hf,  
                                         load_hf_lm)
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
 from flamingo_jax.models.lm import DecoderLM  # noqa: E402
+from test_lm_parity import randomise  # noqa: E402
 
 V = 97
 TOL = 1e-4
@@ -28,17 +29,6 @@ SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_laye
              num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-
-
-def randomise(ref):
-  """Norm weights and biases random too (transformers starts them at 1 / 0)."""
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if "norm" in name:
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      elif name.endswith(".bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-  return ref.eval()
 
 
 def build(kind):

@@ -6,7 +6,6 @@ import functools
 import json
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +21,7 @@ from flamingo_jax.convert.hf_lm import (convert_state_dict, load_hf_lm,  # noqa:
                                         lm_config_from_hf, load_safetensors_dir)
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
 from flamingo_jax.models.lm import DecoderLM, alibi_slopes  # noqa: E402
+from random_weights import random_params  # noqa: E402
 
 VOCAB = 97
 # kind -> transformers config kwargs. initializer_range 0.1 (not 0.02) makes
@@ -259,21 +259,6 @@ def _flamingo(lm_kind):
       xattn=XAttnConfig(every=2, num_heads=2, head_dim=16), lm=CACHE_LMS[lm_kind],
       image_token_id=IMG, eoc_token_id=EOC))
   return Flamingo(config)
-
-
-def random_params(model, tokens):
-  """Random params of the init's shapes, drawn in numpy (a jitted init of this
-  model takes ~20 s to compile on a CPU). Norm scales near 1."""
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
-  rng = np.random.default_rng(0)
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return jnp.asarray(1 + 0.1 * rng.standard_normal(s.shape), s.dtype)
-    return jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.mark.parametrize("lm_kind", sorted(CACHE_LMS))
