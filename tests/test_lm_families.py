@@ -37,6 +37,10 @@ def build(kind):
     cfg = transformers.LlamaConfig(**SMALL, max_position_embeddings=2048, rope_theta=500000.0,
                                    rope_scaling=dict(LLAMA31_ROPE))
     return transformers.LlamaForCausalLM(cfg)
+  if kind == "llama_linear":
+    cfg = transformers.LlamaConfig(**SMALL, max_position_embeddings=256,
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0})
+    return transformers.LlamaForCausalLM(cfg)
   if kind == "mistral":
     cfg = transformers.MistralConfig(**SMALL, max_position_embeddings=256, sliding_window=8)
     return transformers.MistralForCausalLM(cfg)
@@ -88,6 +92,17 @@ def test_llama31_rope_scaling_far_beyond_the_original_context(root):
   assert (config.rope_scaling, config.rope_scaling_factor,
           config.rope_original_max_length, config.rotary_base) == ("llama3", 8.0, 64, 5e5)
   tokens = rows(1024, batch=1)
+  want = hf_logits(ref, tokens)
+  assert np.abs(our_logits(config, params, tokens) - want).max() < TOL
+  plain = dataclasses.replace(config, rope_scaling="none")
+  assert np.abs(our_logits(plain, params, tokens) - want).max() > 1e-2
+
+
+def test_linear_rope_scaling(root):
+  ref, path = saved("llama_linear", root)
+  config, params = load_hf_lm(path)
+  assert (config.rope_scaling, config.rope_scaling_factor) == ("linear", 4.0)
+  tokens = rows(128, batch=1)
   want = hf_logits(ref, tokens)
   assert np.abs(our_logits(config, params, tokens) - want).max() < TOL
   plain = dataclasses.replace(config, rope_scaling="none")
