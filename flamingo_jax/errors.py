@@ -52,8 +52,17 @@ class ArgumentParser(argparse.ArgumentParser):
   """argparse whose usage errors are UserErrors: one `error: ...` line, exit 2.
 
   (argparse's own error() prints the whole usage block first.) `--help` is
-  unchanged. Sub-parsers made with add_subparsers() inherit this class.
+  unchanged. Sub-parsers made with add_subparsers() inherit this class. The
+  default prog is `python -m <module>` when run with -m (argparse would say
+  `train.py` or `__main__.py`).
   """
+
+  def __init__(self, *args, **kwargs):
+    if not args and kwargs.get("prog") is None:
+      spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+      if spec is not None and spec.name:
+        kwargs["prog"] = f"python -m {spec.name.removesuffix('.__main__')}"
+    super().__init__(*args, **kwargs)
 
   def error(self, message: str):
     raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from flamingo_jax.config import apply_overrides, load_config, split_config_args
+from flamingo_jax.errors import ArgumentParser
 from flamingo_jax.training.checkpoint import CheckpointConfig
 from flamingo_jax.training.distributed import DistributedConfig
 from flamingo_jax.training.sharding import MeshConfig
@@ -43,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]], doc: str, workdir_help: str,
   """-> (args, overrides). Sets up logging and, with --fake_devices, a CPU mesh."""
   argv = sys.argv[1:] if argv is None else list(argv)
   rest, overrides = split_config_args(argv)
-  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  parser = ArgumentParser(description=doc.split("\n\n")[0])  # usage errors: one line
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
   parser.add_argument("--workdir", required=True, help=workdir_help)
   parser.add_argument("--compile_only", action="store_true",

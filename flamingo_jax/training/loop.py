@@ -80,6 +80,8 @@ def code_version() -> str:
 def prepare_workdir(workdir: str, config) -> epath.Path:
   """Creates the workdir and writes config.json and version.txt (process 0 only)."""
   path = workdir_path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
   if jax.process_index() == 0:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
