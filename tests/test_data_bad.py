@@ -272,3 +272,48 @@ def test_skip_rate_threshold_names_the_reasons(tmp_path, tok_path):
   assert stats["examples_kept"] == 20
   assert stats["skipped/corrupt_image"] + stats["skipped/missing_field"] == \
       stats["examples_seen"] - 20
+
+
+def _tensorboard_scalars(directory) -> dict[str, float]:
+  """{tag: value} of the scalar summaries in tensorboardX event files (TFRecords)."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in glob.glob(f"{directory}/events.out.tfevents*"):
+    with open(path, "rb") as f:
+      while header := f.read(12):  # uint64 length, uint32 crc
+        data = f.read(struct.unpack("<Q", header[:8])[0])
+        f.read(4)
+        event = event_pb2.Event.FromString(data)
+        for v in event.summary.value:
+          out[v.tag] = v.simple_value if v.HasField("simple_value") else v.tensor.float_val[0]
+  return out
+
+
+def test_counters_reach_metrics_jsonl_and_tensorboard(tmp_path, tok_path):
+  """The trainer's step handler logs each dataset's counters with the step's metrics."""
+  from flamingo_jax.training.loop import StepHandler, pipeline_stats
+  from flamingo_jax.training.metrics import MetricsWriter
+  members = [m for i in range(6) for m in pair_members(i)]
+  members += [("000010.jpg", b"junk"), ("000010.txt", "a corrupt image")]
+  path = write_tar(tmp_path / "p.tar", members)
+  data = make_data({"pairs": {"kind": "pairs", "paths": [path], "batch_size": 2}}, tok_path,
+                   train=False, num_epochs=1, max_skip_rate=0.5)
+  mixture = make_mixture(data)
+  batches = list(mixture)
+  assert len(batches) == 3
+  writer = MetricsWriter(str(tmp_path / "run"))
+  handler = StepHandler(total_steps=1, log_every=1, max_consecutive_nonfinite=3, writer=writer,
+                        start_step=0, data_stats=lambda: pipeline_stats(mixture.iterators))
+  handler(1, {"loss": 2.5, "update_skipped": 0.0, "nonfinite_consecutive": 0.0,
+              "nonfinite_total": 0.0})
+  writer.close()
+  expected = {"data/pairs/examples_seen": 7.0, "data/pairs/examples_kept": 6.0,
+              "data/pairs/skipped/corrupt_image": 1.0, "data/pairs/skip_rate": 1 / 7}
+  row = json.loads(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()[-1])
+  assert row["step"] == 1 and row["loss"] == 2.5
+  assert {k: row[k] for k in expected} == pytest.approx(expected)
+  scalars = _tensorboard_scalars(tmp_path / "run" / "tensorboard")
+  assert {k: scalars[k] for k in expected} == pytest.approx(expected)
