@@ -4,6 +4,7 @@ Bugs keep their traceback, and FLAMINGO_JAX_TRACEBACK=1 or --traceback shows
 the traceback of a user error too. Cheap cases call the CLI's main through
 run_cli in this process; a few run the real `python -m ...` command.
 """
+import logging
 import os
 import shutil
 import subprocess
@@ -145,6 +146,7 @@ def train_files(tmp_path_factory):
   d = tmp_path_factory.mktemp("train_cli")
   tok = train_small_tokenizer(str(d))
   info = Tokenizer.load(tok).info
+  assert (info.image_token_id, info.eoc_token_id) == (200, 201)  # the id cases below
   tar = write_tar(d / "pairs.tar", [m for i in range(16) for m in pair_members(i)])
   (d / "pipeline.py").write_text(PIPELINE_CONFIG.format(
       tiny=TINY, tok=tok, tar=tar, image_id=info.image_token_id, eoc_id=info.eoc_token_id))
@@ -260,21 +262,21 @@ class CompiledBeforeTheError(Exception):
 @pytest.fixture
 def fresh_cli_logging(monkeypatch):
   """No compiling, and each in-process run logs to this test's captured stderr."""
-  import logging
-
   def refuse(self, *args, **kwargs):
     raise CompiledBeforeTheError("the step was compiled before the bad input was reported")
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
-  yield
   log = logging.getLogger("flamingo_jax")
+  propagate, level = log.propagate, log.level  # the CLI's setup_logging changes both
+  yield
+  log.propagate, log.level = propagate, level
   for h in list(log.handlers):
     if getattr(h, "_flamingo_cli", False):
       log.removeHandler(h)
 
 
-# Cases the trainer does not yet report before compiling (issue 16 item 1): strict,
-# so each one fails loudly once it is fixed and its entry here must go.
+# Cases the trainer does not yet report before compiling (issue 16 items 1-2): strict,
+# so each one fails loudly once it is fixed, and its entry here must go.
 TRAINER_TODO = {
     "workdir checkpoint without state": "the workdir's step checkpoints are read only after "
                                         "the step has compiled (~40 s on tiny)",
