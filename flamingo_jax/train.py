@@ -33,9 +33,9 @@ from flamingo_jax.config import (COMPONENTS, FlamingoConfig, from_config_dict, m
                                  with_defaults)
 from flamingo_jax.data import in_memory
 from flamingo_jax.data.config import DataConfig, data_config
-from flamingo_jax.errors import CheckpointError, ConfigError, run_cli
+from flamingo_jax.errors import CheckpointError, ConfigError, DataError, one_line, run_cli
 from flamingo_jax.model_dir import check_tokenizer, export_model_dir, init_inputs
-from flamingo_jax.models.flamingo import Flamingo
+from flamingo_jax.models.flamingo import Flamingo, xattn_layer_indices
 from flamingo_jax.models.labels import component_of
 from flamingo_jax.training import checkpoint as ckpt_lib
 from flamingo_jax.training import cli, distributed, flops, objective, optim, sharding
@@ -255,7 +255,10 @@ def input_iterators(s: Setup, rows: Mapping[str, tuple[int, int]]) -> dict:
   from flamingo_jax.data.tokenizer import Tokenizer
   if not s.data.tokenizer:
     raise ConfigError("config key 'data.tokenizer' is empty (train.input is 'pipeline')")
-  tokenizer = Tokenizer.load(s.data.tokenizer)
+  try:
+    tokenizer = Tokenizer.load(s.data.tokenizer)
+  except (OSError, ValueError) as e:
+    raise DataError(f"config key 'data.tokenizer': {one_line(e)}") from None
   check_tokenizer(s.model, tokenizer, f"data.tokenizer {s.data.tokenizer} vs the model config")
   return make_train_iterators(s.data, rows=rows, tokenizer=tokenizer)
 
@@ -354,6 +357,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   tx = optim.make_optimizer(s.optim, s.model, total_steps)
   frozen_dtype = jnp.dtype(s.train.frozen_dtype)
   init_params = make_init_params(model, s.model, frozen_dtype)
+  # --compile_only is a fit check that may take minutes: one line per phase on stderr
+  phase = (lambda line: print(f"[compile_only] {line}", file=sys.stderr, flush=True)) \
+      if compile_only else None
+  t_layout = time.perf_counter()
   lay = state_layout(model, s.model, tx, mesh, s.mesh, frozen_dtype)
   if is_main:  # parameter -> PartitionSpec, so a change of layout is a visible diff
     (workdir / "shardings.json").write_text(json.dumps(
@@ -363,6 +370,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   n_frozen = sum(x.size for x in jax.tree.leaves(lay.frozen_abs))
   log.info("parameters: %s trainable (float32), %s frozen (%s)", f"{n_train:,}",
            f"{n_frozen:,}", frozen_dtype.name)
+  if phase:
+    phase(f"abstract state and shardings for {mesh.size} devices in "
+          f"{time.perf_counter() - t_layout:.1f} s: {n_train:,} trainable, {n_frozen:,} frozen "
+          f"parameters (scan_layers={s.model.scan_layers})")
 
   # ------------------------------------------------------------------ Input shapes
   prefix = ("synthetic" if s.synthetic else "data") + ".datasets.{name}.batch_size"
@@ -390,7 +401,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
       model, weights={d.name: d.weight for d in s.datasets},
       micro_batches=s.train.micro_batches, train_vision="vision" not in s.model.frozen,
       mesh=mesh)
-  step_fn = objective.make_train_step(grad_fn, tx, schedule, lay.grad_sh)
+  step_fn = objective.make_train_step(grad_fn, tx, schedule, lay.grad_sh, xattn_layer_indices(
+      s.model.lm.num_layers, s.model.xattn.every, s.model.xattn.placement))
   variants = [tuple(names)] if s.train.mixing == "accumulate" else [(n,) for n in names]
   state_in = sharding.with_shardings(lay.state_abs, lay.state_sh)
   frozen_in = sharding.with_shardings(lay.frozen_abs, lay.frozen_sh)
@@ -403,11 +415,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
         (lay.state_sh, sharding.replicated(mesh)),
         (state_in, frozen_in,
          {n: sharding.with_shardings(batch_abs[n], batch_sh[n]) for n in variant}),
-        what=f"the step for {key}")
+        what=f"the step for {key}", phase=phase)
     memory[key] = memory_report(compiled[variant], lay.state_abs, lay.state_sh, lay.frozen_abs,
                                 lay.frozen_sh)
     step_flops[variant] = flops.step_flops(s.model, [shapes[n] for n in variant],
                                            num_params=n_train + n_frozen)
+    if phase:
+      phase(f"memory per device for {key}: " + ", ".join(
+          f"{k} {state_lib.gib(v)}" for k, v in memory[key].items()))
     log.info("memory per device for %s: %s", key,
              {k: state_lib.gib(v) for k, v in memory[key].items()})
   summary = {"step": None, "stopped": None, "history": [], "memory": memory,

@@ -1,10 +1,13 @@
 """`python -m flamingo_jax.train` on configs/tiny.py: the loss falls, the workdir
 holds what it should, and --compile_only reports memory per device."""
+import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("FLAMINGO_JAX_TEST_CACHE", os.path.join(
@@ -50,3 +53,43 @@ def test_tiny_config_trains_from_the_cli(tmp_path):
 def test_bad_override_names_the_key(tmp_path):
   out = _train("--workdir", str(tmp_path), "--config.optim.lr=1.0", timeout=300)
   assert out.returncode != 0 and "optim.lr" in out.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoints_through_the_cli(tmp_path):
+  """A corrupt newest checkpoint: `refuse` is one error line (exit 2), the default falls
+  back to the older one with a warning; corrupt frozen weights are one error line. No
+  traceback, no orbax shutdown cascade."""
+  base = ["--workdir", str(tmp_path), "--config.checkpoint.every=2",
+          "--config.train.log_every=2", "--config.train.peak_flops_per_device=1e11"]
+  out = _train(*base, "--config.train.total_steps=4")
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  (state,) = glob.glob(str(tmp_path / "checkpoints" / "4" / "data" / "*.json"))
+  with open(state, "w") as f:
+    f.write("{garbage")
+
+  out = _train(*base, "--config.train.total_steps=6", "--config.checkpoint.on_corrupt=refuse")
+  assert out.returncode == 2
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: checkpoint 4 at {tmp_path}/checkpoints/4 is corrupt or "
+                         f"partial: {state} is not JSON"), out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
+
+  out = _train(*base, "--config.train.total_steps=6")
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "checkpoint 4 at" in out.stderr and "falling back to checkpoint 2" in out.stderr
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4, 4, 6]  # steps 3-4 replayed from checkpoint 2
+  assert rows[2]["loss"] == rows[1]["loss"]
+  assert "Traceback" not in out.stderr
+
+  for path in glob.glob(str(tmp_path / "frozen" / "lm" / "**" / "d" / "*"), recursive=True):
+    with open(path, "r+b") as f:
+      f.write(b"\x00garbage" * 8)
+  out = _train(*base, "--config.train.total_steps=8")
+  assert out.returncode == 2
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: model_init / frozen weights of 'lm'") and \
+      f"{tmp_path}/frozen/lm is corrupt or partial" in last, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr

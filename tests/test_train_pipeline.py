@@ -54,3 +54,40 @@ def test_pipeline_input_trains_and_resumes_exactly(shapes_data, tmp_path):
   state = json.load(open(tmp_path / "b" / "checkpoints" / "2" / "data" /
                          "process_0-of-1.json"))
   assert set(state) == {"pairs", "interleaved"}
+
+
+def _never_compile(monkeypatch):
+  """Every check below must fail before the step compiles (in seconds)."""
+  def compile_step(*args, **kwargs):
+    raise AssertionError("the step compiled before the mismatch was reported")
+  monkeypatch.setattr(train.state_lib, "compile_step", compile_step)
+
+
+def test_mismatches_fail_before_compiling(shapes_data, tmp_path, monkeypatch):
+  from flamingo_jax.errors import CheckpointError, DataError
+  from flamingo_jax.training.checkpoint import save_params
+  manifest, out = shapes_data
+  tok = manifest["tokenizer"]
+  _never_compile(monkeypatch)
+  one = jax.devices()[:1]
+  wrong_image = tok["eoc_token_id"] - 2
+  cases = [
+      ([f"model.image_token_id={wrong_image}"], DataError,
+       rf"data.tokenizer .*tokenizer.model vs the model config: the tokenizer's <image> id is "
+       rf"{tok['image_token_id']} but model.image_token_id is {wrong_image}"),
+      ([f"model.lm.vocab_size={tok['vocab_size'] + 8}", f"model.eoc_token_id={tok['vocab_size']}"],
+       DataError, rf"<EOC> id is {tok['eoc_token_id']} but model.eoc_token_id is "
+       rf"{tok['vocab_size']}"),
+      (["data.tokenizer='/nowhere/tokenizer.model'"], DataError,
+       r"config key 'data.tokenizer': .*/nowhere/tokenizer.model"),
+      (["data.datasets.pairs.paths=['/nowhere/pairs-*.tar']"], DataError,
+       r"data\.datasets\.pairs.*/nowhere/pairs-\*\.tar"),
+  ]
+  for overrides, error, pattern in cases:
+    with pytest.raises(error, match=pattern):
+      train.run(pipeline_config(manifest, out, *overrides), str(tmp_path / "run"), devices=one)
+  save_params(str(tmp_path / "lm"), {"embed": jax.numpy.zeros((3, 2))}, {"component": "lm"})
+  with pytest.raises(CheckpointError, match=r"model_init / frozen weights of 'lm' "
+                     r"\(model_init\.lm\): .* tensors missing from .*/lm"):
+    train.run(pipeline_config(manifest, out, f"model_init={{'lm': '{tmp_path}/lm'}}"),
+              str(tmp_path / "run2"), devices=one)

@@ -40,6 +40,7 @@ from flax import traverse_util
 
 from flamingo_jax.config import from_config_dict
 from flamingo_jax.errors import CheckpointError, ConfigError, one_line
+from flamingo_jax.models import layer_stack
 from flamingo_jax.models.labels import component_of
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,10 @@ class Checkpointer:
           json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
           raise CheckpointError(f"{path} is not JSON: {one_line(e)}") from None
+    try:
+      _check_ocdbt(root / "state")
+    except Exception as e:  # noqa: BLE001 - tensorstore's errors of damaged files
+      raise CheckpointError(f"{root / 'state'}: {one_line(e)}") from None
 
   def check_shapes(self, step: int, abstract_state: Any) -> None:
     """Stored shapes vs the config's (a changed config is not a corrupt checkpoint):
@@ -295,6 +300,8 @@ def check_params(directory: str, abstract: Any, what: str = "parameters") -> lis
     raise CheckpointError(f"{what}: checkpoint directory {directory!r} does not exist or is "
                           "empty")
   stored = _stored_tree(directory, what)
+  # either layer layout loads into both (model.scan_layers): compare in the stored one
+  abstract = layer_stack.adapt_target(abstract, _plain(stored))[0]
   have = traverse_util.flatten_dict(_plain(stored), sep="/")
   want = traverse_util.flatten_dict(abstract, sep="/")
   missing = sorted(set(want) - set(have))
@@ -319,16 +326,34 @@ def restore_params(directory: str, abstract: Any, what: str = "parameters",
   """
   directory = os.path.abspath(directory)
   extra = check_params(directory, abstract, what)
+  # a checkpoint of the other layer layout (scanned / unrolled) is converted once, here
+  abstract, to_target_layout = layer_stack.adapt_target(
+      abstract, _plain(_stored_tree(directory, what)))
   if extra and not quiet_extra:
     log.warning("%s: ignoring %d tensors of %s the model does not use: %s", what, len(extra),
                 directory, extra[:8])
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+      restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
           item=abstract, restore_args=restore_args, partial_restore=bool(extra)))
   except Exception as e:  # noqa: BLE001 - tensorstore / orbax errors of unreadable arrays
     raise CheckpointError(f"{what}: {directory} is corrupt or partial: {one_line(e)}") from None
+  return to_target_layout(restored)
+
+
+def _check_ocdbt(directory) -> None:
+  """Lists an OCDBT checkpoint's keys with tensorstore directly (reads every b-tree
+  node): damaged index files fail here, synchronously, instead of inside orbax's
+  event loop, which fails again at interpreter exit with a cascade of tracebacks."""
+  directory = epath.Path(directory)
+  if not (directory / "manifest.ocdbt").exists() or "://" in str(directory):
+    return
+  import tensorstore as ts
+  kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{directory}/"}).result()
+  for key in kv.list().result():
+    if key.endswith(b".zarray"):
+      json.loads(kv.read(key).result().value)
 
 
 def _stored_tree(directory: str, what: str) -> Any:
@@ -338,6 +363,7 @@ def _stored_tree(directory: str, what: str) -> Any:
   try:
     if path.exists():
       json.loads(path.read_text())
+    _check_ocdbt(directory)
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(os.path.abspath(directory))
     cause = "orbax finds no item metadata"

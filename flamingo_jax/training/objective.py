@@ -26,7 +26,7 @@ datasets; here nothing is applied and nothing is lost but that one step).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +156,8 @@ def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) ->
 
 
 def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_shardings: Any = None) -> Callable:
+                    schedule: optax.Schedule, grad_shardings: Any = None,
+                    xattn_indices: Optional[Sequence[int]] = None) -> Callable:
   """-> step(state, frozen, batches) -> (state, metrics): one optimizer update.
 
   grad_shardings (optional NamedSharding tree): layout for the accumulated
@@ -199,7 +200,8 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
         nonfinite_total=new_state["nonfinite_total"],
     )
     # |tanh(alpha)| of every gate after the update (paper Fig. 6).
-    metrics.update({f"gates/{k}": v for k, v in tanh_gates(new_params).items()})
+    # xattn_indices name the scanned layout's gates by the LM block they precede
+    metrics.update({f"gates/{k}": v for k, v in tanh_gates(new_params, xattn_indices).items()})
     return new_state, metrics
 
   return step

@@ -50,6 +50,7 @@ DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("visual_embed", "fsdp"),
     ("kv", None),
+    ("layers", None),  # the stacked axis of scanned layers (model.scan_layers)
     ("latents", None),
     ("frames", None),
     # The paper keeps the vision encoder unsharded (FSDP fallback still applies).

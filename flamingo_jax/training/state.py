@@ -62,12 +62,20 @@ def boxed_params(init: Callable[[jax.Array], Any], mesh) -> Any:
 
 
 def compile_step(step_fn: Callable, mesh, rules, in_shardings: tuple, out_shardings: tuple,
-                 args: tuple, what: str = "the step"):
-  """jit(step_fn) lowered and compiled for these layouts, state donated (argument 0)."""
+                 args: tuple, what: str = "the step",
+                 phase: Optional[Callable[[str], None]] = None):
+  """jit(step_fn) lowered and compiled for these layouts, state donated (argument 0).
+  phase(line): told when lowering and compiling start and end (--compile_only)."""
+  phase = phase or (lambda line: None)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(step_fn, donate_argnums=(0,), in_shardings=in_shardings,
-                       out_shardings=out_shardings).lower(*args).compile()
+    phase(f"lowering {what} ...")
+    lowered = jax.jit(step_fn, donate_argnums=(0,), in_shardings=in_shardings,
+                      out_shardings=out_shardings).lower(*args)
+    t1 = time.perf_counter()
+    phase(f"lowered {what} in {t1 - t0:.1f} s; compiling ...")
+    compiled = lowered.compile()
+  phase(f"compiled {what} in {time.perf_counter() - t1:.1f} s")
   log.info("compiled %s in %.1f s", what, time.perf_counter() - t0)
   return compiled
 
