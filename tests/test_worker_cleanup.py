@@ -2,7 +2,8 @@
 
 The reader is a real pipeline (tar shards, tokenizer, 2 grain worker
 processes) iterating like a trainer; after SIGKILL its workers and
-multiprocessing's resource tracker must exit by themselves within seconds.
+multiprocessing's resource tracker must exit by themselves within seconds,
+both once the workers run and while they are still starting up.
 """
 import os
 import signal
@@ -15,10 +16,13 @@ import psutil
 import pytest
 
 from conftest_data import pair_members, train_small_tokenizer, write_tar
-from flamingo_jax.data import workers
+from flamingo_jax import process_watch
 
 READER = textwrap.dedent("""
-    import sys
+    import os, sys, time
+    import flamingo_jax
+    if __name__ == "__mp_main__" and os.environ.get("SLOW_WORKER_START"):
+      time.sleep(60)  # a worker still importing (JAX takes seconds) when the parent dies
     from flamingo_jax.data import data_config, make_mixture
 
     if __name__ == "__main__":
@@ -29,6 +33,7 @@ READER = textwrap.dedent("""
           "worker_count": 2, "worker_buffer_size": 2, "read_threads": 0,
           "read_buffer_size": 0})
       mixture = make_mixture(data)
+      print("STARTED", flush=True)
       next(mixture)
       print("READY", flush=True)
       while True:  # a trainer that never closes its iterator
@@ -51,28 +56,50 @@ def _alive(procs) -> list[str]:
   return out
 
 
-def test_kill_9_leaves_no_worker_or_resource_tracker(tmp_path):
-  tar = write_tar(tmp_path / "p.tar", [m for i in range(16) for m in pair_members(i)])
-  tok = train_small_tokenizer(str(tmp_path))
-  script = tmp_path / "reader.py"
-  script.write_text(READER)
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory):
+  d = tmp_path_factory.mktemp("reader")
+  tar = write_tar(d / "p.tar", [m for i in range(16) for m in pair_members(i)])
+  tok = train_small_tokenizer(str(d))
+  (d / "reader.py").write_text(READER)
+  return [str(d / "reader.py"), tar, tok]
+
+
+def _kill_9_and_check(proc, children) -> None:
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(10)
+  deadline = time.monotonic() + 5
+  while _alive(children) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not _alive(children), f"alive 5 s after kill -9 of the reader: {_alive(children)}"
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_kill_9_leaves_no_worker_or_resource_tracker(reader, when):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, str(script), tar, tok], stdout=subprocess.PIPE,
+  if when == "starting":
+    env["SLOW_WORKER_START"] = "1"
+  proc = subprocess.Popen([sys.executable, *reader], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True)  # the test's killpg cleans up on failure
   try:
+    want = "READY" if when == "running" else "STARTED"
     line = proc.stdout.readline()
-    assert line.strip() == "READY", proc.stderr.read()[-3000:]
-    children = _descendants(psutil.Process(proc.pid))
-    names = [" ".join(c.cmdline()) for c in children]
-    assert sum("resource_tracker" in n for n in names) == 1, names
-    assert sum("multiprocessing.spawn" in n or "spawn_main" in n for n in names) >= 2, names
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-    deadline = time.monotonic() + 5
-    while _alive(children) and time.monotonic() < deadline:
+    if when == "running" and line.strip() == "STARTED":
+      line = proc.stdout.readline()
+    assert line.strip() == want, proc.stderr.read()[-3000:]
+    deadline = time.monotonic() + 60
+    while True:  # the tracker and both workers
+      children = _descendants(psutil.Process(proc.pid))
+      names = [" ".join(c.cmdline()) for c in children]
+      if sum("spawn_main" in n for n in names) >= 2 or time.monotonic() > deadline:
+        break
       time.sleep(0.1)
-    assert not _alive(children), f"alive 5 s after kill -9 of the reader: {_alive(children)}"
+    assert sum("resource_tracker" in n for n in names) == 1, names
+    assert sum("spawn_main" in n for n in names) >= 2, names
+    if when == "starting":
+      time.sleep(2)  # the workers are importing flamingo_jax (then sleep in the reader)
+    _kill_9_and_check(proc, children)
   finally:
     try:
       os.killpg(proc.pid, signal.SIGKILL)
@@ -83,14 +110,14 @@ def test_kill_9_leaves_no_worker_or_resource_tracker(tmp_path):
 
 WATCHED = textwrap.dedent("""
     import importlib.util, os, sys, time
-    spec = importlib.util.spec_from_file_location("workers", sys.argv[1])
-    workers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(workers)
+    spec = importlib.util.spec_from_file_location("process_watch", sys.argv[1])
+    process_watch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(process_watch)
     w = int(sys.argv[2])
     if sys.argv[3] == "poll":
       del os.pidfd_open
     if os.fork() == 0:  # the watcher: a child of this script
-      workers.watch_parent(os.getppid(), on_exit=lambda: (os.write(w, b"gone\\n"), os._exit(0)))
+      process_watch.watch_parent(os.getppid(), on_exit=lambda: (os.write(w, b"gone\\n"), os._exit(0)))
       time.sleep(5)
       os._exit(1)
     time.sleep(0.5)  # the watcher must not fire while its parent lives
@@ -105,7 +132,7 @@ def test_watch_parent_fires_when_the_parent_exits(tmp_path, mode):
   script = tmp_path / "watched.py"
   script.write_text(WATCHED)
   r, w = os.pipe()
-  proc = subprocess.Popen([sys.executable, str(script), workers.__file__, str(w), mode],
+  proc = subprocess.Popen([sys.executable, str(script), process_watch.__file__, str(w), mode],
                           pass_fds=(w,))
   os.close(w)
   with os.fdopen(r, "rb") as f:
