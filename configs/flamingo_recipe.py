@@ -78,7 +78,8 @@ def local_model(paper: FlamingoConfig) -> FlamingoConfig:
       lm=lm_preset("chinchilla", vocab_size=LOCAL_VOCAB, num_layers=layers, width=64,
                    num_heads=4, head_dim=16, max_length=256),
       image_token_id=LOCAL_VOCAB - 2, eoc_token_id=LOCAL_VOCAB - 1,
-      dtype=paper.dtype, param_dtype=paper.param_dtype)
+      dtype=paper.dtype, param_dtype=paper.param_dtype, scan_layers=paper.scan_layers,
+      attention=paper.attention)
 
 
 def get_config(arg=None):

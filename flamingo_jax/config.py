@@ -500,7 +500,12 @@ def paper_model(size: str, version: str = "v2") -> FlamingoConfig:
                    num_heads=heads, head_dim=128, max_length=2048),
       image_token_id=PAPER_VOCAB,
       eoc_token_id=PAPER_VOCAB + 1,
+      # precision: bfloat16 compute, float32 master weights (param_dtype; Adam's
+      # moments follow them); frozen weights are stored in train.frozen_dtype
       dtype="bfloat16",
+      param_dtype="float32",
+      scan_layers=True,  # compile time flat in depth (80 LM blocks at 80B)
+      attention="auto",  # cuDNN flash on GPU, splash on TPU, einsum on CPU
   )
 
 

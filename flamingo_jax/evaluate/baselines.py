@@ -16,6 +16,7 @@ import numpy as np
 
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.evaluate import runner
+from flamingo_jax.models.labels import component_of
 
 GATES = ("attn_gate", "ffw_gate")
 
@@ -23,9 +24,10 @@ GATES = ("attn_gate", "ffw_gate")
 def zero_gates(params: Mapping) -> dict:
   """params with every xattn block's gates at 0 (tanh(0) = 0: the LM alone)."""
   out = dict(params)
-  blocks = [k for k in params if k.startswith("xattn_block_")]
+  blocks = [k for k in params if _is_xattn(k)]
   if not blocks:
-    raise ValueError("zero_gates: the param tree has no xattn_block_* (not a Flamingo tree?)")
+    raise ValueError("zero_gates: the param tree has no xattn_block_* / xattn_blocks (not a "
+                     "Flamingo tree?)")
   for k in blocks:
     block = dict(params[k])
     for gate in GATES:
@@ -71,6 +73,11 @@ def chance(config: FlamingoConfig, ec: runner.EvalConfig, tasks: Sequence[str],
 
 def gates_are_zero(params: Mapping) -> bool:
   """True when every gate alpha is exactly 0."""
-  return all(bool(jnp.all(params[k][g] == 0)) for k in params if k.startswith("xattn_block_")
+  return all(bool(jnp.all(params[k][g] == 0)) for k in params if _is_xattn(k)
              for g in GATES if g in params[k])
+
+
+def _is_xattn(top_key: str) -> bool:
+  """A cross-attention block (`xattn_block_{i}`) or their stack (`xattn_blocks`, scan_layers)."""
+  return component_of(top_key) == "xattn"
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.config import FlamingoConfig
-from flamingo_jax.models import layers, masking
+from flamingo_jax.models import layer_stack, layers, masking
 from flamingo_jax.models.lm import (DecoderLM, default_positions, self_attention_mask,
                                     sequence_mask)
 from flamingo_jax.models.resampler import PerceiverResampler
@@ -127,14 +127,23 @@ class Flamingo(nn.Module):
     # name "none": the model runs on precomputed features only.
     self.vision = None if c.vision.name == "none" else build_vision_encoder(c.vision, **kw)
     self.resampler = PerceiverResampler(c.resampler, **kw)
-    self.lm = DecoderLM(c.lm, remat=c.remat, **kw)
+    self.lm = DecoderLM(c.lm, remat=c.remat, scan=c.scan_layers, attention=c.attention, **kw)
     self.xattn_indices = xattn_layer_indices(c.lm.num_layers, c.xattn.every, c.xattn.placement)
-    block = GatedCrossAttentionBlock
-    if c.remat == "block":
-      block = nn.remat(GatedCrossAttentionBlock)
-    elif c.remat == "dots":
-      block = nn.remat(GatedCrossAttentionBlock, policy=jax.checkpoint_policies.dots_saveable)
-    self.xattn = [block(c.xattn, name=f"xattn_block_{i}", **kw) for i in self.xattn_indices]
+    if c.scan_layers:  # one stacked tree `xattn_blocks`, leaves [num_xattn, ...]
+      example = (jnp.zeros((1, 1, c.lm.width), kw["dtype"]),
+                 jnp.zeros((1, 1, c.resampler.width), kw["dtype"]), jnp.ones((1, 1, 1), bool),
+                 jnp.ones((1, 1), bool))
+      self.xattn_stack = layer_stack.stacked_param(
+          self, layer_stack.XATTN_STACK, self.xattn_template(), len(self.xattn_indices), example)
+    else:
+      block = GatedCrossAttentionBlock
+      if c.remat == "block":
+        block = nn.remat(GatedCrossAttentionBlock)
+      elif c.remat == "dots":
+        block = nn.remat(GatedCrossAttentionBlock, policy=jax.checkpoint_policies.dots_saveable)
+      attention = layers.resolve_attention(c.attention)
+      self.xattn = [block(c.xattn, name=f"xattn_block_{i}", attention=attention, **kw)
+                    for i in self.xattn_indices]
     if c.train_new_token_embeddings:
       init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / c.lm.width ** 0.5),
                                           (None, "embed"))
@@ -145,6 +154,46 @@ class Flamingo(nn.Module):
       else:
         self.new_token_unembeddings = self.param("new_token_unembeddings", init,
                                                  (2, c.lm.width), kw["param_dtype"])
+
+  def xattn_template(self) -> GatedCrossAttentionBlock:
+    """The unbound block the stacked `xattn_blocks` are applied with (scan_layers)."""
+    c = self.config
+    return GatedCrossAttentionBlock(c.xattn, dtype=layers.dtype_of(c.dtype),
+                                    param_dtype=layers.dtype_of(c.param_dtype),
+                                    attention=layers.resolve_attention(c.attention), parent=None)
+
+  def xattn_block(self, k: int, x, visual, xmask, has_image):
+    """The k-th GATED XATTN-DENSE block (before LM block xattn_indices[k]), either layout."""
+    if self.config.scan_layers:
+      return layer_stack.apply_block(self.xattn_template(), layer_stack.take(self.xattn_stack, k),
+                                     x, visual, xmask, has_image)
+    return self.xattn[k](x, visual, xmask, has_image)
+
+  def scanned_layers(self, x, visual, xmask, has_image, positions, mask):
+    """The LM and cross-attention blocks on x [B, L, D] with the scanned layout: the
+    steps of `layer_stack.plan` (regular placements: one scan over groups of one
+    xattn block and its LM blocks), `model.remat` inside the scan bodies."""
+    c = self.config
+    template = self.xattn_template()
+    xattn = layer_stack.remat_policy(c.remat)(
+        lambda h, p: layer_stack.apply_block(template, p, h, visual, xmask, has_image))
+    lm_block = self.lm.block_fn(positions, mask)
+
+    def group(h, ps):
+      return layer_stack.scan(lm_block, xattn(h, ps[0]), ps[1])
+
+    for step in layer_stack.plan(c.lm.num_layers, self.xattn_indices):
+      if step[0] == "lm":
+        x = self.lm.run_blocks(step[1], step[2], x, positions, mask)
+      elif step[0] == "xattn":
+        x = xattn(x, layer_stack.take(self.xattn_stack, step[1]))
+      else:
+        _, k0, count, start, n = step
+        xs = (layer_stack.take_range(self.xattn_stack, k0, k0 + count),
+              layer_stack.take_range(self.lm.stacked_blocks(), start, start + count * n,
+                                     groups=count))
+        x = layer_stack.scan(group, x, xs)
+    return x
 
   @property
   def new_token_ids(self) -> tuple[int, int]:
@@ -220,11 +269,14 @@ class Flamingo(nn.Module):
     positions = default_positions(attention_mask, b, length)
     mask = sequence_mask(attention_mask, positions, c.lm.sliding_window)
     x = self.embed_tokens(tokens, positions)
-    xattn_at = dict(zip(self.xattn_indices, self.xattn))
-    for i in range(c.lm.num_layers):
-      if i in xattn_at:
-        x = xattn_at[i](x, visual, xmask, has_image)
-      x = self.lm.block(i, x, positions, mask)
+    if c.scan_layers:
+      x = self.scanned_layers(x, visual, xmask, has_image, positions, mask)
+    else:
+      xattn_at = dict(zip(self.xattn_indices, self.xattn))
+      for i in range(c.lm.num_layers):
+        if i in xattn_at:
+          x = xattn_at[i](x, visual, xmask, has_image)
+        x = self.lm.block(i, x, positions, mask)
     logits = self.logits_from_hidden(x)
     aux = {"xattn/phi": phi, "resampler/num_visual_tokens": n_tok}
     return logits, aux
@@ -244,8 +296,8 @@ class Flamingo(nn.Module):
     b, n_img, n_tok, d = visual.shape
     flat = visual.reshape(b, n_img * n_tok, d)
     out = []
-    for block in self.xattn:
-      k, v = block(None, flat, None, None)
+    for j in range(len(self.xattn_indices)):
+      k, v = self.xattn_block(j, None, flat, None, None)
       out.append((k.reshape(b, n_img, n_tok, *k.shape[2:]),
                   v.reshape(b, n_img, n_tok, *v.shape[2:])))
     return tuple(out)
@@ -328,12 +380,12 @@ class Flamingo(nn.Module):
     flat = lambda a: a.reshape(b, n_img * n_tok, *a.shape[3:])  # noqa: E731
 
     x = self.embed_tokens(tokens, positions)
-    xattn_at = dict(zip(self.xattn_indices, zip(self.xattn, kv)))
+    xattn_at = {i: j for j, i in enumerate(self.xattn_indices)}
     keys, values = [], []
     for i in range(c.lm.num_layers):
       if i in xattn_at:
-        block, (k, v) = xattn_at[i]
-        x = block(x, (flat(k), flat(v)), xmask, has_image)
+        k, v = kv[xattn_at[i]]
+        x = self.xattn_block(xattn_at[i], x, (flat(k), flat(v)), xmask, has_image)
       x, (k, v) = self.lm.block(i, x, positions, mask,
                                 (cache.keys[i], cache.values[i], cache.index))
       keys.append(k)

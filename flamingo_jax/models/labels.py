@@ -25,7 +25,7 @@ TRAINABLE_NO_DECAY = "trainable_no_decay"
 
 def component_of(top_key: str) -> str:
   """Top-level param key -> component name (see config.COMPONENTS)."""
-  if top_key.startswith("xattn_block_"):
+  if top_key.startswith("xattn_block_") or top_key == "xattn_blocks":  # unrolled / scanned
     return "xattn"
   if top_key.startswith("new_token_"):
     return "new_tokens"

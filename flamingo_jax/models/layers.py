@@ -215,6 +215,96 @@ def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None,
   return out.reshape(b, lq, h, dh)
 
 
+def resolve_attention(name: str, backend: Optional[str] = None) -> str:
+  """model.attention -> the implementation to run on `backend` (default: JAX's).
+
+  auto: cudnn on GPU, splash on TPU, xla elsewhere. cudnn / splash on another
+  backend are a config error naming the key.
+  """
+  from flamingo_jax.errors import ConfigError  # noqa: PLC0415 (models import no CLI code)
+  backend = backend or jax.default_backend()
+  if name == "auto":
+    return {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
+  need = {"cudnn": "gpu", "splash": "tpu"}.get(name)
+  if need is not None and backend != need:
+    raise ConfigError(f"config key 'model.attention' is {name!r}, which runs on {need.upper()} "
+                      f"only, but the backend is {backend}: use 'xla' or 'auto'")
+  if name not in ("xla", "cudnn", "splash"):
+    raise ConfigError(f"config key 'model.attention' is {name!r}; expected one of "
+                      "['xla', 'cudnn', 'splash', 'auto']")
+  return name
+
+
+def attention(q, k, v, mask: Optional[jax.Array] = None, zero_rows: Optional[jax.Array] = None,
+              *, implementation: str = "xla", causal_self: bool = False,
+              sliding_window: int = 0):
+  """`dot_product_attention` (the reference) by a resolved implementation.
+
+  cudnn: jax.nn.dot_product_attention's cuDNN flash kernel, same mask.
+  splash: the Pallas TPU kernel for a causal self-attention (causal_self, mask
+  [B, 1, L, L] from `lm.self_attention_mask`; real tokens contiguous); any other
+  attention (cross-attention's image-causal mask) runs the reference.
+  """
+  if implementation == "cudnn":
+    return fused_attention(q, k, v, mask, zero_rows, implementation="cudnn")
+  if implementation == "splash" and causal_self:
+    valid = jnp.diagonal(jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))[:, 0],
+                         axis1=-2, axis2=-1)  # a token attends to itself iff it is real
+    return splash_self_attention(q, k, v, valid, sliding_window)
+  return dot_product_attention(q, k, v, mask, zero_rows)
+
+
+def fused_attention(q, k, v, mask: Optional[jax.Array] = None,
+                    zero_rows: Optional[jax.Array] = None, implementation=None):
+  """`dot_product_attention` through jax.nn.dot_product_attention (implementation
+  None | 'xla' | 'cudnn'); same shapes and masks. A row that attends to nothing
+  gets the reference's uniform average (its logits all at the fill value)."""
+  b, lq, h, _ = q.shape
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, h, lq, k.shape[1]))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  if zero_rows is not None:
+    zero_rows = jnp.broadcast_to(zero_rows, (b, 1, lq, 1)).reshape(b, lq, 1, 1)
+    out = jnp.where(zero_rows, jnp.zeros((), out.dtype), out)
+  return out
+
+
+SPLASH_BLOCK = 128
+
+
+def splash_self_attention(q, k, v, valid, sliding_window: int = 0, interpret: bool = False):
+  """Causal self-attention with the Pallas splash kernel (TPU; interpret=True: any backend).
+
+  q [B, L, H, Dh], k/v [B, L, Hkv, Dh], valid [B, L] bool (real tokens) ->
+  [B, L, H, Dh]. Padding is a segment of its own (segment ids), the sliding
+  window a LocalMask over slots: equal to `lm.self_attention_mask` for real
+  query rows when the real tokens are contiguous (left or right padding).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+  b, length, h, dh = q.shape
+  group = h // k.shape[2]
+  pad = -length % SPLASH_BLOCK
+  padded = length + pad
+
+  def heads_major(a):  # [B, L, H, Dh] -> [B, H, L', Dh]
+    return jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  q = heads_major(q * jnp.asarray(dh ** -0.5, q.dtype))
+  k = heads_major(jnp.repeat(k, group, axis=2))
+  v = heads_major(jnp.repeat(v, group, axis=2))
+  one = (mask_lib.LocalMask((padded, padded), (sliding_window - 1, 0), offset=0)
+         if sliding_window else mask_lib.CausalMask((padded, padded)))
+  blocks = kernel_lib.BlockSizes(**{f: min(SPLASH_BLOCK, padded) for f in (
+      "block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+      "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")})
+  kernel = kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * h), head_shards=1,
+                                      q_seq_shards=1, block_sizes=blocks, interpret=interpret)
+  seg = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=2)
+  out = jax.vmap(kernel)(q, k, v, segment_ids=kernel_lib.SegmentIds(q=seg, kv=seg))
+  return out.transpose(0, 2, 1, 3)[:, :length]
+
+
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.config import LMConfig
-from flamingo_jax.models import layers, rotary
+from flamingo_jax.models import layer_stack, layers, rotary
 
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
@@ -102,6 +102,7 @@ class SelfAttention(nn.Module):
   config: LMConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"  # a resolved implementation (layers.resolve_attention)
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None):
@@ -137,7 +138,10 @@ class SelfAttention(nn.Module):
     else:
       if c.attention_scale:  # dot_product_attention scales by head_dim ** -0.5
         q = q * jnp.asarray(scale * c.head_dim ** 0.5, q.dtype)
-      out = layers.dot_product_attention(q, k, v, mask)
+      # decoding keeps the einsum path: its mask covers a cache with gaps
+      impl = self.attention if cache is None else "xla"
+      out = layers.attention(q, k, v, mask, implementation=impl,
+                             sliding_window=c.sliding_window)
     out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out",
                                dtype=self.dtype, param_dtype=self.param_dtype)(out)
     return out if cache is None else (out, (k, v))
@@ -147,6 +151,7 @@ class DecoderBlock(nn.Module):
   config: LMConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None):
@@ -155,8 +160,8 @@ class DecoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ffw = layers.FeedForward(c.ffw_dim or c.ffw_mult * c.width, c.activation, c.use_bias,
                              name="ffw", **kw)
-    attn = SelfAttention(c, name="attn", **kw)(_norm(c, "attn_norm", **kw)(x), positions, mask,
-                                               cache)
+    attn = SelfAttention(c, name="attn", attention=self.attention, **kw)(
+        _norm(c, "attn_norm", **kw)(x), positions, mask, cache)
     if cache is not None:
       attn, cache = attn
     if c.parallel_residual:
@@ -208,11 +213,18 @@ def default_positions(attention_mask: Optional[jax.Array], batch: int, length: i
 
 
 class DecoderLM(nn.Module):
-  """tokens [B, L] -> logits [B, L, V]."""
+  """tokens [B, L] -> logits [B, L, V].
+
+  scan: the blocks' params stacked as `blocks` (leaves [num_layers, ...]) and
+  run under a scan (see models/layer_stack.py), else one module `blocks_{i}`
+  per block. attention: model.attention (xla | cudnn | splash | auto).
+  """
   config: LMConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
+  scan: bool = False
+  attention: str = "xla"
 
   def setup(self):
     c = self.config
@@ -233,15 +245,28 @@ class DecoderLM(nn.Module):
           "position_embedding",
           nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
           (c.max_length, c.width), self.param_dtype)
-    block = DecoderBlock
-    if self.remat == "block":
-      block = nn.remat(DecoderBlock)
-    elif self.remat == "dots":
-      block = nn.remat(DecoderBlock, policy=jax.checkpoint_policies.dots_saveable)
-    self.blocks = [block(c, name=f"blocks_{i}", **kw) for i in range(c.num_layers)]
+    attention = layers.resolve_attention(self.attention)
+    if self.scan:
+      example = (jnp.zeros((1, 1, c.width), self.dtype), jnp.zeros((1, 1), jnp.int32),
+                 jnp.ones((1, 1, 1, 1), bool))
+      self.blocks = layer_stack.stacked_param(self, layer_stack.LM_STACK, self.template(),
+                                              c.num_layers, example)
+    else:
+      block = DecoderBlock
+      if self.remat == "block":
+        block = nn.remat(DecoderBlock)
+      elif self.remat == "dots":
+        block = nn.remat(DecoderBlock, policy=jax.checkpoint_policies.dots_saveable)
+      self.blocks = [block(c, name=f"blocks_{i}", attention=attention, **kw)
+                     for i in range(c.num_layers)]
     self.final_norm = _norm(c, "final_norm", **kw)
     if not c.tie_embeddings:
       self.unembed = layers.Dense(self.rows, ("embed", "vocab"), name="unembed", **kw)
+
+  def template(self) -> DecoderBlock:
+    """The unbound block the stacked params are applied with (scan only)."""
+    return DecoderBlock(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                        attention=layers.resolve_attention(self.attention), parent=None)
 
   @property
   def rows(self) -> int:
@@ -270,9 +295,28 @@ class DecoderLM(nn.Module):
 
   def block(self, i: int, x, positions, mask, cache=None):
     """Block i; with a cache (see `SelfAttention`) -> (x, new cache)."""
-    if cache is None:
-      return self.blocks[i](x, positions, mask)
-    return self.blocks[i](x, positions, mask, cache)
+    args = (x, positions, mask) if cache is None else (x, positions, mask, cache)
+    if self.scan:
+      return layer_stack.apply_block(self.template(), layer_stack.take(self.blocks, i), *args)
+    return self.blocks[i](*args)
+
+  def stacked_blocks(self):
+    """The stacked block params, leaves [num_layers, ...] (scan only)."""
+    return self.blocks
+
+  def block_fn(self, positions, mask):
+    """(x [B, L, D], params of one stacked block) -> x, with `remat` applied (scan only)."""
+    run = lambda h, p: layer_stack.apply_block(self.template(), p, h, positions, mask)  # noqa: E731
+    return layer_stack.remat_policy(self.remat)(run)
+
+  def run_blocks(self, start: int, stop: int, x, positions, mask):
+    """Blocks [start, stop) on x [B, L, D] (one scan with the scanned layout)."""
+    if not self.scan:
+      for i in range(start, stop):
+        x = self.block(i, x, positions, mask)
+      return x
+    return layer_stack.scan(self.block_fn(positions, mask), x,
+                            layer_stack.take_range(self.blocks, start, stop))
 
   def hidden_to_logits(self, h):
     """h [B, L, D] (before the final norm) -> (normed h [B, L, D], logits [B, L, V] f32).
@@ -303,6 +347,5 @@ class DecoderLM(nn.Module):
       positions = default_positions(attention_mask, b, length)
     mask = sequence_mask(attention_mask, positions, self.config.sliding_window)
     x = self.embed(tokens, positions)
-    for i in range(self.config.num_layers):
-      x = self.block(i, x, positions, mask)
+    x = self.run_blocks(0, self.config.num_layers, x, positions, mask)
     return self.hidden_to_logits(x)[1]

@@ -34,6 +34,7 @@ class CrossAttention(nn.Module):
   config: XAttnConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"  # a resolved implementation (layers.resolve_attention)
 
   @nn.compact
   def __call__(self, x, visual, mask, has_image):
@@ -64,7 +65,8 @@ class CrossAttention(nn.Module):
     zero_rows = None
     if c.no_image == "zero_attention":
       zero_rows = ~has_image[:, None, :, None]
-    out = layers.dot_product_attention(q, k, v, mask[:, None], zero_rows=zero_rows)
+    out = layers.attention(q, k, v, mask[:, None], zero_rows=zero_rows,
+                           implementation=self.attention)
     out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out", **kw)(out)
     if c.no_image == "zero_output":
       out = jnp.where(has_image[..., None], out, 0)
@@ -76,6 +78,7 @@ class GatedCrossAttentionBlock(nn.Module):
   config: XAttnConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
 
   def gate(self, name: str, width: int):
     """tanh(alpha), alpha a scalar (or per-channel vector) initialised by `gate_init`."""
@@ -97,11 +100,11 @@ class GatedCrossAttentionBlock(nn.Module):
     """
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = CrossAttention(c, name="attn", attention=self.attention, **kw)
     if x is None:
-      return CrossAttention(c, name="attn", **kw)(None, visual, None, None)
+      return attn(None, visual, None, None)
     width = x.shape[-1]
-    y = x + self.gate("attn_gate", width) * CrossAttention(c, name="attn", **kw)(
-        x, visual, mask, has_image)
+    y = x + self.gate("attn_gate", width) * attn(x, visual, mask, has_image)
     if c.kind == "gated_dense":
       h = y
       if c.ffw_layernorm:
@@ -114,17 +117,28 @@ class GatedCrossAttentionBlock(nn.Module):
     return y.astype(x.dtype)
 
 
-def tanh_gates(params) -> dict[str, jax.Array]:
+def tanh_gates(params, xattn_indices=None) -> dict[str, jax.Array]:
   """|tanh(alpha)| per block and gate (paper Fig. 6), e.g. {'xattn_block_0/attn_gate': 0.1}.
 
-  `params` is the Flamingo param tree (boxed or not); vector gates are averaged.
+  `params` is the Flamingo param tree (boxed or not), in either layout; vector
+  gates are averaged. The scanned layout (`xattn_blocks`, leaves [X, ...]) is
+  named by LM block with xattn_indices, else by position in the stack.
   """
   out = {}
+  unbox = lambda v: getattr(v, "value", v)  # noqa: E731 (logical partitioning)
+  if "xattn_blocks" in params:
+    stack = params["xattn_blocks"]
+    for gate in ("attn_gate", "ffw_gate"):
+      if gate in stack:
+        values = unbox(stack[gate])
+        names = xattn_indices if xattn_indices is not None else range(values.shape[0])
+        for k, i in enumerate(names):
+          out[f"xattn_block_{i}/{gate}"] = jnp.mean(jnp.abs(jnp.tanh(values[k])))
+    return dict(sorted(out.items(), key=lambda kv: (int(kv[0].split("/")[0].rsplit("_", 1)[1]),
+                                                    kv[0])))
   blocks = [k for k in params if k.startswith("xattn_block_")]
   for block in sorted(blocks, key=lambda k: int(k.rsplit("_", 1)[-1])):
     for gate in ("attn_gate", "ffw_gate"):
       if gate in params[block]:
-        value = params[block][gate]
-        value = getattr(value, "value", value)  # unbox logical partitioning
-        out[f"{block}/{gate}"] = jnp.mean(jnp.abs(jnp.tanh(value)))
+        out[f"{block}/{gate}"] = jnp.mean(jnp.abs(jnp.tanh(unbox(params[block][gate]))))
   return out
