@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from flamingo_jax.config import (COMPONENTS, FlamingoConfig, from_config_dict, model_config,
                                  with_defaults)
 from flamingo_jax.data import in_memory
-from flamingo_jax.data.config import DataConfig, data_config
+from flamingo_jax.data.config import DataConfig, DatasetConfig, data_config
 from flamingo_jax.errors import CheckpointError, ConfigError, DataError, one_line, run_cli
 from flamingo_jax.model_dir import check_tokenizer, export_model_dir, init_inputs
 from flamingo_jax.models.flamingo import Flamingo, xattn_layer_indices
@@ -120,6 +120,10 @@ def with_default_sections(config: ml_collections.ConfigDict) -> ml_collections.C
   train_input = config.train.get("input", "synthetic") if "train" in config else "synthetic"
   if train_input == "synthetic" and "synthetic" in config:
     defaults["synthetic"] = in_memory.SyntheticConfig()
+  if train_input == "pipeline" and "data" in config:  # --config.data.worker_count=8 etc.
+    names = list(config.data.get("datasets", None) or {})
+    defaults["data"] = {**dataclasses.asdict(DataConfig()), "datasets": {
+        n: dataclasses.asdict(DatasetConfig()) for n in names}}
   return with_defaults(config, defaults)
 
 

@@ -233,6 +233,12 @@ TRAIN_CASES = {
     "image id vs tokenizer": ({"config": "{pipeline}"}, ["image_token_id", "tokenizer"],
                               ["--config.model.image_token_id=500"]),
     # The tokenizer's ids: pieces 0..199, <image> 200, <EOC> 201.
+    "typo data": ({"config": "{pipeline}"}, ["data.worker_cont"],
+                  ["--config.data.worker_cont=2"]),
+    "typo data dataset": ({"config": "{pipeline}"}, ["data.datasets.pairs.seq_lenght"],
+                          ["--config.data.datasets.pairs.seq_lenght=8"]),
+    "type data": ({"config": "{pipeline}"}, ["data.datasets.pairs.min_similarity", "high"],
+                  ["--config.data.datasets.pairs.min_similarity=high"]),
     "eoc id vs tokenizer": ({"config": "{pipeline}"}, ["tokenizer", "201", "199"],
                            ["--config.model.lm.vocab_size=201",
                             "--config.model.eoc_token_id=199"]),
@@ -291,6 +297,21 @@ def test_train_cli_user_errors(case, train_files, tmp_path, capsys, fresh_cli_lo
   names = [n.format(dir=train_files["dir"]) for n in TRAIN_CASES[case][1]]
   rc = errors.run_cli(train.main, train_argv(case, train_files, tmp_path / "w"))
   assert_one_error(rc, capsys.readouterr().err, *names)
+
+
+def test_data_keys_the_config_leaves_out_can_be_overridden(train_files):
+  """The pipeline config sets few data keys; the others take overrides (their defaults
+  are filled first), with types checked."""
+  from flamingo_jax import train
+  from flamingo_jax.data.config import data_config
+  from flamingo_jax.training import cli
+  config = cli.load(train_files["pipeline"], [
+      "--config.data.worker_count=2", "--config.data.datasets.pairs.min_similarity=0.3",
+      "--config.data.image.flip=False"], train.with_default_sections, train.OPEN_KEYS)
+  data = data_config(config)
+  assert (data.worker_count, data.datasets["pairs"].min_similarity, data.image.flip) == \
+      (2, 0.3, False)
+  assert data.datasets["pairs"].seq_len == 16 and data.datasets["pairs"].max_images == 1
 
 
 SUBPROCESS_CASES = ["type float", "mesh not dividing"]
