@@ -19,6 +19,7 @@ from flamingo_jax import train
 from flamingo_jax.data import in_memory
 from flamingo_jax.errors import DataError
 from flamingo_jax.training import sharding
+from flamingo_jax.training.loop import process_rows, put_batch
 from flamingo_jax.training.prefetch import Prefetcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,10 +156,10 @@ def test_put_batch_on_the_producer_thread_gives_sharded_device_batches(tiny_conf
   abstract = train.abstract_batch(spec, tiny_config, tiny_config.vision.image_size, 4)
   shardings = {k: NamedSharding(mesh, sharding.batch_spec(len(a.shape)))
                for k, a in abstract.items()}
-  rows = train.process_rows(mesh, spec.batch_size)
+  rows = process_rows(mesh, spec.batch_size)
 
   def put(name, host):
-    return train.put_batch(host, abstract, shardings, name, rows)
+    return put_batch(host, abstract, shardings, name, rows)
 
   ref = in_memory.SyntheticIterator(spec, tiny_config, rows=rows)
   it = in_memory.SyntheticIterator(spec, tiny_config, rows=rows)
