@@ -28,11 +28,10 @@ that fits one H200 (141 GB) by the compiled memory analysis, see
 docs/benchmarks.md.
 """
 import dataclasses
-
-import ml_collections
+import os
 
 from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
-                                 lm_preset, to_config_dict)
+                                 load_config, lm_preset, to_config_dict)
 
 VOCAB = 32000
 BATCH = 32  # examples of 256 tokens: 8,192 tokens per step
@@ -73,16 +72,11 @@ def get_config(arg=None):
     model = dataclasses.replace(model, scan_layers=True)
   if "attention" in fields:  # issue 13 item 2: cuDNN flash attention on GPUs
     model = dataclasses.replace(model, attention="auto")
-  config = ml_collections.ConfigDict({"model": to_config_dict(model)})
-  config.train = dict(total_steps=20, seed=0, input="synthetic", mixing="accumulate",
-                      micro_batches={}, frozen_dtype="float32" if fp32 else "bfloat16",
-                      log_every=1, max_consecutive_nonfinite=10, peak_flops_per_device=0.0)
-  config.optim = dict(learning_rate=1e-4, warmup_steps=5000, schedule="constant",
-                      weight_decay=0.1, clip_norm=1.0)
-  config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1, zero1=False)
-  config.checkpoint = dict(every=0, keep=1, async_save=True, enabled=False)
-  config.distributed = dict(mode="auto")
-  config.model_init = {}
+  # The train, optim, mesh and checkpoint sections of the small benchmark (bench.py).
+  config = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"),
+                       None if fp32 else "bf16")
+  config.model = to_config_dict(model)
+  config.train.total_steps = 20
   config.synthetic = dict(
       seed=0, num_classes=8, nan_batches=(), feature_positions=8 if tiny else 100,
       datasets=dict(interleaved=dict(kind="interleaved", batch_size=2 if tiny else BATCH,
