@@ -446,7 +446,7 @@ def merged_lm_params(params: dict[str, Any], config: FlamingoConfig) -> dict[str
   export of a trained model needs. A grown vocabulary (`lm.embedding_rows`)
   gets its rows appended.
   """
-  lm = jax.tree.map(lambda a: a, params["lm"])
+  lm = layer_stack.lm_to_unrolled(jax.tree.map(lambda a: a, params["lm"]))  # either layout
   if not config.train_new_token_embeddings:
     return lm
   ids = np.array([config.image_token_id, config.eoc_token_id])

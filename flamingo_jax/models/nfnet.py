@@ -316,13 +316,15 @@ class NFBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, beta=None):
+    """beta: this block's 1 / expected input std when traced (a scan over a stage's
+    blocks, which differ only in beta); None: spec.beta."""
     c, s = self.config, self.spec
     act = gamma_activation(c.activation)
     conv = lambda features, name, kernel_size=1, stride=1, groups=1: WSConv(  # noqa: E731
         features, kernel_size, stride, groups, c.ws_style, c.ws_eps, self.dtype,
         self.param_dtype, name=name)
-    out = act(x) * jnp.asarray(s.beta, x.dtype)
+    out = act(x) * jnp.asarray(s.beta if beta is None else beta, x.dtype)
     if s.stride > 1:
       # Average over the valid part of each window at odd sizes, as Haiku's
       # SAME avg_pool and timm's AvgPool2d(ceil_mode, count_include_pad=False).
@@ -395,8 +397,15 @@ class NFNet(nn.Module):
         x = act(x)
       x = WSConv(width, 3, stride, name=f"stem_conv{i}", **kw)(x)
     block = nn.remat(NFBlock, static_argnums=(2,)) if c.remat else NFBlock
-    for spec in block_specs(c):
-      x = block(c, spec, self.dtype, self.param_dtype, name=f"block_{spec.index}")(x, train)
+    specs = block_specs(c)
+    if train or self.is_initializing():
+      for spec in specs:
+        x = block(c, spec, self.dtype, self.param_dtype, name=f"block_{spec.index}")(x, train)
+    else:  # inference (a frozen encoder): a stage's blocks after its first under one scan
+      for stage in sorted({spec.stage for spec in specs}):
+        first, *rest = [spec for spec in specs if spec.stage == stage]
+        x = block(c, first, self.dtype, self.param_dtype, name=f"block_{first.index}")(x, False)
+        x = self._scan_blocks(x, rest)
     if c.final_conv:
       x = WSConv(nfnet_feature_dim(c), 1, name="final_conv", **kw)(x)
     features = act(x)
@@ -410,6 +419,26 @@ class NFNet(nn.Module):
         h = jnp.where(keep, h / (1.0 - rate), 0.0)
       logits = _Classifier(c.num_classes, self.dtype, self.param_dtype, name="classifier")(h)
     return features, pooled.astype(features.dtype), logits
+
+  def _scan_blocks(self, x, specs: list[BlockSpec]):
+    """Blocks of one stage that keep its shape (stride 1, no projection), in
+    inference, as one lax.scan over their params stacked at apply time (the
+    param tree keeps `block_{i}`): compile time does not grow with depth
+    (NFNet-F6 has 84 blocks). Same computation as calling them in turn."""
+    if not specs:
+      return x
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                           *[params[f"block_{spec.index}"] for spec in specs])
+    betas = jnp.asarray([spec.beta for spec in specs], jnp.float32)
+    template = NFBlock(self.config, specs[0], self.dtype, self.param_dtype, parent=None)
+
+    def body(h, xs):
+      return template.apply({"params": xs[0]}, h, False, xs[1])
+
+    if self.config.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(lambda h, xs: (body(h, xs), None), x, (stacked, betas))[0]
 
 
 class _Classifier(nn.Module):
