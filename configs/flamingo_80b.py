@@ -1,22 +1,18 @@
-"""Flamingo-80B: paper Table 4's model and appendix B.1.2's training recipe
-(configs/flamingo_recipe.py states every value and where it comes from).
+"""Flamingo-80B (paper Table 4: cross-attention before every 7 LM block(s)) with the
+training recipe of appendix B.1.2, which configs/flamingo_recipe.py states value by value.
 
-  python -m flamingo_jax.tools.count_params --config configs/flamingo_80b.py
-  python -m flamingo_jax.tools.count_params --config configs/flamingo_80b.py:v1  # head size 128
+  python -m flamingo_jax.tools.count_params --config configs/flamingo_80b.py[:v1]
   python -m flamingo_jax.train --config configs/flamingo_80b.py:local --workdir /tmp/80b_local
   python -m flamingo_jax.train --config configs/flamingo_80b.py:data=gs://b/flamingo \
       --workdir gs://b/runs/80b
 
-The argument: `v1` (paper v1 head sizes; default v2), `local` (the recipe shrunk
-to run on a CPU in about a minute), `data=ROOT` (datasets and tokenizer), comma-separated.
+Argument (comma-separated): v1 (paper v1 head sizes), local (a minute on a CPU), data=ROOT.
 """
-import importlib.util
 import os
+
+from flamingo_jax.config import load_config
 
 
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flamingo_recipe.py")
-  spec = importlib.util.spec_from_file_location("_flamingo_recipe", path)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  return recipe.get_config(",".join(["80b"] + ([arg] if arg else [])))
+  recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flamingo_recipe.py")
+  return load_config(recipe, ",".join(["80b"] + ([arg] if arg else [])))

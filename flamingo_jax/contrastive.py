@@ -484,8 +484,10 @@ def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
   s = setup(with_default_sections(config))
   mesh = sharding.make_mesh(s.mesh, devices)
   model, _, ts, _ = abstract_state(s, mesh)
-  checkpointer = ckpt_lib.Checkpointer(str(workdir_path(workdir) / "checkpoints"),
-                                       s.checkpoint)
+  directory = workdir_path(workdir) / "checkpoints"
+  if not directory.exists():
+    raise CheckpointError(f"no checkpoint in {directory} (the directory does not exist)")
+  checkpointer = ckpt_lib.Checkpointer(str(directory), s.checkpoint)
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None or step not in checkpointer.all_steps():

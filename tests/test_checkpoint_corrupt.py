@@ -29,8 +29,9 @@ def _two_steps(directory, on_corrupt="fallback"):
   return cfg
 
 
-def _garbage_arrays(step_dir):
-  files = [f for f in glob.glob(f"{step_dir}/state/**/d/*", recursive=True) if os.path.isfile(f)]
+def _garbage_arrays(directory):
+  """Overwrites the start of every OCDBT data file (b-tree nodes and chunks) below it."""
+  files = [f for f in glob.glob(f"{directory}/**/d/*", recursive=True) if os.path.isfile(f)]
   assert files
   for f in files:
     with open(f, "r+b") as fh:
@@ -52,7 +53,7 @@ def _garbage_data_state(step_dir):
     fh.write("{garbage")
 
 
-CORRUPTIONS = {"state_arrays": _garbage_arrays, "state_metadata": _garbage_metadata,
+CORRUPTIONS = {"state_arrays": lambda step_dir: _garbage_arrays(f"{step_dir}/state"), "state_metadata": _garbage_metadata,
                "state_missing": _no_state, "data_state": _garbage_data_state}
 
 
@@ -119,7 +120,7 @@ def test_corrupt_frozen_weights_are_one_line(tmp_path):
                      r"vs model \(32, 4\)"):
     ckpt_lib.check_params(directory, {"embed": jax.ShapeDtypeStruct((32, 4), jnp.float32)},
                           "model_init.lm")
-  _garbage_arrays_params(directory)
+  _garbage_arrays(directory)
   with pytest.raises(CheckpointError) as e:
     ckpt_lib.restore_component(directory, "lm", abstract)
   assert f"{directory} is corrupt or partial: " in str(e.value) and "\n" not in str(e.value)
@@ -129,10 +130,3 @@ def test_corrupt_frozen_weights_are_one_line(tmp_path):
                      "read its metadata"):
     ckpt_lib.check_component(directory, "lm", abstract, "model_init.lm")
 
-
-def _garbage_arrays_params(directory):
-  files = [f for f in glob.glob(f"{directory}/**/d/*", recursive=True) if os.path.isfile(f)]
-  assert files
-  for f in files:
-    with open(f, "r+b") as fh:
-      fh.write(b"\x00garbage" * 8)

@@ -463,17 +463,16 @@ def save_params(params: Mapping, out: str, config: NFNetConfig, source: str,
 
 def load_converted(path: str) -> tuple[dict, NFNetConfig]:
   """(params, config) of a directory written by `save_params` / the CLI."""
-  import orbax.checkpoint as ocp
+  from flamingo_jax.training.checkpoint import read_params
 
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"converted NFNet checkpoint {path!r} does not exist")
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(path).custom_metadata or {}
+  params, meta = read_params(path)
   if "nfnet_config" not in meta:
     raise ValueError(f"{path!r} has no 'nfnet_config' in its metadata; not written by "
                      "flamingo_jax.convert nfnet")
   fields = {f.name for f in dataclasses.fields(NFNetConfig)}
   kwargs = {k: tuple(v) if isinstance(v, list) else v
             for k, v in meta["nfnet_config"].items() if k in fields}
-  return ckptr.restore(path), NFNetConfig(**kwargs)
+  return params, NFNetConfig(**kwargs)

@@ -135,10 +135,15 @@ class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig):
     self.cfg = cfg
     self.directory = os.path.abspath(directory)
+    # Created here, synchronously: orbax's own creation runs in a thread that a
+    # process exiting on an error leaves to fail at interpreter shutdown.
+    epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     self._discard_uncommitted()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
-        cleanup_tmp_directories=True)
+        # Temporary directories are removed above, synchronously: orbax's cleanup runs
+        # in a thread that a process exiting on an error leaves to fail at shutdown.
+        cleanup_tmp_directories=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
 
@@ -150,6 +155,8 @@ class Checkpointer:
       for path in root.iterdir():
         if path.name.isdigit() and not (path / COMMIT_MARKER).exists():
           log.warning("removing unfinished checkpoint %s (no %s)", path, COMMIT_MARKER)
+          path.rmtree()
+        elif ".orbax-checkpoint-tmp" in path.name:  # a save killed before its rename
           path.rmtree()
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -374,6 +381,16 @@ def _stored_tree(directory: str, what: str) -> Any:
     raise CheckpointError(f"{what}: {os.path.abspath(directory)} is corrupt or partial: "
                           f"cannot read its metadata ({cause})")
   return tree
+
+
+def read_params(directory: str) -> tuple[Any, dict]:
+  """(parameter tree as saved, on the host; its custom metadata) of a save_params
+  directory, for readers that have no target layout (the NFNet converter's loader)."""
+  directory = os.path.abspath(directory)
+  _stored_tree(directory, "parameter checkpoint")  # one-line errors for damaged files
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(directory).custom_metadata or {}
+    return ckptr.restore(directory), dict(meta)
 
 
 def stored_top_keys(directory: str, what: str = "parameter checkpoint") -> list[str]:
