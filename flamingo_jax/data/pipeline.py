@@ -164,9 +164,10 @@ def make_train_iterators(cfg: Any, rows: Optional[Mapping[str, tuple[int, int]]]
   rows[name] = (start, stop), the rows of the global batch this process's
   devices hold (the trainer's view); without rows, data.shard_index/count or
   the JAX process index/count decide, and each process holds
-  batch_size / process_count consecutive rows.
+  batch_size / process_count consecutive rows. A DataConfig is taken as validated
+  (the trainers parse the `data` section once); a ConfigDict is parsed here.
   """
-  data = data_config(cfg)
+  data = cfg if isinstance(cfg, DataConfig) else data_config(cfg)
   if tokenizer is None:
     if not data.tokenizer:
       raise ValueError("config key 'data.tokenizer' is empty and no tokenizer was passed")
