@@ -76,3 +76,37 @@ def test_paper_3b_with_nfnet_f6_vision():
   counts = count_params(paper_model("3b"))
   assert counts["vision"] == 435_286_116  # timm dm_nfnet_f6 without its 1000-class head
   assert counts["frozen"] == counts["vision"] + counts["lm"]
+
+
+def test_every_trainer_overrides_the_same_way(tmp_path):
+  """Defaults exist before overrides in every trainer; dotted overrides add keys to
+  dict-valued fields; a typo anywhere (synthetic included) and a type error name the
+  whole key path; all are ConfigErrors (one `error:` line from the CLIs)."""
+  from flamingo_jax import contrastive, lm_pretrain, train
+  from flamingo_jax.errors import ConfigError
+  from flamingo_jax.training import cli
+  tiny = os.path.join(REPO, "configs", "tiny.py")
+  def flamingo(*overrides):
+    return cli.load(tiny, overrides, train.with_default_sections, train.OPEN_KEYS)
+  c = flamingo("--config.model_init.lm=/ckpt/lm", "--config.train.micro_batches.pairs=2")
+  s = train.setup(c)
+  assert s.model_init == {"lm": "/ckpt/lm"} and s.train.micro_batches == {"pairs": 2}
+  spec = os.path.join(REPO, "configs", "contrastive_tiny.py") + f":data={tmp_path}"
+  c = contrastive.load(spec, ["--config.checkpoint.enabled=False",
+                              "--config.model_init.vision=/ckpt/v", "--config.mesh.tensor=2"])
+  assert (c.checkpoint.enabled, dict(c.model_init), c.mesh.tensor) == (
+      False, {"vision": "/ckpt/v"}, 2)
+  lm_spec = os.path.join(REPO, "configs", "lm_pretrain_demo.py") + f":{tmp_path}"
+  lm = lm_pretrain.load(lm_spec, ["--config.checkpoint.on_corrupt=refuse"])
+  assert lm.checkpoint.on_corrupt == "refuse"
+  for override, key in [("--config.synthetic.seeed=1", "'synthetic.seeed'"),
+                        ("--config.optim.learning_rate=abc", "'optim.learning_rate' must be float"),
+                        ("--config.checkpoint.on_corupt=refuse", "'checkpoint.on_corupt'")]:
+    with pytest.raises(ConfigError, match=key):
+      flamingo(override)
+  with pytest.raises(ConfigError, match="'synthetic.datasets.pairs.wieght'"):
+    train.setup(apply_overrides(cfg("tiny.py"), ["synthetic.datasets.pairs={'wieght': 1.0}"]))
+  with pytest.raises(ConfigError, match=r"'model\.text\.embed_dimm'"):
+    contrastive.load(spec, ["--config.model.text.embed_dimm=3"])
+  with pytest.raises(ConfigError, match="'checkpoint.on_corrupt' is 'maybe'"):
+    train.setup(flamingo("--config.checkpoint.on_corrupt=maybe"))
