@@ -93,7 +93,7 @@ def get_config(arg=None):
   frames = (lambda n: min(n, 2)) if local else (lambda n: n)
   config.data = dict(
       tokenizer=f"{root}/tokenizer.model",
-      image=dict(size=paper.vision.image_size, flip=True, colour_jitter=0.2),
+      image=dict(size=model.vision.image_size, flip=True, colour_jitter=0.2),
       seed=0, worker_count=0, read_threads=2,
       datasets={name: dict(kind=kind, source="tar", paths=[f"{root}/{name}/train-*.tar"],
                            batch_size=b, seq_len=n, max_images=imgs, num_frames=t,
