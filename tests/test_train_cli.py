@@ -45,6 +45,9 @@ def test_tiny_config_trains_from_the_cli(tmp_path):
                "--config.train.total_steps=40")
   assert out.returncode == 0, out.stderr[-4000:]
   report = json.loads(out.stdout)
+  phases = [line for line in out.stderr.splitlines() if line.startswith("[compile_only] ")]
+  for i, phase in enumerate(("abstract state", "lowering", "lowered", "compiled", "memory")):
+    assert phases[i].startswith(f"[compile_only] {phase}"), phases
   memory = report["memory_per_device"]["interleaved+pairs"]
   assert memory["trainable_params"] == 201_092 * 4 and memory["temp"] > 0
   assert report["flops_per_step"]["interleaved+pairs"]["frozen_aware"] > 0

@@ -136,11 +136,7 @@ class Flamingo(nn.Module):
       self.xattn_stack = layer_stack.stacked_param(
           self, layer_stack.XATTN_STACK, self.xattn_template(), len(self.xattn_indices), example)
     else:
-      block = GatedCrossAttentionBlock
-      if c.remat == "block":
-        block = nn.remat(GatedCrossAttentionBlock)
-      elif c.remat == "dots":
-        block = nn.remat(GatedCrossAttentionBlock, policy=jax.checkpoint_policies.dots_saveable)
+      block = layer_stack.remat_module(GatedCrossAttentionBlock, c.remat)
       attention = layers.resolve_attention(c.attention)
       self.xattn = [block(c.xattn, name=f"xattn_block_{i}", attention=attention, **kw)
                     for i in self.xattn_indices]

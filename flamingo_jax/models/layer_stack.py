@@ -39,6 +39,14 @@ def remat_policy(name: str) -> Callable[[Callable], Callable]:
   return lambda f: jax.checkpoint(f, policy=policy, prevent_cse=False)
 
 
+def remat_module(cls: type, name: str) -> type:
+  """model.remat for the unrolled layout: the module class, wrapped by nn.remat."""
+  if name == "none":
+    return cls
+  policy = {"block": None, "dots": jax.checkpoint_policies.dots_saveable}[name]
+  return nn.remat(cls, policy=policy)
+
+
 def stacked_param(module: nn.Module, name: str, template: nn.Module, length: int,
                   example_args: Sequence[Any]) -> Any:
   """A param `name` holding `length` independently initialised copies of

@@ -252,11 +252,7 @@ class DecoderLM(nn.Module):
       self.blocks = layer_stack.stacked_param(self, layer_stack.LM_STACK, self.template(),
                                               c.num_layers, example)
     else:
-      block = DecoderBlock
-      if self.remat == "block":
-        block = nn.remat(DecoderBlock)
-      elif self.remat == "dots":
-        block = nn.remat(DecoderBlock, policy=jax.checkpoint_policies.dots_saveable)
+      block = layer_stack.remat_module(DecoderBlock, self.remat)
       self.blocks = [block(c, name=f"blocks_{i}", attention=attention, **kw)
                      for i in range(c.num_layers)]
     self.final_norm = _norm(c, "final_norm", **kw)
