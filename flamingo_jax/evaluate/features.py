@@ -74,17 +74,19 @@ class FeatureCache:
 
   load_image: path -> preprocessed [T, H, W, 3]; batch_size: images encoded
   at once (the last batch padded with copies); cache_dir: "" keeps them in
-  memory only. shardings / run: place the encoder on a mesh (`runner`).
+  memory only. shardings / run / fetch: place the encoder on a mesh and bring its
+  output back from every host (`decode.Placement`).
   """
 
   def __init__(self, params, config: FlamingoConfig, load_image: Callable[[str], np.ndarray],
                *, batch_size: int, cache_dir: str = "", preprocess_key: str = "",
                memory_items: int = 4096, shardings: Any = None,
-               run: Optional[Callable] = None):
+               run: Optional[Callable] = None, fetch: Optional[Callable] = None):
     self.params, self.config, self.load_image = params, config, load_image
     self.batch_size, self.cache_dir = batch_size, cache_dir
     self._fn = _encode_fn(config, shardings)
     self._run = run or (lambda f, *a: f(*a))
+    self._fetch = fetch or jax.device_get
     self._memory: collections.OrderedDict = collections.OrderedDict()
     self._memory_items = memory_items
     self._salt = f"{vision_fingerprint(params, config)}|{preprocess_key}"
@@ -126,8 +128,8 @@ class FeatureCache:
       chunk = missing[start:start + self.batch_size]
       images = [self.load_image(p) for p in chunk]
       images += [images[0]] * (self.batch_size - len(chunk))
-      out = np.asarray(jax.device_get(self._run(self._fn, self.params,
-                                                np.stack(images)[:, None])))
+      out = np.asarray(self._fetch(self._run(self._fn, self.params,
+                                             np.stack(images)[:, None])))
       for i, p in enumerate(chunk):
         feats = np.ascontiguousarray(out[i])
         if self.cache_dir:

@@ -569,7 +569,7 @@ class _Model:
       self.features = FeatureCache(
           params, config, self._image, batch_size=ec.batch_size, cache_dir=cache_dir,
           preprocess_key=f"{config.vision.image_size}|{ec.image_mean}|{ec.image_std}",
-          shardings=shardings, run=placement.run)
+          shardings=shardings, run=placement.run, fetch=placement.fetch)
 
   def _image(self, path: str) -> np.ndarray:
     return load_image(path, self.config.vision.image_size, tuple(self.ec.image_mean),
