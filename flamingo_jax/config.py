@@ -500,8 +500,9 @@ def paper_model(size: str, version: str = "v2") -> FlamingoConfig:
                    num_heads=heads, head_dim=128, max_length=2048),
       image_token_id=PAPER_VOCAB,
       eoc_token_id=PAPER_VOCAB + 1,
-      # precision: bfloat16 compute, float32 master weights (param_dtype; Adam's
-      # moments follow them); frozen weights are stored in train.frozen_dtype
+      # precision: bfloat16 compute, float32 params at init (the trainer keeps the
+      # trainable ones, and Adam's moments, in float32); frozen weights are stored
+      # in train.frozen_dtype
       dtype="bfloat16",
       param_dtype="float32",
       scan_layers=True,  # compile time flat in depth (80 LM blocks at 80B)
