@@ -43,11 +43,17 @@ TEST_REQUIRES = [
     "scikit-learn>=1.9.1,<2",  # ROC-AUC reference
 ]
 
+CONFIG_PACKAGES = ["flamingo_jax.configs", "flamingo_jax.configs.ablations",
+                   "flamingo_jax.configs.eval"]
+
 setup(
     name="flamingo_jax",
     version="0.1.0",
     description="Flamingo-style visual language models in JAX/Flax",
-    packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
+    # configs/ ships inside the wheel as flamingo_jax/configs (config.configs_dir) so an
+    # installed package runs the demo and the ablations.
+    packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]) + CONFIG_PACKAGES,
+    package_dir={"flamingo_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

@@ -27,11 +27,11 @@ from typing import Optional, Sequence
 
 import ml_collections
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ABLATION_DIR = os.path.join(REPO, "configs", "ablations")
-REQUIRED = ("TABLE", "GROUP", "CHANGE", "get_config")
-
+from flamingo_jax.config import configs_dir
 from flamingo_jax.errors import UserError, run_cli
+
+ABLATION_DIR = os.path.join(configs_dir(), "ablations")
+REQUIRED = ("TABLE", "GROUP", "CHANGE", "get_config")
 
 log = logging.getLogger("flamingo_jax.ablations")
 
@@ -39,7 +39,7 @@ log = logging.getLogger("flamingo_jax.ablations")
 def demo_base(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """configs/demo.py for `workdir`, with `--config`-style overrides applied."""
   from flamingo_jax.config import apply_overrides, load_config
-  return apply_overrides(load_config(os.path.join(REPO, "configs", "demo.py") + ":" +
+  return apply_overrides(load_config(os.path.join(configs_dir(), "demo.py") + ":" +
                                      os.path.abspath(workdir)), list(overrides))
 
 

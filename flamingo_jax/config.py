@@ -515,6 +515,19 @@ def paper_model(size: str, version: str = "v2") -> FlamingoConfig:
 # `--config.a.b=value` overrides, with errors that name the bad key
 
 
+def configs_dir() -> str:
+  """The configs/ folder apps (demo, ablations) load: the copy a wheel ships as
+  flamingo_jax/configs (setup.py package_dir), else the checkout's configs/ beside
+  the package (a clone or an editable install)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  candidates = (os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs"))
+  for path in candidates:
+    if os.path.isfile(os.path.join(path, "demo.py")):
+      return path
+  raise ConfigError(f"no configs/ folder with demo.py at {' or '.join(candidates)} "
+                    "(reinstall flamingo_jax or run from a checkout)")
+
+
 def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
   """Imports `path` and returns its `get_config(arg)`.
 

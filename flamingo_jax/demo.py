@@ -35,10 +35,10 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "lm", "vision", "flamingo", "eval", "report")
 RESULT = "result.json"  # a stage's marker, written last
 
+from flamingo_jax.config import configs_dir
 from flamingo_jax.errors import UserError, run_cli
 
 log = logging.getLogger("flamingo_jax.demo")
@@ -106,7 +106,7 @@ class Bar:
 def demo_config(workdir: str, overrides: Sequence[str] = (), config_path: str = ""):
   """configs/demo.py (or an ablation file) for this workdir, with overrides."""
   from flamingo_jax.config import apply_overrides, load_config
-  path = config_path or os.path.join(REPO, "configs", "demo.py")
+  path = config_path or os.path.join(configs_dir(), "demo.py")
   return apply_overrides(load_config(f"{path}:{os.path.abspath(workdir)}"), list(overrides))
 
 
@@ -117,7 +117,7 @@ def _configs_demo():
   """configs/demo.py as a module (paths, sizes shared with the config)."""
   import importlib.util
   spec = importlib.util.spec_from_file_location("_flamingo_demo_config",
-                                                os.path.join(REPO, "configs", "demo.py"))
+                                                os.path.join(configs_dir(), "demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -138,7 +138,7 @@ def run_data(paths: dict, scale: Scale) -> dict:
 def run_lm(paths: dict, scale: Scale) -> dict:
   import jax
   from flamingo_jax import lm_pretrain
-  config = lm_pretrain.load(os.path.join(REPO, "configs", "lm_pretrain_demo.py") + ":"
+  config = lm_pretrain.load(os.path.join(configs_dir(), "lm_pretrain_demo.py") + ":"
                             + paths["root"], [f"train.total_steps={scale.lm_steps}"])
   bar = Bar("lm pretraining", scale.lm_steps)
   try:  # one device: the tiny LM's batch of 16 rows gains nothing from fake devices
@@ -158,7 +158,7 @@ def vision_config(data: str, kind: str, steps: int, export: str):
   `steps` updates, exported to `export` (the demo's stage and the encoder swap)."""
   from flamingo_jax import contrastive
   return contrastive.load(
-      os.path.join(REPO, "configs", "contrastive_tiny.py") + f":data={data},vision={kind}",
+      os.path.join(configs_dir(), "contrastive_tiny.py") + f":data={data},vision={kind}",
       [f"train.total_steps={steps}", "train.log_every=10", f"export.vision='{export}'",
        "eval.retrieval.max_examples=200", "eval.classification.max_examples=200"])
 
