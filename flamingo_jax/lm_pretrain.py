@@ -5,7 +5,8 @@
 
 Flamingo starts from a pretrained LM (Chinchilla in the paper); the demo
 trains a tiny one first, on the text of its synthetic world. The corpus
-(`corpus.paths`, one document a line) is tokenised as <BOS> ids <EOS>,
+(`corpus.paths`, one document a line) is tokenised as <BOS> ids <EOS> (no <BOS>
+when the tokenizer's add_bos is False, as in the Flamingo layouts),
 concatenated and cut into rows of seq_len + 1 tokens; `corpus.val_fraction`
 of the rows is held out for a validation loss. Batch k of an epoch is a fixed
 function of (seed, k), and the batch index is the data state saved in every
@@ -132,12 +133,13 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
 def token_rows(lines: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
   """Lines -> <BOS> ids <EOS> concatenated, cut into rows [N, seq_len + 1] int32."""
+  from flamingo_jax.data.layouts import prefix
   info = tokenizer.info
   stream: list[int] = []
   for line in lines:
     line = line.strip()
     if line:
-      stream.extend([info.bos_id, *tokenizer.encode(line), info.eos_id])
+      stream.extend([*prefix(info), *tokenizer.encode(line), info.eos_id])
   n = len(stream) // (seq_len + 1)
   if n < 2:
     raise DataError(f"lm_pretrain: the corpus has {len(stream)} tokens, fewer than two rows "

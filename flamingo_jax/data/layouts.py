@@ -3,6 +3,9 @@
 Pairs and videos:  <BOS><image>caption<EOC><EOS>
 Interleaved docs:  <BOS>text<EOC><image>text<EOC><image>text<EOC><EOS>
 
+<BOS> is there when the tokenizer's info.add_bos says so (a converted OpenFlamingo
+model's GPT-NeoX / MPT tokenizer has none, and its prompts neither: training matches).
+
 <EOC> ends a chunk of text: it goes before every <image> that follows
 something (text or another image) and at the end of the document before
 <EOS>. An <image> directly after <BOS> has nothing to end, so it has no
@@ -10,7 +13,8 @@ something (text or another image) and at the end of the document before
 
 A sequence of L model positions is L+1 tokens: tokens = seq[:L],
 targets = seq[1:], and position l predicts targets[l]. Documents are cut to a
-window: <BOS> followed by L body tokens from a start chosen so that at least
+window: <BOS> followed by L body tokens (or L + 1 body tokens without <BOS>) from a
+start chosen so that at least
 one <image> is an input token. Only the first `max_images` images of the
 window are kept; the others, and images whose <image> would only be a target
 (the last slot), are removed together with their <EOC>, and the window fills
@@ -52,6 +56,11 @@ def mask_before_first_image(mode: str, next_image: bool) -> bool:
                    f"never, got {mode!r}")
 
 
+def prefix(info: TokenizerInfo) -> list[int]:
+  """What every sequence starts with: [<BOS>], or [] when the tokenizer adds none."""
+  return [info.bos_id] if info.add_bos else []
+
+
 def finish(seq: Sequence[int], info: TokenizerInfo, seq_len: int,
            mask_before_image: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """L+1 (or fewer) tokens -> tokens [L], targets [L], loss_mask [L]."""
@@ -76,7 +85,7 @@ def captioned(caption: Sequence[int], info: TokenizerInfo, seq_len: int,
   Truncation keeps the first L+1 tokens, so a cut caption has no <EOC>: the
   model is never taught to end a caption where it was cut.
   """
-  seq = [info.bos_id, info.image_token_id, *caption, info.eoc_token_id, info.eos_id]
+  seq = [*prefix(info), info.image_token_id, *caption, info.eoc_token_id, info.eos_id]
   stats = {}
   if len(seq) > seq_len + 1:
     if overlong == "skip":
@@ -104,14 +113,18 @@ def interleaved_body(items: Sequence[Item], info: TokenizerInfo
   return body, slots
 
 
-def window_starts(body_len: int, image_positions: Sequence[int], seq_len: int) -> np.ndarray:
-  """Body offsets s whose window <BOS> + body[s:s+L] has an <image> as an input token.
+def window_starts(body_len: int, image_positions: Sequence[int], seq_len: int,
+                  bos: bool = True) -> np.ndarray:
+  """Body offsets s whose window prefix + body[s:s + L + 1 - b] has an <image> as an
+  input token, b = len(prefix) (1 with <BOS>, 0 without).
 
-  An <image> at body position p is input token 1 + p - s <= L - 1 when
-  p - L + 2 <= s <= p. Windows never start past max(0, body_len - L).
+  An <image> at body position p is input token b + p - s <= L - 1 when
+  p - L + 1 + b <= s <= p. Windows never start past max(0, body_len - (L + 1 - b)),
+  so a window is full whenever the document is long enough.
   """
-  last = max(0, body_len - seq_len)
-  ranges = [np.arange(max(0, p - seq_len + 2), min(p, last) + 1) for p in image_positions]
+  b = int(bos)
+  last = max(0, body_len - (seq_len + 1 - b))
+  ranges = [np.arange(max(0, p - seq_len + 1 + b), min(p, last) + 1) for p in image_positions]
   if not ranges:
     return np.zeros((0,), np.int64)
   return np.unique(np.concatenate(ranges))
@@ -120,12 +133,12 @@ def window_starts(body_len: int, image_positions: Sequence[int], seq_len: int) -
 def fill_window(body: Sequence[int], slots: Sequence[tuple[int, int]], start: int,
                 info: TokenizerInfo, seq_len: int, max_images: int
                 ) -> tuple[list[int], list[int], dict[str, int]]:
-  """<BOS> + body from `start`, images beyond the limits removed -> (seq, images, stats)."""
+  """prefix + body from `start`, images beyond the limits removed -> (seq, images, stats)."""
   if 0 <= start + 1 < len(body) and body[start] == info.eoc_token_id and \
       body[start + 1] == info.image_token_id:
     start += 1
   image_at = dict(slots)
-  seq = [info.bos_id]
+  seq = prefix(info)
   kept: list[int] = []
   stats: dict[str, int] = {}
 
@@ -167,7 +180,7 @@ def interleaved(items: Sequence[Item], info: TokenizerInfo, seq_len: int, max_im
   if not slots:
     return None
   if start is None:
-    starts = window_starts(len(body), [p for p, _ in slots], seq_len)
+    starts = window_starts(len(body), [p for p, _ in slots], seq_len, bos=info.add_bos)
     start = int(rng.choice(starts)) if rng is not None else int(starts[0])
   seq, kept, stats = fill_window(body, slots, start, info, seq_len, max_images)
   tokens, targets, mask = finish(seq, info, seq_len,

@@ -36,6 +36,9 @@ class TokenizerInfo:
   pad_id: int  # padding is masked by position, so it may equal eos_id
   image_token_id: int
   eoc_token_id: int
+  # Sequences start with BOS: training layouts and prompts alike (False for the HF
+  # tokenizers OpenFlamingo feeds without one: GPT-NeoX, MPT).
+  add_bos: bool = True
 
   def __post_init__(self):
     for name in ("bos_id", "eos_id", "pad_id", "image_token_id", "eoc_token_id"):
@@ -52,18 +55,19 @@ class TokenizerInfo:
         raise ValueError(f"TokenizerInfo.{name} = {getattr(self, name)} collides with "
                          "<image> or <EOC>")
 
-  def to_dict(self) -> dict[str, int]:
+  def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TokenizerInfo":
+    """The inverse of to_dict; add_bos may be absent (files written before it: True)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
-    missing = names - set(d)
+    missing = names - set(d) - {"add_bos"}
     if unknown or missing:
       raise ValueError(f"TokenizerInfo dict: unknown keys {sorted(unknown)}, missing keys "
                        f"{sorted(missing)}")
-    return cls(**{k: int(v) for k, v in d.items()})
+    return cls(**{k: bool(v) if k == "add_bos" else int(v) for k, v in d.items()})
 
 
 
@@ -149,7 +153,7 @@ class Tokenizer:
   @property
   def add_bos(self) -> bool:
     """Sequences start with BOS (the convention of every sentencepiece model here)."""
-    return True
+    return self.info.add_bos
 
   @property
   def piece_size(self) -> int:
@@ -281,7 +285,7 @@ class HFTokenizer:
     if add_bos is None:
       add_bos = (post_processor_adds_bos(self._tok, info.bos_id)
                  if eoc_piece == OPENFLAMINGO_EOC_PIECE else True)
-    self._add_bos = bool(add_bos)
+    self.info = info = dataclasses.replace(info, add_bos=bool(add_bos))
     self._special = frozenset({info.image_token_id, info.eoc_token_id, info.bos_id,
                                info.eos_id, info.pad_id})
 
@@ -296,7 +300,7 @@ class HFTokenizer:
   @property
   def add_bos(self) -> bool:
     """Whether sequences (and prompts) start with BOS."""
-    return self._add_bos
+    return self.info.add_bos
 
 
 
@@ -358,7 +362,7 @@ class HFTokenizer:
 
   def __getstate__(self):
     return {"json": self._json, "names": self._names, "pieces": self._pieces,
-            "add_bos": self._add_bos, "source": self._source}
+            "add_bos": self.info.add_bos, "source": self._source}
 
   def __setstate__(self, state):
     bos, eos, pad = state["names"]
