@@ -44,6 +44,7 @@ from flamingo_jax.training.loop import (LoopConfig, StepHandler, batch_shardings
                                         check_batch_sizes, check_loop_config, pipeline_stats,
                                         prepare_workdir, process_rows, put_batch, run_loop)
 from flamingo_jax.training.metrics import MetricsWriter
+from flamingo_jax.training.prefetch import Prefetcher
 
 log = logging.getLogger("flamingo_jax.train")
 
@@ -456,15 +457,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
             "mfu": f["frozen_aware"] / dt / (peak * mesh.size),
             "mfu_all_3x": f["all_3x"] / dt / (peak * mesh.size)}
 
+  step = int(jax.device_get(state["step"]))
+  # Batches are read and put on the devices ahead of the step, on a background
+  # thread; checkpoints get the data state of the batches consumed (exact resume).
+  prefetcher = Prefetcher(
+      iterators, lambda n, b: put_batch(b, batch_abs[n], batch_sh[n], n, rows[n]),
+      schedule=lambda i: variants[i % len(variants)], start_step=step, depth=2)
+
   def train_step(state, step):
     variant = variants[step % len(variants)]
-    batches = {n: put_batch(next(iterators[n]), batch_abs[n], batch_sh[n], n, rows[n])
-               for n in variant}
+    batches = next(prefetcher)
     with jax.transfer_guard("disallow"):
       state, metrics = compiled[variant](state, frozen, batches)
     return state, metrics, variant
 
-  step = int(jax.device_get(state["step"]))
   handler = StepHandler(total_steps=total_steps, log_every=s.train.log_every,
                         max_consecutive_nonfinite=s.train.max_consecutive_nonfinite,
                         writer=writer, start_step=step, on_step=on_step, throughput=throughput,
@@ -473,11 +479,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
     state, step, stopped = run_loop(
         state, step=step, total_steps=total_steps, train_step=train_step, handler=handler,
         checkpointer=checkpointer if s.checkpoint.enabled else None,
-        data_states=lambda: {n: it.get_state() for n, it in iterators.items()},
+        data_states=prefetcher.get_state,
         stop_at=stop_at)
     if stopped == "done" and s.train.export_dir:
       export_model(s, state["params"], frozen)
   finally:
+    prefetcher.close()
     checkpointer.close()
     writer.close()
   summary.update(step=step, stopped=stopped, history=handler.history)

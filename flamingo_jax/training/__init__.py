@@ -10,4 +10,5 @@ It imports no trainer. docs/architecture.md draws the layers:
   flops        analytic FLOPs and MFU
   metrics      metrics.jsonl + TensorBoard
   loop         workdir files, host-side step handler, SIGTERM checkpoint, the loop itself
+  prefetch     batches made and put on the devices ahead of the step, on a background thread
 """
