@@ -40,6 +40,7 @@ RESULT = "result.json"  # a stage's marker, written last
 
 from flamingo_jax.config import configs_dir
 from flamingo_jax.errors import UserError, run_cli
+from flamingo_jax.training.metrics import Progress
 
 log = logging.getLogger("flamingo_jax.demo")
 
@@ -84,23 +85,13 @@ def _read_json(path: str):
     return json.load(f)
 
 
-class Bar:
-  """A tqdm progress bar over a trainer's steps (on_step callback)."""
-
-  def __init__(self, desc: str, total: int, done: int = 0):
-    from tqdm import tqdm
-    self.bar = tqdm(total=total, initial=done, desc=desc, unit="step", file=sys.stderr,
-                    dynamic_ncols=True)
+class Bar(Progress):
+  """Progress over a trainer's steps (its on_step callback): a bar on a terminal, one
+  line per tenth of the stage when the output is a file or a pipe."""
 
   def __call__(self, step: int, metrics: dict) -> None:
-    self.bar.n = step
     loss = metrics.get("loss")
-    if loss is not None:
-      self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    self.bar.refresh()
-
-  def close(self):
-    self.bar.close()
+    self.set(step, **({"loss": f"{loss:.3f}"} if loss is not None else {}))
 
 
 def demo_config(workdir: str, overrides: Sequence[str] = (), config_path: str = ""):
@@ -211,6 +202,12 @@ def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
           "seconds": time.perf_counter() - t0}
 
 
+# Prefixes of the evaluation's progress and score lines: the baseline's never read as a
+# second result of the trained model.
+EVAL_LABELS = {"flamingo": "trained model: ",
+               "gates_zero": "gates-zero baseline (every tanh gate 0, the LM alone): "}
+
+
 def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
              baselines: bool = True) -> dict:
   """Evaluates the exported model (and, with baselines, gates-zero and chance)."""
@@ -229,7 +226,8 @@ def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
   for name, params in runs.items():
     report = runner.evaluate(model.config, ec, params, model.tokenizer, tasks=tasks,
                              shots=list(scale.shots), num_samples=scale.eval_samples,
-                             out_dir=os.path.join(out_dir, name), progress=True)
+                             out_dir=os.path.join(out_dir, name), progress=True,
+                             label=EVAL_LABELS[name])
     results[name] = {t: {s: r["score"] for s, r in report["results"][t]["shots"].items()}
                      for t in tasks}
   metrics = {t: runner.METRICS[ec.tasks[t].kind] for t in tasks}
@@ -339,6 +337,7 @@ def write_report(paths: dict, results: dict, seconds: dict) -> str:
   ev = results["eval"]
   plots = write_plots(paths, ev)
   lm, vision, fl = results["lm"], results["vision"], results["flamingo"]
+  total = sum(seconds.get(stage, 0.0) for stage in STAGES)
   lines = [
       "# flamingo_jax demo report", "",
       "The Flamingo recipe in miniature on the synthetic shapes world "
@@ -371,7 +370,10 @@ def write_report(paths: dict, results: dict, seconds: dict) -> str:
       + ", ".join(f"{k} {v:.2f}" for k, v in sorted(fl["final_losses"].items()))
       + f" | {seconds.get('flamingo', 0):.0f} |",
       f"| eval | 3 tasks x {len(ev['shots'])} shot counts x 2 models | "
-      f"{seconds.get('eval', 0):.0f} |", "",
+      f"{seconds.get('eval', 0):.0f} |",
+      f"| total | wall time of the stages above, end to end | {total:.0f} |", "",
+      f"Total wall time: {total / 60:.1f} min ({total:.0f} s; a resumed run adds up the "
+      "stages each run did).", "",
       "## Plots", ""]
   lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
   lines += ["", "Model directory: `model/` (`python -m flamingo_jax.generate --checkpoint "

@@ -25,6 +25,7 @@ def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path
     assert set(scores) == {"0", "2"}
   report = open(os.path.join(workdir, "report.md")).read()
   assert "| captions | CIDEr | gates_zero |" in report and "chance" in report
+  assert "Total wall time:" in report and "| total |" in report
   # The LM and the vision tower the Flamingo stage loaded are the pretrained ones.
   config = json.load(open(os.path.join(workdir, "flamingo", "config.json")))
   assert config["model_init"]["lm"].endswith("lm/export/lm")

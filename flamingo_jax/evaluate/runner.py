@@ -671,15 +671,17 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
              use_rices: bool = False, out_dir: Optional[str] = None,
              progress: bool = True, metadata: Optional[dict] = None,
              num_trials: int = 0, trial_seeds: Sequence[int] = (), ensemble: int = 0,
-             placement: Optional[Placement] = None, model_id: str = "") -> dict:
+             placement: Optional[Placement] = None, model_id: str = "",
+             label: str = "") -> dict:
   """Runs every (task, shots, trial); returns the results dict (and writes it under out_dir).
 
   params: the unboxed Flamingo param tree (placed as `placement` says, default one
   device); tokenizer: `data.tokenizer.Tokenizer` (its `<image>`/`<EOC>` ids must
   be the model's); shots / num_trials / ensemble: override the tasks' protocol;
   model_id: names the params in the predictions' fingerprint, beside a hash of
-  the weights (a rerun with other params never continues these files); metadata: extra entries for
-  results.json (the CLI records the config and checkpoint paths).
+  the weights (a rerun with other params never continues these files); label: prefixes
+  the progress and score lines (a baseline's read apart from the model's); metadata: extra
+  entries for results.json (the CLI records the config and checkpoint paths).
   """
   _check(config.vision.name != "none", "evaluation reads images, but model.vision.name is "
          "'none' (a model without a vision encoder)")
@@ -722,7 +724,7 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
         plog = PredictionLog(out_dir, file_stem(name, num_shots, trial), _fingerprint(
             task, ec, proto, num_shots, seed, num_samples, use_rices, model_id))
         todo = [i for i, q in enumerate(queries) if int(q) not in plog.done()]
-        bar = _progress(len(queries), f"{name} {num_shots}-shot"
+        bar = _progress(len(queries), f"{label}{name} {num_shots}-shot"
                         + (f" trial {trial}" if len(proto.seeds) > 1 else ""), progress,
                         initial=len(queries) - len(todo))
         for b in range(0, len(todo), ec.batch_size):
@@ -730,8 +732,8 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
           plog.add(_run_batch(m, task, queries[pick], shot_idx[pick], num_shots, proto,
                               option_ids))
           if bar is not None:
-            bar.update(len(pick))
-            bar.set_postfix(examples_per_s=f"{(b + len(pick)) / (time.time() - start):.2f}")
+            bar.update(len(pick),
+                       examples_per_s=f"{(b + len(pick)) / (time.time() - start):.2f}")
         if bar is not None:
           bar.close()
         rows = plog.finish(queries)
@@ -743,8 +745,8 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
           score, extra = float("nan"), {}
         trials.append(score)
         extras.append(extra)
-        log.info("%s %d-shot trial %d (seed %d): %s %.2f", name, num_shots, trial, seed,
-                 METRICS[t.kind], score)
+        log.info("%s%s %d-shot trial %d (seed %d): %s %.2f", label, name, num_shots, trial,
+                 seed, METRICS[t.kind], score)
       mean, std = _mean_std(trials)
       run = {"score": mean, "stddev": std, "trials": trials, "seconds": seconds,
              "evaluated": evaluated,
@@ -786,8 +788,8 @@ def open_flamingo_results(report: dict) -> dict:
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
   if not enabled or jax.process_index() != 0:
     return None
-  from tqdm import tqdm
-  return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, initial=initial)
+  from flamingo_jax.training.metrics import Progress
+  return Progress(desc, total, initial=initial, unit="example")
 
 
 def results_markdown(report: dict) -> str:

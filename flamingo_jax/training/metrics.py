@@ -4,14 +4,17 @@ Only process 0 writes (every process computes the same global metrics).
   workdir/metrics.jsonl   one JSON object per logged step: {"step": s, name: value, ...}
   workdir/tensorboard/    tensorboardX event files, one scalar per metric name
 The progress line carries step, the loss of every dataset, learning rate,
-gradient norm, tokens/s, MFU and ETA.
+gradient norm, tokens/s, MFU and ETA. Progress is the bar (or, off a terminal, the
+few plain lines) that the demo's stages and evaluation show.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-from typing import Mapping, Optional
+import sys
+import time
+from typing import IO, Mapping, Optional
 
 from etils import epath
 
@@ -86,3 +89,52 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, float],
   parts.append(f"{seconds_per_step:.3g} s/step")
   parts.append(f"ETA {_fmt_duration(seconds_per_step * max(total_steps - step, 0))}")
   return " | ".join(parts)
+
+
+class Progress:
+  """Progress over `total` units (steps, examples): a tqdm bar when `file` is a terminal;
+  otherwise (a log file, a pipe) one plain line per `every` units and one at the end, so a
+  written log holds a few lines rather than thousands of bar redraws."""
+
+  def __init__(self, desc: str, total: int, *, initial: int = 0, unit: str = "step",
+               file: Optional[IO[str]] = None, lines: int = 10):
+    self.desc, self.total, self.unit = desc, total, unit
+    self.file = file if file is not None else sys.stderr
+    self.n = self._printed = initial
+    self.every = max(1, math.ceil(total / max(lines, 1)))
+    self.postfix: dict[str, str] = {}
+    self._t0 = time.perf_counter()
+    self._bar = None
+    isatty = getattr(self.file, "isatty", None)
+    if isatty is not None and isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file,
+                       dynamic_ncols=True)
+
+  def set(self, n: int, **postfix: str) -> None:
+    """Moves to `n` units done; postfix entries (loss=...) ride along."""
+    self.n = n
+    self.postfix.update(postfix)
+    if self._bar is not None:
+      self._bar.n = n
+      if postfix:
+        self._bar.set_postfix(self.postfix, refresh=False)
+      self._bar.refresh()
+    elif n >= self.total or n // self.every > self._printed // self.every:
+      self._line()
+
+  def update(self, k: int = 1, **postfix: str) -> None:
+    self.set(self.n + k, **postfix)
+
+  def _line(self) -> None:
+    self._printed = self.n
+    extra = "".join(f" | {k} {v}" for k, v in self.postfix.items())
+    print(f"{self.desc}: {self.n}/{self.total} {self.unit}s{extra} | "
+          f"{_fmt_duration(time.perf_counter() - self._t0)}", file=self.file, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    elif self.n != self._printed:
+      self._line()
