@@ -108,20 +108,26 @@ def test_no_image_document_has_no_layout():
   assert layouts.interleaved([[10, 11]], INFO, 8, 5, "always", False, start=0) is None
 
 
+def _random_document(rng):
+  """(items, number of images): text runs and images in random order, at least one image."""
+  items, n_img = [], 0
+  for _ in range(int(rng.integers(1, 12))):
+    if rng.random() < 0.35:
+      items.append(n_img)
+      n_img += 1
+    else:
+      items.append(rng.integers(10, 50, size=int(rng.integers(1, 30))).tolist())
+  if n_img == 0:
+    items.append(0)
+    n_img = 1
+  return items, n_img
+
+
 def test_random_windows_are_well_formed():
   """Property check over random documents: every window is a valid model input."""
   rng = np.random.default_rng(0)
   for _ in range(300):
-    items, n_img = [], 0
-    for _ in range(int(rng.integers(1, 12))):
-      if rng.random() < 0.35:
-        items.append(n_img)
-        n_img += 1
-      else:
-        items.append(rng.integers(10, 50, size=int(rng.integers(1, 30))).tolist())
-    if n_img == 0:
-      items.append(0)
-      n_img = 1
+    items, n_img = _random_document(rng)
     seq_len = int(rng.integers(4, 40))
     max_images = int(rng.integers(1, 4))
     lay = layouts.interleaved(items, INFO, seq_len, max_images, "always",
@@ -199,16 +205,7 @@ def test_windows_without_bos_shift_by_one():
 def test_random_windows_without_bos_are_well_formed():
   rng = np.random.default_rng(1)
   for _ in range(300):
-    items, n_img = [], 0
-    for _ in range(int(rng.integers(1, 12))):
-      if rng.random() < 0.35:
-        items.append(n_img)
-        n_img += 1
-      else:
-        items.append(rng.integers(10, 50, size=int(rng.integers(1, 30))).tolist())
-    if n_img == 0:
-      items.append(0)
-      n_img = 1
+    items, n_img = _random_document(rng)
     seq_len = int(rng.integers(4, 40))
     lay = layouts.interleaved(items, NOBOS, seq_len, int(rng.integers(1, 4)), "always",
                               bool(rng.random() < 0.5), rng=rng)
