@@ -6,8 +6,8 @@
       --config.mesh.tensor=16 --compile_only --fake_devices=256
 
 run() reads top to bottom: config, distributed start-up, workdir, mesh, model
-and optimizer, abstract state and its shardings, input shapes, the compiled
-update step, input pipeline, initialise-or-restore, the loop (the training
+and optimizer, abstract state and its shardings, input shapes, input pipeline
+and weights checked, initialise-or-restore, the compiled update step, the loop (the training
 library, flamingo_jax/training/). Resume order: this workdir's latest
 checkpoint, else `model_init` (pretrained components), else random init.
 Every option is in docs/training.md.
@@ -396,10 +396,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   # -------------------------------------------------------------- Inputs, checked before compiling
   # A wrong tokenizer, a missing shard or misshapen frozen weights fail here, in
   # seconds, not after the step has compiled.
+  state_in = sharding.with_shardings(lay.state_abs, lay.state_sh)
+  frozen_in = sharding.with_shardings(lay.frozen_abs, lay.frozen_sh)
   if not compile_only:
     rows = {d.name: process_rows(mesh, d.batch_size) for d in s.datasets}
     iterators = input_iterators(s, rows)
     check_weights(s, workdir, lay)
+
+    # ---------------------------------------------------------------- Initialise or restore
+    # Also before compiling: a corrupt or mismatched checkpoint is reported in seconds.
+    t0 = time.perf_counter()
+    checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), s.checkpoint)
+    state = (state_lib.restore_latest(checkpointer, state_in, iterators)
+             if s.checkpoint.enabled else None)
+    frozen = frozen_weights(s, workdir, lay, mesh, init_params, resuming=state is not None)
+    if state is None:
+      state = initial_state(s, lay, tx, mesh, init_params)
+    log.info("state ready in %.1f s", time.perf_counter() - t0)
 
   # ------------------------------------------------------------------ Compile the update step
   grad_fn = objective.make_grad_fn(
@@ -409,8 +422,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   step_fn = objective.make_train_step(grad_fn, tx, schedule, lay.grad_sh, xattn_layer_indices(
       s.model.lm.num_layers, s.model.xattn.every, s.model.xattn.placement))
   variants = [tuple(names)] if s.train.mixing == "accumulate" else [(n,) for n in names]
-  state_in = sharding.with_shardings(lay.state_abs, lay.state_sh)
-  frozen_in = sharding.with_shardings(lay.frozen_abs, lay.frozen_sh)
   compiled, memory, step_flops = {}, {}, {}
   for variant in variants:
     key = "+".join(variant)
@@ -435,15 +446,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   if compile_only:
     return summary
 
-  # ------------------------------------------------------------------ Initialise or restore
-  t0 = time.perf_counter()
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), s.checkpoint)
-  state = (state_lib.restore_latest(checkpointer, state_in, iterators)
-           if s.checkpoint.enabled else None)
-  frozen = frozen_weights(s, workdir, lay, mesh, init_params, resuming=state is not None)
-  if state is None:
-    state = initial_state(s, lay, tx, mesh, init_params)
-  log.info("state ready in %.1f s", time.perf_counter() - t0)
 
   # ------------------------------------------------------------------ Loop
   writer = MetricsWriter(workdir, enabled=is_main)

@@ -281,17 +281,7 @@ def fresh_cli_logging(monkeypatch):
       log.removeHandler(h)
 
 
-# Cases the trainer does not yet report before compiling (issue 16 items 1-2): strict,
-# so each one fails loudly once it is fixed, and its entry here must go.
-TRAINER_TODO = {
-    "workdir checkpoint without state": "the workdir's step checkpoints are read only after "
-                                        "the step has compiled (~40 s on tiny)",
-}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=TRAINER_TODO[c]))
-    if c in TRAINER_TODO else c for c in TRAIN_CASES])
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_cli_user_errors(case, train_files, tmp_path, capsys, fresh_cli_logging):
   from flamingo_jax import train
   names = [n.format(dir=train_files["dir"]) for n in TRAIN_CASES[case][1]]
