@@ -14,11 +14,11 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flamingo_jax.config import FlamingoConfig, model_config
 from flamingo_jax.config import apply_overrides, load_config, split_config_args
 from flamingo_jax.errors import run_cli
+from flamingo_jax.model_dir import init_inputs
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.labels import FROZEN, component_of, count_by_label
 
@@ -28,13 +28,8 @@ def abstract_params(config: FlamingoConfig, with_vision: bool = True):
   if not with_vision:
     config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, name="none"))
   model = Flamingo(config)
-  tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-  size = config.vision.image_size
-  if with_vision:
-    visual = dict(images=jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.float32))
-  else:
-    width = config.vision_feature_dim
-    visual = dict(visual_features=jax.ShapeDtypeStruct((1, 1, 1, 4, width), jnp.float32))
+  visual = init_inputs(config, abstract=True)
+  tokens = visual.pop("tokens")
   variables = jax.eval_shape(lambda t, v: model.init(jax.random.key(0), t, **v), tokens, visual)
   return nn.unbox(variables["params"])
 
