@@ -10,7 +10,7 @@ Which processes form the job, in order of precedence:
      cluster (TPU VMs, whose topology JAX reads from the metadata server);
   4. otherwise a single process (nothing to initialise).
 Must run before anything touches a JAX device. Each process then feeds the
-rows of the global batch its own devices hold (see train_data.py).
+rows of the global batch its own devices hold (see data/in_memory.py).
 """
 from __future__ import annotations
 

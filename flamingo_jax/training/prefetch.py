@@ -47,7 +47,7 @@ class _End:
 class Prefetcher:
   """Iterator of per-step batch dicts {dataset name: put(name, next(iterators[name]))}.
 
-  iterators: {name: iterator} with get_state() (flamingo_jax.train_data.BatchIterator).
+  iterators: {name: iterator} with get_state() (flamingo_jax.data.in_memory.BatchIterator).
   put(name, host_batch) -> device batch: e.g. train.put_batch with the dataset's
     abstract shapes, NamedShardings and rows. Runs on the producer thread.
   schedule(step) -> the dataset names step `step` reads (one tuple for every step
