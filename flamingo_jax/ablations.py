@@ -5,7 +5,11 @@ scale, in one table laid out like paper Table 3.
   python -m flamingo_jax.ablations --workdir demo_workdir [--only a,b] [--scale demo|smoke]
 
 Each configs/ablations/NAME.py has TABLE ("3" or "10"), GROUP (Table 3's
-"Ablated setting" column), CHANGE ("control -> ablated") and get_config(workdir).
+"Ablated setting" column), CHANGE ("control -> ablated"), PAPER_OVERALL (the
+paper's overall score for that row over its control's, e.g. 67.3 / 70.7) and
+get_config(workdir). The table sets each row's overall beside the paper's and
+counts the rows that move the same way as the paper's (agreement by code, not by
+hand: the paper's every ablation scores below its control).
 The demo's data, pretrained LM and vision tower (its stages data, lm, vision)
 are shared; each ablation trains its own Flamingo into
 WORKDIR/ablations/NAME/ and is evaluated on the held-out split with the
@@ -31,7 +35,10 @@ from flamingo_jax.config import configs_dir
 from flamingo_jax.errors import UserError, run_cli
 
 ABLATION_DIR = os.path.join(configs_dir(), "ablations")
-REQUIRED = ("TABLE", "GROUP", "CHANGE", "get_config")
+REQUIRED = ("TABLE", "GROUP", "CHANGE", "PAPER_OVERALL", "get_config")
+# Paper Table 3's Flamingo-3B control: the "Overall" score every ablation row there (and in
+# Table 10) is compared with; a config's PAPER_OVERALL is its row's score / PAPER_BASELINE.
+PAPER_BASELINE = 70.7
 
 log = logging.getLogger("flamingo_jax.ablations")
 
@@ -67,6 +74,10 @@ def load_ablation(path: str):
     raise ValueError(f"ablation {path}: missing {missing} (each needs {list(REQUIRED)})")
   if str(module.TABLE) not in ("3", "10"):
     raise ValueError(f"ablation {path}: TABLE must be '3' or '10', got {module.TABLE!r}")
+  paper = module.PAPER_OVERALL
+  if isinstance(paper, bool) or not isinstance(paper, (int, float)) or not 0 < paper < 2:
+    raise ValueError(f"ablation {path}: PAPER_OVERALL must be the paper's score ratio "
+                     f"(a number in (0, 2), e.g. 67.3 / {PAPER_BASELINE}), got {paper!r}")
   return module
 
 
@@ -98,10 +109,10 @@ def run_one(workdir: str, path: str, scale) -> dict:
   name = os.path.splitext(os.path.basename(path))[0]
   out = os.path.join(os.path.abspath(workdir), "ablations", name)
   marker = os.path.join(out, "result.json")
-  if os.path.exists(marker):
-    with open(marker) as f:
-      return json.load(f)
   module = load_ablation(path)
+  if os.path.exists(marker):  # the paper's number is metadata: always the config's current one
+    with open(marker) as f:
+      return dict(json.load(f), paper_overall=float(module.PAPER_OVERALL))
   config = module.get_config(workdir)
   pretrain_extra_vision(workdir, config, scale)
   if "ablation_vision" in config:
@@ -127,7 +138,8 @@ def run_one(workdir: str, path: str, scale) -> dict:
   ev = demo.run_eval(paths, scale, model_dir=os.path.join(out, "model"),
                      out_dir=os.path.join(out, "eval"), baselines=False)
   result = {"name": name, "table": str(module.TABLE), "group": module.GROUP,
-            "change": module.CHANGE, "scores": ev["results"]["flamingo"],
+            "change": module.CHANGE, "paper_overall": float(module.PAPER_OVERALL),
+            "scores": ev["results"]["flamingo"],
             "metrics": ev["metrics"], "shots": ev["shots"],
             "step_time_s": times[len(times) // 2] if times else None,
             "train_seconds": train_seconds}
@@ -153,24 +165,73 @@ def headline(row: dict) -> dict[str, float]:
           for task, scores in row["scores"].items()}
 
 
+def overall(row: dict, control: dict) -> float:
+  """Paper Table 3's "Overall" at demo scale: the mean over tasks of the row's
+  headline score / the control's (tasks where the control scores 0 are left out)."""
+  scores, base = headline(row), headline(control)
+  ratios = [scores[t] / base[t] for t in base if base[t] > 0]
+  return sum(ratios) / len(ratios) if ratios else float("nan")
+
+
+def direction(ratio: Optional[float]) -> str:
+  """"lower" / "higher" / "same" than the control, for a ratio to it ("-" when unknown)."""
+  if ratio is None or ratio != ratio:  # None or nan
+    return "-"
+  return "lower" if ratio < 1 else "higher" if ratio > 1 else "same"
+
+
+def agrees(demo_overall: float, paper_overall: Optional[float]) -> Optional[bool]:
+  """Whether the demo's row moves the same way from its control as the paper's
+  (both below 1, or both above); None when the paper's row is missing or level."""
+  paper, ours = direction(paper_overall), direction(demo_overall)
+  if paper in ("-", "same") or ours == "-":
+    return None
+  return ours == paper
+
+
+def with_agreement(rows: Sequence[dict]) -> list[dict]:
+  """The rows (control first) with "overall" (x control) and "agrees" (with the
+  paper's direction) added; the control's "agrees" is None."""
+  out = []
+  for i, row in enumerate(rows):
+    ratio = overall(row, rows[0])
+    out.append(dict(row, overall=ratio,
+                    agrees=agrees(ratio, row.get("paper_overall")) if i else None))
+  return out
+
+
+def agreement_line(rows: Sequence[dict]) -> str:
+  """"N of M ablations ... agree", counted by agrees() over the non-control rows."""
+  ablated = with_agreement(rows)[1:]
+  known = [r for r in ablated if r["agrees"] is not None]
+  lower = sum(direction(r["paper_overall"]) == "lower" for r in known)
+  return (f"{sum(r['agrees'] for r in known)} of {len(known)} ablations move the same way "
+          f"from the control as in the paper (there {lower} of {len(known)} score below it)"
+          + (f"; {len(ablated) - len(known)} without a paper direction"
+             if len(known) < len(ablated) else "") + ".")
+
+
 def table_markdown(rows: Sequence[dict]) -> str:
   """Table 3's layout: ablated setting, control -> ablated, step time, scores
-  (mean over shot counts), overall = mean over tasks of score / control score."""
+  (mean over shot counts), overall = mean over tasks of score / control score,
+  then the paper's direction, whether ours agrees, and the paper's overall ratio."""
   control = headline(rows[0])
   tasks = list(control)
   shots = "/".join(str(s) for s in rows[0]["shots"])
   head = ("| Table | Ablated setting | Flamingo (control) -> ablated | Step time (s) | " +
           " | ".join(f"{t} {rows[0]['metrics'][t]} ({shots}-shot mean)" for t in tasks) +
-          " | Overall (x control) |")
-  lines = [head, "|---|---|---|---:|" + "---:|" * len(tasks) + "---:|"]
-  for row in rows:
+          " | Overall (x control) | Paper direction | Agrees | Paper overall (x its control) |")
+  lines = [head, "|---|---|---|---:|" + "---:|" * len(tasks) + "---:|---|---|---:|"]
+  for i, row in enumerate(with_agreement(rows)):
     scores = headline(row)
-    ratios = [scores[t] / control[t] for t in tasks if control[t] > 0]
-    overall = sum(ratios) / len(ratios) if ratios else float("nan")
     step = f"{row['step_time_s']:.3f}" if row.get("step_time_s") else "-"
-    lines.append(f"| {row['table'] if row['name'] != 'demo' else ''} | {row['group']} | "
+    paper = 1.0 if i == 0 else row.get("paper_overall")
+    verdict = {True: "yes", False: "**no**", None: "-"}[row["agrees"]]
+    lines.append(f"| {row['table'] if i else ''} | {row['group']} | "
                  f"{row['change']} | {step} | " +
-                 " | ".join(f"{scores[t]:.1f}" for t in tasks) + f" | {overall:.2f} |")
+                 " | ".join(f"{scores[t]:.1f}" for t in tasks) + f" | {row['overall']:.2f} | "
+                 f"{direction(paper) if i else '-'} | {verdict} | "
+                 f"{'-' if paper is None else f'{paper:.2f}'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -199,13 +260,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("ablation %s ...", name)
     rows.append(run_one(a.workdir, available[name], scale))
     log.info("ablation %s: %s", name, headline(rows[-1]))
-  table = table_markdown(rows)
+  table, count = table_markdown(rows), agreement_line(rows)
   out = os.path.join(os.path.abspath(a.workdir), "ablations")
   os.makedirs(out, exist_ok=True)
-  demo._write_json(os.path.join(out, "results.json"), rows)
+  demo._write_json(os.path.join(out, "results.json"), with_agreement(rows))
   with open(os.path.join(out, "ablations.md"), "w") as f:
-    f.write(f"# Ablations at demo scale ({a.scale})\n\n{table}")
+    f.write(f"# Ablations at demo scale ({a.scale})\n\n{table}\n{count}\n")
   print(table)
+  print(count)
   return 0
 
 

@@ -2,11 +2,12 @@
 
   python -m flamingo_jax.ablations --workdir demo_workdir --only no_pairs
 """
-from flamingo_jax.ablations import demo_base, remove_datasets  # noqa: F401
+from flamingo_jax.ablations import PAPER_BASELINE, demo_base, remove_datasets
 
 TABLE = "3"
 GROUP = "Training data"
 CHANGE = "All data -> w/o image-text pairs"
+PAPER_OVERALL = 60.9 / PAPER_BASELINE
 
 
 def get_config(workdir="demo_workdir"):

@@ -2,11 +2,12 @@
 
   python -m flamingo_jax.ablations --workdir demo_workdir --only resampler_small
 """
-from flamingo_jax.ablations import demo_base, remove_datasets  # noqa: F401
+from flamingo_jax.ablations import PAPER_BASELINE, demo_base
 
 TABLE = "10"
 GROUP = "Resampler size"
 CHANGE = "Medium (depth 2, d 128) -> Small (depth 1, d 64)"
+PAPER_OVERALL = 67.9 / PAPER_BASELINE
 
 
 def get_config(workdir="demo_workdir"):

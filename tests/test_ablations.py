@@ -1,0 +1,91 @@
+"""The ablation table's paper comparison: each config's PAPER_OVERALL is the paper's
+number, the direction and the agreement count are computed, and a bad PAPER_OVERALL
+is refused at load."""
+import os
+import re
+
+import pytest
+
+from flamingo_jax import ablations
+
+# Paper Table 3 / Table 10 (Flamingo-3B "Overall", control 70.7), as listed in
+# /work/shared/reference/flamingo.md section 4: the number each config must carry.
+PAPER = {"no_video": 67.3, "no_pairs": 60.9, "no_interleaved": 53.4, "round_robin": 62.9,
+         "no_tanh_gating": 66.5, "vanilla_xattn": 66.9, "xattn_middle": 59.8,
+         "xattn_every_4": 68.8, "xattn_every_2": 68.2, "resampler_mlp": 66.6,
+         "resampler_transformer": 66.7, "vision_patch_encoder": 64.9, "lm_from_scratch": 57.8,
+         "lm_unfrozen": 62.7, "resampler_small": 67.9, "resampler_large": 69.0,
+         "all_previous_images": 63.5, "p_next_0": 69.6, "p_next_1": 70.4,
+         "vision_unfrozen": 68.1}
+
+
+def row(name, captions, vqa, paper=None):
+  """A result row whose headline (mean over shots 0 and 4) is captions / vqa."""
+  r = {"name": name, "table": "3", "group": f"G {name}", "change": "a -> b",
+       "scores": {"captions": {"0": captions, "4": captions}, "vqa": {"0": vqa, "4": vqa}},
+       "metrics": {"captions": "CIDEr", "vqa": "VQA acc."}, "shots": [0, 4],
+       "step_time_s": 0.25}
+  if paper is not None:
+    r["paper_overall"] = paper
+  return r
+
+
+def test_every_config_carries_the_papers_number():
+  names = {os.path.splitext(os.path.basename(p))[0]: p for p in ablations.ablation_paths()}
+  assert set(names) == set(PAPER)
+  for name, score in PAPER.items():
+    module = ablations.load_ablation(names[name])
+    assert module.PAPER_OVERALL == pytest.approx(score / 70.7), name
+
+
+def test_direction_and_agreement():
+  assert ablations.direction(0.9) == "lower" and ablations.direction(1.2) == "higher"
+  assert ablations.direction(1.0) == "same" and ablations.direction(float("nan")) == "-"
+  assert ablations.agrees(0.5, 0.9) is True and ablations.agrees(1.4, 0.76) is False
+  assert ablations.agrees(0.9, 1.1) is False and ablations.agrees(1.1, 1.05) is True
+  assert ablations.agrees(0.9, None) is None and ablations.agrees(0.9, 1.0) is None
+  assert ablations.agrees(1.0, 0.9) is False  # level with the control is not "lower"
+
+
+def test_table_counts_the_rows_that_agree():
+  rows = [row("demo", 100.0, 50.0),
+          row("worse", 50.0, 25.0, paper=0.9),     # overall 0.50: agrees
+          row("better", 150.0, 50.0, paper=0.76),  # overall 1.25: disagrees
+          row("unknown", 90.0, 50.0)]              # no paper number: not counted
+  out = ablations.with_agreement(rows)
+  assert [r["agrees"] for r in out] == [None, True, False, None]
+  assert [round(r["overall"], 2) for r in out] == [1.0, 0.5, 1.25, 0.95]
+  table = ablations.table_markdown(rows)
+  lines = table.splitlines()
+  assert lines[0].endswith("| Overall (x control) | Paper direction | Agrees | "
+                           "Paper overall (x its control) |")
+  assert len({line.count("|") for line in lines}) == 1  # every row fills every column
+  assert lines[2].endswith("| 100.0 | 50.0 | 1.00 | - | - | 1.00 |")
+  assert lines[3].endswith("| 50.0 | 25.0 | 0.50 | lower | yes | 0.90 |")
+  assert lines[4].endswith("| 150.0 | 50.0 | 1.25 | lower | **no** | 0.76 |")
+  assert lines[5].endswith("| 90.0 | 50.0 | 0.95 | - | - | - |")
+  count = ablations.agreement_line(rows)
+  assert re.match(r"1 of 2 ablations move the same way .* \(there 2 of 2 score below it\); "
+                  r"1 without a paper direction\.$", count), count
+
+
+def test_bad_paper_overall_is_refused(tmp_path):
+  src = open(os.path.join(ablations.ABLATION_DIR, "no_video.py")).read()
+  for bad in ("67.3", "'0.95'", "None", "True"):
+    path = tmp_path / "bad.py"
+    path.write_text(re.sub(r"PAPER_OVERALL = .*", f"PAPER_OVERALL = {bad}", src))
+    with pytest.raises(ValueError, match=r"bad.py: PAPER_OVERALL must be"):
+      ablations.load_ablation(str(path))
+  path.write_text(re.sub(r"PAPER_OVERALL = .*\n", "", src))
+  with pytest.raises(ValueError, match=r"missing \['PAPER_OVERALL'\]"):
+    ablations.load_ablation(str(path))
+
+
+def test_a_finished_row_gets_the_configs_current_paper_number(tmp_path):
+  """result.json files written before PAPER_OVERALL existed still get a direction."""
+  out = tmp_path / "ablations" / "no_video"
+  out.mkdir(parents=True)
+  (out / "result.json").write_text('{"name": "no_video", "scores": {}}')
+  path = os.path.join(ablations.ABLATION_DIR, "no_video.py")
+  got = ablations.run_one(str(tmp_path), path, scale=None)  # skipped: nothing trains
+  assert got["paper_overall"] == pytest.approx(67.3 / 70.7) and got["name"] == "no_video"
