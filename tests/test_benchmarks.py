@@ -1,5 +1,5 @@
-"""benchmarks/train_step.py: the two sides alternate step by step and each
-timed step is the one it claims to be; OpenFlamingo's harness trains exactly
+"""benchmarks/train_step.py: the two sides alternate step by step, each in a
+worker process of its own, and each timed step is the one it claims to be; OpenFlamingo's harness trains exactly
 our trainable parameters on configs/bench_3b.py's workload (tiny sizes)."""
 import importlib.util
 import json
@@ -16,36 +16,67 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import train_step  # noqa: E402
 
 
-class FakePartner:
-  def __init__(self, log):
-    self.log = log
-
-  def step(self):
-    self.log.append("partner")
-    time.sleep(0.01)
-
-
-def test_step_clock_alternates_and_labels_steps(monkeypatch):
+def test_step_clock_pauses_between_steps_and_labels_them(monkeypatch):
   """Simulates the trainer: on_step(k) comes after step k+1 is dispatched."""
   log = []
   monkeypatch.setattr(train_step.jax, "block_until_ready",
                       lambda xs: log.append("wait"))
   monkeypatch.setattr(train_step.jax, "live_arrays", lambda: [])
   total = 5
-  clock = train_step.StepClock(total, FakePartner(log))
+  records = []
+
+  def pause(record):
+    log.append("pause")
+    records.append(record)
+    time.sleep(0.01)  # the other side's step: not part of ours
+
+  clock = train_step.StepClock(total, pause)
   for k in range(1, total + 1):
     log.append(f"on_step {k}")
     clock(k, {})
-  # One wait (for step k+1) then one partner step per call, none after the last step.
-  assert log == sum(([f"on_step {k}", "wait", "partner"] for k in range(1, total)), []) + \
+  # One wait (for step k+1) then one pause per call, none after the last step.
+  assert log == sum(([f"on_step {k}", "wait", "pause"] for k in range(1, total)), []) + \
       [f"on_step {total}"]
-  assert [x[0] for x in clock.ours] == [3, 4, 5]
-  assert len(clock.partner_times) == total - 1
-  assert all(t >= 0.01 for t, _ in clock.partner_times)
+  assert records[0] is None and [r[0] for r in records[1:]] == [3, 4, 5]
+  assert all(r[1] < 0.01 for r in records[1:])  # the pause is outside the timed step
   alone = train_step.StepClock(total)
   for k in range(1, total + 1):
     alone(k, {})
   assert [x[0] for x in alone.ours] == [2, 3, 4, 5]
+
+
+class FakeWorker:
+  """A worker whose step burns `cpu` CPU seconds (read back as its /proc time)."""
+
+  def __init__(self, name, log, clock):
+    self.name, self.log, self.clock = name, log, clock
+
+  def ask(self, command):
+    self.log.append(self.name)
+    self.clock[self.name] += 1.0
+    return {"wall_s": 1.0, "cpu_s": 1.0}
+
+  def cpu(self):
+    self.clock["spin_" + self.name] = self.clock.get("spin_" + self.name, 0) + 0.25
+    return self.clock[self.name] + self.clock["spin_" + self.name]
+
+
+def test_alternate_takes_turns_and_charges_the_idle_side():
+  log, clock = [], {"ours": 0.0, "of": 0.0}
+  ours, of = FakeWorker("ours", log, clock), FakeWorker("of", log, clock)
+  records = train_step.alternate([ours, of], 3)
+  assert log == ["ours", "of"] * 3
+  assert [len(r) for r in records] == [3, 3]
+  # Each read of the idle side adds 0.25 s of "spinning": 0.25 between two reads.
+  assert all(r["cpu_while_other_stepped_s"] == pytest.approx(0.25) for rs in records for r in rs)
+
+
+def test_step_stats_medians_and_ratios():
+  recs = [{"wall_s": w, "cpu_s": 2 * w, "host_s": 0.1} for w in (1.0, 3.0, 2.0)]
+  out = train_step.step_stats(recs, flops_per_step=8.0, tokens=100, peak=4.0)
+  assert out["step_time_s"] == 2.0 and out["process_cpu_time_per_step_s"] == 4.0
+  assert out["mfu_frozen_aware"] == 1.0 and out["frozen_aware_flop_per_cpu_s"] == 2.0
+  assert out["host_share_of_step"] == pytest.approx(0.05) and out["tokens_per_s"] == 50
 
 
 def test_config_args_are_checked():
@@ -67,8 +98,13 @@ def test_alternated_run_on_the_tiny_bench_3b(tmp_path):
                  check=True, env=env, timeout=600)
   (res,) = json.loads(out.read_text())["configs"].values()
   ours, of = res["ours"], res["openflamingo"]
-  assert res["alternated"] and len(ours["step_times_s"]) == 2 == len(of["step_times_s"])
+  assert res["alternated"] and res["separate_processes"]
+  assert len(ours["step_times_s"]) == 2 == len(of["step_times_s"])
+  assert ours["threads"] == of["threads"] == of["torch_threads"] == res["threads"]
+  assert ours["process_cpu_time_per_step_s"] > 0 and of["process_cpu_time_per_step_s"] > 0
   assert ours["input_made_once"] and 0 < ours["host_share_of_step"] < 1
   # The same workload: OpenFlamingo trains exactly our trainable parameters.
   assert of["trainable_params"] == ours["trainable_params"]
   assert res["speedup"] == pytest.approx(of["step_time_s"] / ours["step_time_s"])
+  assert res["ours_over_openflamingo"]["cpu"] == pytest.approx(
+      ours["process_cpu_time_per_step_s"] / of["process_cpu_time_per_step_s"])
