@@ -419,3 +419,117 @@ def read_hateful_memes(path: str, image_root: str = "", *,
   if not out:
     raise ValueError(f"{path}: no memes")
   return out
+
+
+# ------------------------------------------------------------------------------ video
+
+VIDEO_EXTENSIONS = {"msvd_qa": ".avi", "msrvtt_qa": ".mp4", "vatex": ".mp4"}  # as released
+
+
+def video_path(root: str, name: str, ext: str) -> str:
+  """root/name + ext, or the folder root/name of its extracted frames when only that exists."""
+  file = os.path.join(root, name + ext)
+  folder = os.path.join(root, name)
+  return folder if not os.path.exists(file) and os.path.isdir(folder) else file
+
+
+def read_youtube_mapping(path: str) -> dict[str, str]:
+  """MSVD-QA's `youtube_mapping.txt`: lines "<clip name> vid<N>" -> {"vid<N>": clip name}."""
+  try:
+    with open(path) as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"evaluation file not found: {path}") from None
+  out = {}
+  for n, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    parts = line.split()
+    if len(parts) != 2 or not parts[1].startswith("vid"):
+      raise ValueError(f"{path}: line {n} should be '<youtube clip name> vid<N>', got {line!r}")
+    out[parts[1]] = parts[0]
+  return out
+
+
+def _read_qa_list(path: str, name_of, video_root: str, ext: str) -> list[VQAExample]:
+  data = _load_json(path)
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: expected a JSON list of {{'question', 'answer', 'id', "
+                     "'video_id'}} objects (the released *_qa.json)")
+  out, seen = [], set()
+  for i, e in enumerate(data):
+    where = f"entry {i}"
+    qid = _get(e, "id", path, where, (int, str))
+    video_id = _get(e, "video_id", path, where, (int, str))
+    question = _get(e, "question", path, where, str)
+    answer = _get(e, "answer", path, where, str)
+    if qid in seen:
+      raise ValueError(f"{path}: id {qid} appears twice")
+    seen.add(qid)
+    out.append(VQAExample(question_id=qid, image_id=video_id,
+                          image_path=video_path(video_root, name_of(video_id, where), ext),
+                          question=question, answers=(answer,)))
+  return out
+
+
+def read_msvd_qa(path: str, mapping_path: str, video_root: str = "",
+                 ext: str = VIDEO_EXTENSIONS["msvd_qa"]) -> list[VQAExample]:
+  """MSVD-QA as released (`{train,val,test}_qa.json`): a list of
+
+    {"answer": "man", "id": 0, "question": "who is cutting a tomato?", "video_id": 1}
+
+  `video_id` N is the clip `youtube_mapping.txt` names "vid<N>"; the video is
+  `video_root/<clip name>.avi` (MSVD's YouTubeClips). One answer per question:
+  `image_id` holds the video id, `image_path` the video.
+  """
+  mapping = read_youtube_mapping(mapping_path)
+
+  def name_of(video_id, where):
+    key = f"vid{video_id}"
+    if key not in mapping:
+      raise ValueError(f"{path}: {where} video_id {video_id} has no line '... {key}' in "
+                       f"{mapping_path}")
+    return mapping[key]
+
+  return _read_qa_list(path, name_of, video_root, ext)
+
+
+def read_msrvtt_qa(path: str, video_root: str = "",
+                   ext: str = VIDEO_EXTENSIONS["msrvtt_qa"]) -> list[VQAExample]:
+  """MSRVTT-QA as released (`{train,val,test}_qa.json`): a list of
+
+    {"answer": "clothes", "category_id": 0, "id": 0, "question": "...", "video_id": 0}
+
+  The video is `video_root/video<video_id>.mp4` (MSR-VTT's TrainValVideo/ for train
+  and val, video0..7009; TestVideo/ for test, video7010..9999).
+  """
+  return _read_qa_list(path, lambda video_id, where: f"video{video_id}", video_root, ext)
+
+
+def read_vatex(path: str, video_root: str = "",
+               ext: str = VIDEO_EXTENSIONS["vatex"]) -> list[CaptionExample]:
+  """VATEX as released (`vatex_{training,validation}_v1.0.json`): a list of
+
+    {"videoID": "Ptf_2VRj-V0_000122_000132", "enCap": [10 English captions], "chCap": [...]}
+
+  The video is `video_root/<videoID>.mp4` (the 10 s YouTube clip <id>_<start>_<end>);
+  the English captions are the references.
+  """
+  data = _load_json(path)
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: expected a JSON list of {{'videoID', 'enCap'}} objects "
+                     "(the released vatex_*_v1.0.json)")
+  out, seen = [], set()
+  for i, e in enumerate(data):
+    where = f"entry {i}"
+    vid = _get(e, "videoID", path, where, str)
+    caps = _get(e, "enCap", path, where, list)
+    if not caps or not all(isinstance(c, str) for c in caps):
+      raise ValueError(f"{path}: {where} ({vid}) field 'enCap' should be a non-empty list "
+                       "of strings")
+    if vid in seen:
+      raise ValueError(f"{path}: videoID {vid!r} appears twice")
+    seen.add(vid)
+    out.append(CaptionExample(image_id=vid, image_path=video_path(video_root, vid, ext),
+                              captions=tuple(caps), split=""))
+  return out

@@ -7,12 +7,19 @@ beam search with 3 beams to the first `<EOC>` (the eval section's `num_beams` /
 OpenFlamingo's wording). Each benchmark config's get_config(data_root) takes the
 benchmark's directory as released and returns {"tasks": {name: task}}, every
 path relative to that root.
+
+Videos (VATEX, MSVD-QA, MSRVTT-QA): the paper trains on 8 frames at 1 FPS and
+evaluates on 30 frames at 3 FPS, the resampler's learned temporal embeddings
+linearly interpolated (`VIDEO_CLIP`; `--config.eval.tasks.NAME.num_frames=8
+--config.eval.tasks.NAME.fps=1` evaluates as trained). A clip starts at the
+video's start; a shorter video repeats its last frame.
 """
 import os
 
 import ml_collections
 
 SHOTS = (0, 4, 32)
+VIDEO_CLIP = {"num_frames": 30, "fps": 3.0}  # the paper's inference clips
 
 
 def benchmark(name: str, data_root: str, default_root: str, **task) -> ml_collections.ConfigDict:

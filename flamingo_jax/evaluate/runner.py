@@ -37,33 +37,38 @@ import numpy as np
 from flamingo_jax import model_dir
 from flamingo_jax.config import FlamingoConfig, from_config_dict, model_config
 from flamingo_jax.errors import ArgumentParser, ConfigError
-from flamingo_jax.evaluate import classification, datasets, prompts, rices
+from flamingo_jax.evaluate import classification, datasets, prompts, rices, video
 from flamingo_jax.evaluate.cider import cider_d
 from flamingo_jax.evaluate.decode import DEFAULT_BUCKETS, DecodeConfig, Generator, Placement
 from flamingo_jax.evaluate.features import FeatureCache, params_fingerprint
 from flamingo_jax.evaluate.predictions import PredictionLog, file_stem
 from flamingo_jax.evaluate.scoring import Scorer
 from flamingo_jax.evaluate.vqa import (ANSWER_POSTPROCESS, GT_NORMALISATIONS,
-                                       check_answer_postprocess, postprocess_answer,
-                                       vqa_accuracy)
+                                       check_answer_postprocess, normalize_answer,
+                                       postprocess_answer, vqa_accuracy)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("captioning", "vqa", "classification", "hateful_memes")
+KINDS = ("captioning", "vqa", "video_qa", "classification", "hateful_memes")
 FORMATS = {
-    "captioning": ("karpathy", "coco"),  # Karpathy split file; COCO captions_*.json
+    # Karpathy split file; COCO captions_*.json; VATEX's vatex_*_v1.0.json (videos)
+    "captioning": ("karpathy", "coco", "vatex"),
     "vqa": ("vqa", "textvqa", "vizwiz"),  # VQAv2 pair (also OK-VQA); the released files
+    "video_qa": ("msvd_qa", "msrvtt_qa"),  # the released {train,val,test}_qa.json
     "classification": ("list", "folder"),  # JSON list of {image, label}; class folders
     "hateful_memes": ("jsonl",),
 }
-METRICS = {"captioning": "CIDEr", "vqa": "VQA acc.", "classification": "top-1",
-           "hateful_memes": "ROC-AUC"}
-DEFAULT_MAX_NEW_TOKENS = {"captioning": 20, "vqa": 5}  # OpenFlamingo's (TextVQA: 10)
+METRICS = {"captioning": "CIDEr", "vqa": "VQA acc.", "video_qa": "top-1",
+           "classification": "top-1", "hateful_memes": "ROC-AUC"}
+# OpenFlamingo's (TextVQA: 10)
+DEFAULT_MAX_NEW_TOKENS = {"captioning": 20, "vqa": 5, "video_qa": 5}
+VIDEO_FORMATS = ("vatex", "msvd_qa", "msrvtt_qa")  # their examples are video clips
+QA_KINDS = ("vqa", "video_qa")  # open-ended answers (answer_postprocess applies)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 # Path-valued task keys, resolved against the task's data_root when relative.
 PATH_KEYS = ("train", "train_annotations", "test", "test_annotations", "image_root",
-             "train_image_root", "test_image_root", "class_names")
+             "train_image_root", "test_image_root", "class_names", "video_mapping")
 
 
 # ------------------------------------------------------------------------------ config
@@ -72,7 +77,7 @@ PATH_KEYS = ("train", "train_annotations", "test", "test_annotations", "image_ro
 @dataclasses.dataclass(frozen=True)
 class EvalTaskConfig:
   """One benchmark: where its files are, how it is prompted and scored."""
-  kind: str = "captioning"  # captioning | vqa | classification | hateful_memes
+  kind: str = "captioning"  # captioning | vqa | video_qa | classification | hateful_memes
   format: str = ""  # "" = the kind's first in FORMATS
   data_root: str = ""  # relative paths below are under it
   train: str = ""  # the support set (demonstrations): file or folder
@@ -81,11 +86,19 @@ class EvalTaskConfig:
   test_annotations: str = ""  # vqa format: required, the answers to score against
   train_splits: tuple[str, ...] = ("train", "restval")  # karpathy
   test_splits: tuple[str, ...] = ("test",)  # karpathy
-  image_root: str = ""  # prefix of image paths of both sets
+  image_root: str = ""  # prefix of image (video formats: video) paths of both sets
   train_image_root: str = ""  # overrides image_root for the support set
   test_image_root: str = ""  # overrides image_root for the evaluated set
   image_naming: str = "coco"  # vqa format: datasets.VQA_IMAGE_NAMING key or format string
   class_names: str = ""  # classification: .txt / JSON list of names in label order
+  # Video formats (vatex, msvd_qa, msrvtt_qa): each example is a clip of num_frames
+  # frames at fps from the start of its video (a file, or a folder of frames extracted
+  # at frames_fps; 0 = fps), through the resampler's temporal embeddings.
+  num_frames: int = 0
+  fps: float = 0.0
+  frames_fps: float = 0.0
+  video_ext: str = ""  # "" = the release's (.avi for MSVD, .mp4 for MSR-VTT and VATEX)
+  video_mapping: str = ""  # msvd_qa: youtube_mapping.txt (video_id N -> clip name)
   max_new_tokens: int = 0  # 0: 20 for captioning, 5 for VQA
   prompt_style: str = "flamingo"  # flamingo | open_flamingo (prompts.STYLES)
   # Overrides the style's template, e.g. "a {class_name}" (slots: the kind's fields,
@@ -162,9 +175,20 @@ def validate_task(t: EvalTaskConfig, prefix: str) -> EvalTaskConfig:
          f"must be shot counts >= 0, got {list(t.shots)}")
   _check(t.prompt_style in prompts.STYLES, f"config key '{prefix}.prompt_style' is "
          f"{t.prompt_style!r}; expected one of {list(prompts.STYLES)}")
+  if fmt in VIDEO_FORMATS:
+    _check(t.num_frames >= 1, f"config key '{prefix}.num_frames' must be >= 1 for the video "
+           f"format {fmt!r}, got {t.num_frames}")
+    _check(t.fps > 0 and t.frames_fps >= 0, f"config keys '{prefix}.fps' / "
+           f"'{prefix}.frames_fps' must be > 0 / >= 0, got {t.fps} / {t.frames_fps}")
+  else:
+    _check(t.num_frames == 0, f"config key '{prefix}.num_frames' is for the video formats "
+           f"{list(VIDEO_FORMATS)}; format {fmt!r} reads still images")
+  if fmt == "msvd_qa":
+    _check(bool(t.video_mapping), f"config key '{prefix}.video_mapping' is empty: MSVD-QA's "
+           "youtube_mapping.txt names each video_id's clip")
   if t.template:
     try:
-      prompts.custom_template(t.kind, t.template)
+      prompts.custom_template(template_kind(t.kind), t.template)
     except ValueError as e:
       raise ConfigError(f"config key '{prefix}.template': {e}") from None
   _check(t.vqa_demo_answer in ("most_common", "first"), f"config key "
@@ -185,6 +209,11 @@ def validate_task(t: EvalTaskConfig, prefix: str) -> EvalTaskConfig:
       max_new_tokens=t.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(t.kind, 0),
       train_image_root=t.train_image_root or t.image_root,
       test_image_root=t.test_image_root or t.image_root)
+
+
+def template_kind(kind: str) -> str:
+  """The prompt templates a task kind uses (video QA is prompted as VQA)."""
+  return "vqa" if kind == "video_qa" else kind
 
 
 def validate(c: EvalConfig) -> None:
@@ -291,6 +320,9 @@ def compose(model_section: Mapping, *, config: Optional[ml_collections.ConfigDic
   out.eval = eval_section
   if "mesh" not in out:
     out.mesh = ml_collections.ConfigDict()
+  if "distributed" not in out:  # as in training: --config.distributed.KEY=VALUE
+    from flamingo_jax.training.distributed import DistributedConfig
+    out.distributed = ml_collections.ConfigDict(dataclasses.asdict(DistributedConfig()))
   return apply_overrides(out, overrides, open_keys=("mesh",)), order
 
 
@@ -380,12 +412,24 @@ def _read_coco_captions(path: str, image_root: str) -> list:
 
 def load_task_data(t: EvalTaskConfig) -> tuple[list, list, tuple]:
   """-> (support examples, evaluated examples, class names or ())."""
+  if t.format == "vatex":
+    ext = t.video_ext or datasets.VIDEO_EXTENSIONS["vatex"]
+    return (datasets.read_vatex(t.train, t.train_image_root, ext),
+            datasets.read_vatex(t.test, t.test_image_root, ext), ())
   if t.kind == "captioning":
     if t.format == "karpathy":
       return (datasets.read_karpathy_captions(t.train, t.train_splits, t.train_image_root),
               datasets.read_karpathy_captions(t.test, t.test_splits, t.test_image_root), ())
     return (_read_coco_captions(t.train, t.train_image_root),
             _read_coco_captions(t.test, t.test_image_root), ())
+  if t.format == "msvd_qa":
+    ext = t.video_ext or datasets.VIDEO_EXTENSIONS["msvd_qa"]
+    return (datasets.read_msvd_qa(t.train, t.video_mapping, t.train_image_root, ext),
+            datasets.read_msvd_qa(t.test, t.video_mapping, t.test_image_root, ext), ())
+  if t.format == "msrvtt_qa":
+    ext = t.video_ext or datasets.VIDEO_EXTENSIONS["msrvtt_qa"]
+    return (datasets.read_msrvtt_qa(t.train, t.train_image_root, ext),
+            datasets.read_msrvtt_qa(t.test, t.test_image_root, ext), ())
   if t.kind == "vqa" and t.format == "textvqa":
     return (datasets.read_textvqa(t.train, t.train_image_root),
             datasets.read_textvqa(t.test, t.test_image_root), ())
@@ -440,8 +484,9 @@ class _Task:
       _check(not unanswered, f"eval task {name!r}: {len(unanswered)} evaluated questions of "
              f"{t.test} have no human answers (first: {unanswered[:3]}); VQA accuracy needs "
              "them (a test split without answers cannot be scored here)")
-    self.template = (prompts.custom_template(t.kind, t.template) if t.template else
-                     prompts.get_template(t.kind, t.prompt_style))  # templates are per kind
+    kind = template_kind(t.kind)
+    self.template = (prompts.custom_template(kind, t.template) if t.template else
+                     prompts.get_template(kind, t.prompt_style))  # templates are per kind
     self.query_set = prompts.random_query_set(
         len(self.support), min(ec.query_set_size, len(self.support)), ec.seed)
 
@@ -452,8 +497,20 @@ class _Task:
         len(self.support), min(self.ec.query_set_size, len(self.support)), seed)
 
   def image(self, path: str) -> np.ndarray:
-    return load_image(path, self.config.vision.image_size, tuple(self.ec.image_mean),
-                      tuple(self.ec.image_std))
+    """An example's pixels [T, H, W, 3]: a still image (T = 1) or a video clip."""
+    size, mean, std = self.config.vision.image_size, tuple(self.ec.image_mean), \
+        tuple(self.ec.image_std)
+    t = self.t
+    if t.num_frames:
+      return video.load_clip(path, size, t.num_frames, t.fps, t.frames_fps, mean, std)
+    return load_image(path, size, mean, std)
+
+  @property
+  def clip_key(self) -> str:
+    """What an example's features depend on beyond the file: "" for images, else the
+    clip (frames, rate, frame-folder rate); keys the feature caches."""
+    t = self.t
+    return f"clip|{t.num_frames}|{t.fps:g}|{t.frames_fps:g}" if t.num_frames else ""
 
   def shots(self, queries: np.ndarray, num_shots: int, use_rices: bool, rices_fn=None
             ) -> np.ndarray:
@@ -491,8 +548,8 @@ class _Task:
 class _Rices:
   """RICES on the cached vision features: the support pool's once per task."""
 
-  def __init__(self, features: FeatureCache, ec: EvalConfig):
-    self.features, self.ec = features, ec
+  def __init__(self, features, ec: EvalConfig):
+    self.features, self.ec = features, ec  # features: task -> its FeatureCache
     self._pools: dict = {}
 
   def __call__(self, task: _Task, queries: np.ndarray):
@@ -501,10 +558,10 @@ class _Rices:
       if self.ec.rices_pool and self.ec.rices_pool < len(pool):
         pool = np.sort(np.random.default_rng(self.ec.seed).permutation(len(pool))
                        [:self.ec.rices_pool])
-      self._pools[task.name] = (pool, self.features.pooled(
+      self._pools[task.name] = (pool, self.features(task).pooled(
           [task.support[i].image_path for i in pool]))
     pool, feats = self._pools[task.name]
-    return pool, feats, self.features.pooled([task.test[q].image_path for q in queries])
+    return pool, feats, self.features(task).pooled([task.test[q].image_path for q in queries])
 
 
 def _score_run(task: _Task, predictions: dict, option_scores: Optional[np.ndarray],
@@ -516,6 +573,10 @@ def _score_run(task: _Task, predictions: dict, option_scores: Optional[np.ndarra
     refs = {task.test[q].image_id: task.test[q].captions for q in queries}
     cands = {task.test[q].image_id: predictions[int(q)] for q in queries}
     return 100.0 * cider_d(refs, cands).corpus, {}
+  if kind == "video_qa":  # top-1: the one answer, both sides VQA-normalised
+    hits = [normalize_answer(predictions[int(q)]) == normalize_answer(task.test[q].answers[0])
+            for q in queries]
+    return 100.0 * float(np.mean(hits)), {}
   if kind == "vqa":
     exs = [task.test[q] for q in queries]
     res = vqa_accuracy({task.test[q].question_id: predictions[int(q)] for q in queries}, exs,
@@ -535,10 +596,10 @@ def _score_run(task: _Task, predictions: dict, option_scores: Optional[np.ndarra
 
 def decoding_text(kind: str, ec: EvalConfig, t: EvalTaskConfig, proto: Protocol) -> str:
   """How a task's predictions were made, in words (for results.md)."""
-  if kind in ("captioning", "vqa"):
+  if kind in ("captioning",) + QA_KINDS:
     how = (f"beam search ({proto.num_beams} beams, length penalty {ec.length_penalty:g})"
            if ec.decode_method == "beam" else "greedy")
-    post = f", answers post-processed '{t.answer_postprocess}'" if kind == "vqa" and \
+    post = f", answers post-processed '{t.answer_postprocess}'" if kind in QA_KINDS and \
         t.answer_postprocess != "none" else ""
     return f"{how}, at most {t.max_new_tokens} new tokens, stop at <EOC>{post}"
   ens = f", log-likelihoods averaged over {proto.ensemble} shot orders" \
@@ -559,17 +620,38 @@ class _Model:
     self.scorer = Scorer(config, option_chunk=ec.option_chunk, pad_token_id=info.pad_id,
                          **self.common)
     self._generators: dict = {}
-    self.features = None
-    if ec.feature_cache != "off":
+    self._out_dir = out_dir
+    self._caches: dict = {}  # task.clip_key -> FeatureCache (images share "")
+    self.features = self.features_for(None)  # the still images' cache (None when off)
+
+  def features_for(self, task: Optional["_Task"]) -> Optional[FeatureCache]:
+    """The feature cache of a task's examples: one for still images, one per clip
+    setting (frames, fps), each keyed by file, preprocessing and vision weights."""
+    ec, config, placement = self.ec, self.config, self.placement
+    if ec.feature_cache == "off":
+      return None
+    key = task.clip_key if task is not None else ""
+    if key not in self._caches:
       cache_dir = "" if ec.feature_cache == "memory" else (
-          ec.feature_cache or (os.path.join(out_dir, "features") if out_dir else ""))
+          ec.feature_cache or (os.path.join(self._out_dir, "features")
+                               if self._out_dir else ""))
       shardings = None
       if placement.mesh is not None:
         shardings = (placement.param_shardings, placement.data_sharding)
-      self.features = FeatureCache(
-          params, config, self._image, batch_size=ec.batch_size, cache_dir=cache_dir,
-          preprocess_key=f"{config.vision.image_size}|{ec.image_mean}|{ec.image_std}",
+      self._caches[key] = FeatureCache(
+          self.params, config, task.image if key else self._image, batch_size=ec.batch_size,
+          cache_dir=cache_dir,
+          preprocess_key=f"{config.vision.image_size}|{ec.image_mean}|{ec.image_std}"
+          + (f"|{key}" if key else ""),
           shardings=shardings, run=placement.run, fetch=placement.fetch)
+    return self._caches[key]
+
+  def feature_counts(self) -> Optional[dict]:
+    """{computed, loaded} over every cache (None when the cache is off)."""
+    if not self._caches:
+      return None
+    return {"computed": sum(c.computed for c in self._caches.values()),
+            "loaded": sum(c.loaded for c in self._caches.values())}
 
   def _image(self, path: str) -> np.ndarray:
     return load_image(path, self.config.vision.image_size, tuple(self.ec.image_mean),
@@ -586,16 +668,18 @@ class _Model:
       self._generators[key] = Generator(self.config, options, **self.common)
     return self._generators[key]
 
-  def visual(self, built: Sequence[prompts.Prompt]) -> dict:
-    """The prompts' images as the model takes them: cached features or pixels."""
-    if self.features is not None:
-      return {"visual_features": [np.stack(self.features.get(list(p.images))) for p in built]}
-    return {"images": [np.stack([self._image(path) for path in p.images]) for p in built]}
+  def visual(self, built: Sequence[prompts.Prompt], task: "_Task") -> dict:
+    """The prompts' images (or clips) as the model takes them: cached features
+    [N, T, S, C] or pixels [N, T, H, W, 3] per prompt."""
+    features = self.features_for(task)
+    if features is not None:
+      return {"visual_features": [np.stack(features.get(list(p.images))) for p in built]}
+    return {"images": [np.stack([task.image(path) for path in p.images]) for p in built]}
 
   def rices(self) -> _Rices:
     _check(self.features is not None, "RICES needs the vision features: eval.feature_cache "
            "must not be 'off'")
-    return _Rices(self.features, self.ec)
+    return _Rices(self.features_for, self.ec)
 
 
 def _option_ids(task: _Task, tokenizer) -> list[list[int]]:
@@ -615,7 +699,7 @@ def _run_batch(m: _Model, task: _Task, batch: np.ndarray, shot_idx: np.ndarray,
   built = [task.prompt(int(q), [shots[i] for i in order], num_shots)
            for q, shots in zip(batch, shot_idx) for order in orders]
   ids = [encode_prompt(p.text, m.tokenizer) for p in built]
-  visual = m.visual(built)
+  visual = m.visual(built, task)
   rows = [{"index": int(q), "id": task.example_id(int(q)),
            "shots": [int(s) for s in shots], **task.references(int(q))}
           for q, shots in zip(batch, shot_idx)]
@@ -624,7 +708,7 @@ def _run_batch(m: _Model, task: _Task, batch: np.ndarray, shot_idx: np.ndarray,
     for row, out in zip(rows, outs):
       text = m.tokenizer.decode(out)
       answer = prompts.postprocess_generation(text, task.template)
-      if t.kind == "vqa":
+      if t.kind in QA_KINDS:
         answer = postprocess_answer(answer, t.answer_postprocess).strip()
       row.update(prediction=answer, generated=text)
     return rows
@@ -696,7 +780,7 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
          f"({ec.batch_size}) must be a multiple of the mesh's data-parallel size "
          f"({placement.batch_shards})")
   for name in tasks:
-    if ec.tasks[name].kind == "vqa":
+    if ec.tasks[name].kind in QA_KINDS:
       check_answer_postprocess(ec.tasks[name].answer_postprocess)
   m = _Model(config, ec, params, tokenizer, placement, out_dir)
   model_id = (f"{model_id}|{params_fingerprint(params)}|"
@@ -763,8 +847,7 @@ def evaluate(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
             "num_samples": num_samples, "rices": use_rices, "seed": ec.seed,
             "decode": {"method": ec.decode_method, "num_beams": ec.num_beams,
                        "length_penalty": ec.length_penalty},
-            "features": {"computed": m.features.computed, "loaded": m.features.loaded}
-            if m.features is not None else None, **(metadata or {})}
+            "features": m.feature_counts(), **(metadata or {})}
   if out_dir and jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -930,6 +1013,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        overrides=list(overrides) + mesh_overrides)
   config = model_config(cfg)
   ec = eval_config(cfg)
+  from flamingo_jax.training import distributed
+  # Several processes (hosts): before anything touches a device, as the trainer does.
+  distributed.initialize(distributed.distributed_config(cfg.get("distributed")))
   tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] or order
   unknown = [t for t in tasks if t not in ec.tasks]
   _check(not unknown, f"unknown eval task(s) {unknown}; the eval configs define "
