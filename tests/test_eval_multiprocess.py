@@ -10,9 +10,8 @@ import tempfile
 
 import pytest
 
-from flamingo_jax import model_dir
 from flamingo_jax.evaluate import runner
-from test_eval_video import make_msrvtt_qa
+from test_eval_video import export_tiny_model, make_msrvtt_qa
 from test_evaluate_cli import CAPTIONS, QUESTIONS, make_vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,24 +32,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  from flamingo_jax.config import load_config, model_config
-  from flamingo_jax.data.train_tokenizer import train_tokenizer
   root = tmp_path_factory.mktemp("eval_mp")
   data = root / "data"
   make_vqa(str(data / "vqav2"), "v2_OpenEnded_mscoco_{}_questions.json",
            "v2_mscoco_{}_annotations.json")
   make_msrvtt_qa(str(data / "msrvtt_qa"))
-  corpus = root / "corpus.txt"
-  corpus.write_text("\n".join([f"Output: {c}" for c in CAPTIONS] +
-                              [f"Question: {q} Answer: {a}" for q, a in QUESTIONS]) * 3)
-  tok = train_tokenizer([str(corpus)], 96, str(root / "tokenizer"), model_type="bpe")
-  tiny = load_config(os.path.join(REPO, "configs", "tiny.py"))
-  tiny.model.image_token_id = tok.info.image_token_id
-  tiny.model.eoc_token_id = tok.info.eoc_token_id
-  config = model_config(tiny)
-  directory = model_dir.export_model_dir(str(root / "model"), config,
-                                         runner.init_params(config, seed=5),
-                                         str(root / "tokenizer" / "tokenizer.model"))
+  directory, _ = export_tiny_model(root, CAPTIONS, QUESTIONS, seed=5)
   evals = [a for t in TASKS for a in ("--eval", f"{EVAL}/{t}.py:{data / t}")]
   return dict(model=directory, evals=evals)
 

@@ -3,8 +3,9 @@
 Each reader returns a list of frozen records and fails with a ValueError that
 names the file, the entry and the missing or malformed field, so a wrong path
 or a half-converted file stops before any model runs. Records know their
-prompt fields (`prompt_fields()`, for `prompts.build_prompt`). Images are
-returned as paths; nothing here opens them. Layouts: docs/evaluation.md.
+prompt fields (`prompt_fields()`, for `prompts.build_prompt`). Images (and
+the videos of VATEX, MSVD-QA, MSRVTT-QA, in `image_path`) are returned as
+paths; nothing here opens them. Layouts: docs/evaluation.md.
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ section instead. For each task, trial and shot count: read the local files,
 pick the demonstrations (random from the fixed 2048-example query set, or RICES
 on the cached vision features), build the prompts, then decode (beam 3 to
 `<EOC>`) and score with CIDEr / VQA accuracy, or rank the options by mean
-log-likelihood per token and report top-1 / ROC-AUC. Vision features of each
-image are computed once per run and cached on disk; predictions are appended
+log-likelihood per token and report top-1 / ROC-AUC. Video benchmarks feed
+each clip [T, H, W, 3] (evaluate/video.py) as one image slot. Vision features of
+each image or clip are computed once per run and cached on disk; predictions are appended
 per batch, so a rerun continues. Writes results.json, results_open_flamingo.json,
 results.md and predictions/. docs/evaluation.md describes all of it.
 """
