@@ -1,13 +1,16 @@
 """The training loop every trainer runs, and the host-side pieces around it.
 
   workdir = prepare_workdir(path, config)        # config.json, version.txt (process 0)
-  handler = StepHandler(...)                     # counters, logs, metrics, one step behind
+  handler = StepHandler(...)                     # counters, logs, metrics at log steps
   state, step, stopped = run_loop(state, ...)    # SIGTERM -> checkpoint -> exit
 
-The device runs step k+1 while the host handles step k's metrics
-(`jax.device_get` would otherwise stall the pipeline), so the handler sees
-every step one step late and the loop flushes it before checkpoints are
-reported and before it returns. Paths go through etils.epath so `gs://`
+Metrics leave the devices only at log steps: the handler keeps each step's
+metrics as device arrays and, once a log step is done, fetches the whole
+window in one `jax.device_get` while the device already runs the next step
+(nothing syncs in between), then handles every step of it in order (history,
+on_step, non-finite warnings and stop, the log line). The loop also flushes
+before a checkpoint (so what was handled matches what was saved), when
+after_step asks, and before it returns. Paths go through etils.epath so `gs://`
 workdirs work as local ones do.
 """
 from __future__ import annotations
@@ -191,6 +194,14 @@ class StopSignal:
 class StepHandler:
   """Counters, the non-finite stop, logs and metrics of each finished step.
 
+  add(step, metrics, info) keeps a step's metrics on the devices; flush()
+  fetches every kept step in one transfer and handles them in order; due()
+  says whether the newest kept step is a log step (the loop then flushes once
+  the next step is dispatched). Calling the handler is add + flush.
+  A run of max_consecutive_nonfinite skipped updates is therefore noticed at
+  the next flush (a log step, a checkpoint, the end): the parameters are
+  still those of the last finite update, and the error names the step.
+
   throughput(info, seconds_per_step) -> extra scalars at the log cadence
   (tokens/s, MFU); suffix(metrics) -> text appended to the progress line;
   data_stats() -> the pipeline's bad-data counters, logged at the same cadence.
@@ -208,10 +219,34 @@ class StepHandler:
     self.throughput, self.suffix, self.data_stats = throughput, suffix, data_stats
     self.history: list[dict] = []
     self.is_main = jax.process_index() == 0
+    self._pending: list[tuple[int, Mapping, Any]] = []
     self._time, self._step, self._cpu = time.perf_counter(), start_step, time.process_time()
 
+  def is_log_step(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.total_steps
+
+  def add(self, done_step: int, metrics: Mapping, info: Any = None) -> None:
+    """Keeps step done_step's metrics (device arrays: nothing is transferred)."""
+    self._pending.append((done_step, metrics, info))
+
+  def due(self) -> bool:
+    return bool(self._pending) and self.is_log_step(self._pending[-1][0])
+
+  def flush(self) -> None:
+    """The kept steps' metrics to the host in one transfer, each step handled in order."""
+    if not self._pending:
+      return
+    pending, self._pending = self._pending, []
+    values = jax.device_get([m for _, m, _ in pending])
+    for (done_step, _, info), metrics in zip(pending, values):
+      self._handle(done_step, metrics, info)
+
   def __call__(self, done_step: int, metrics: Mapping, info: Any = None) -> None:
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.add(done_step, metrics, info)
+    self.flush()
+
+  def _handle(self, done_step: int, metrics: Mapping, info: Any) -> None:
+    metrics = {k: float(v) for k, v in metrics.items()}
     self.history.append(metrics)
     metrics["step"] = done_step
     if self.on_step is not None:  # progress bars (the demo), per-step logs
@@ -227,7 +262,7 @@ class StepHandler:
       log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)",
                   done_step, int(metrics["nonfinite_consecutive"]),
                   int(metrics["nonfinite_total"]))
-    if done_step % self.log_every and done_step != self.total_steps:
+    if not self.is_log_step(done_step):
       return
     now, cpu = time.perf_counter(), time.process_time()
     steps = max(done_step - self._step, 1)
@@ -260,35 +295,32 @@ def run_loop(state: Any, *, step: int, total_steps: int,
 
   Checkpoints (with the data-iterator states) when due, at the end, at
   `stop_at` and on SIGTERM/SIGINT; after_step(step, state, flush) runs after
-  each step (evaluation; flush() hands the pending metrics to the handler
-  first). Returns (state, step, 'done' | 'stop_at' | 'signal').
+  each step (evaluation; flush() hands the kept metrics to the handler
+  first). Metrics reach the handler at log steps, one step late (see
+  StepHandler). Returns (state, step, 'done' | 'stop_at' | 'signal').
   """
-  pending, stopped = None, "done"
+  stopped = "done"
   saved = set(checkpointer.all_steps()) if checkpointer is not None else set()
-
-  def flush():
-    nonlocal pending
-    if pending is not None:
-      done, pending = pending, None
-      handler(*done)
 
   with StopSignal() as stop:
     while step < total_steps:
       state, metrics, info = train_step(state, step)
       step += 1
-      flush()
-      pending = (step, metrics, info)
+      if handler.due():  # the previous step was a log step; this one is in flight
+        handler.flush()
+      handler.add(step, metrics, info)
       halt = step == stop_at or stop.agreed()
       if checkpointer is not None and step not in saved and (
           checkpointer.due(step) or halt or step == total_steps):
+        handler.flush()  # what was handled (history, non-finite stop) is what is saved
         checkpointer.save(step, state, data_states())
         saved.add(step)
       if after_step is not None:
-        after_step(step, state, flush)
+        after_step(step, state, handler.flush)
       if halt:
         stopped = "signal" if stop.received is not None else "stop_at"
         break
-    flush()
+    handler.flush()
   if stopped == "signal":
     log.warning("stopped by a signal at step %d; checkpoint saved, resume with the same "
                 "command", step)
