@@ -639,9 +639,13 @@ class _Model:
       shardings = None
       if placement.mesh is not None:
         shardings = (placement.param_shardings, placement.data_sharding)
+      extra = {}
+      if key:  # a clip's features are T images': keep about as many bytes in memory,
+        # but at least one batch of 32-shot prompts' clips
+        extra["memory_items"] = max(4096 // task.t.num_frames, 33 * ec.batch_size)
       self._caches[key] = FeatureCache(
           self.params, config, task.image if key else self._image, batch_size=ec.batch_size,
-          cache_dir=cache_dir,
+          cache_dir=cache_dir, **extra,
           preprocess_key=f"{config.vision.image_size}|{ec.image_mean}|{ec.image_std}"
           + (f"|{key}" if key else ""),
           shardings=shardings, run=placement.run, fetch=placement.fetch)
@@ -748,6 +752,8 @@ def _fingerprint(task: _Task, ec: EvalConfig, proto: Protocol, num_shots: int, s
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   """Mean and population standard deviation, as OpenFlamingo reports trials."""
   arr = np.asarray(values, np.float64)
+  if np.isnan(arr).all():  # processes other than 0 do not score (no empty-slice warnings)
+    return float("nan"), float("nan")
   return float(np.nanmean(arr)), float(np.nanstd(arr))
 
 
