@@ -59,7 +59,7 @@ def read_frames(path: str, num_frames: int, fps: float, frames_fps: float = 0.0,
     raise DataError(f"video {path!r}: {e}") from None
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # 30 frames at 224 px: 18 MB a clip
 def load_clip(path: str, size: int, num_frames: int, fps: float, frames_fps: float,
               mean: tuple, std: tuple) -> np.ndarray:
   """A clip -> float32 [num_frames, size, size, 3], preprocessed as evaluation images
