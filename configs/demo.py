@@ -131,7 +131,9 @@ def get_config(workdir="demo_workdir"):
       image=dict(size=IMAGE_SIZE, flip=False, colour_jitter=0.0),
       seed=0, worker_count=0, read_threads=2,
       datasets=dict(
-          interleaved=dataset("interleaved", "interleaved", seq_len=96, max_images=3,
+          # 160 tokens and 9 images: a whole 8-picture gallery (an 8-shot prompt
+          # and its query is ~135 tokens) fits one training window.
+          interleaved=dataset("interleaved", "interleaved", seq_len=160, max_images=9,
                               p_next=0.5, batch_size=4, weight=1.0),
           pairs=dataset("pairs", "pairs", seq_len=32, batch_size=16, weight=1.0),
           vqa=dataset("pairs", "vqa", seq_len=32, batch_size=8, weight=0.5),

@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 STAGES = ("data", "lm", "vision", "flamingo", "eval", "report")
 RESULT = "result.json"  # a stage's marker, written last
 
@@ -50,7 +52,7 @@ class Scale:
   """How much each stage does. `demo` is what `make demo` runs (~15 min on
   2 CPU cores); `smoke` runs every stage in about two minutes (tests)."""
   pairs: tuple[int, int] = (2000, 200)
-  documents: tuple[int, int] = (400, 50)
+  documents: tuple[int, int] = (1600, 100)
   videos: tuple[int, int] = (300, 50)
   corpus_lines: int = 20_000
   samples_per_shard: int = 1000  # >= 2 pair shards: contrastive "ALIGN" and "LTIP"
@@ -63,7 +65,7 @@ class Scale:
 
 SCALES = {
     "demo": Scale(),
-    "smoke": Scale(pairs=(96, 24), documents=(24, 8), videos=(8, 4), corpus_lines=2000,
+    "smoke": Scale(pairs=(96, 24), documents=(48, 8), videos=(8, 4), corpus_lines=2000,
                    samples_per_shard=48, lm_steps=8, vision_steps=4, flamingo_steps=6, eval_samples=4,
                    shots=(0, 2)),
 }
@@ -180,12 +182,19 @@ def train_devices(config) -> list:
   return jax.devices()[:n]
 
 
+def seed_overrides(seed: int) -> list[str]:
+  """What a demo seed changes in the Flamingo stage: its initialisation and data order
+  (train.seed, data.seed); run_eval's seed picks the held-out examples and the
+  demonstrations (eval.seed). The data, LM and vision stages are shared by every seed."""
+  return [f"train.seed={seed}", f"data.seed={seed}"] if seed else []
+
+
 def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
-                 overrides: Sequence[str] = ()) -> dict:
+                 overrides: Sequence[str] = (), seed: int = 0) -> dict:
   from flamingo_jax import train
   config = demo_config(paths["root"], [
       f"train.total_steps={scale.flamingo_steps}", "train.log_every=10",
-      f"train.export_dir='{paths['model']}'", *overrides], config_path)
+      f"train.export_dir='{paths['model']}'", *seed_overrides(seed), *overrides], config_path)
   bar = Bar("flamingo training", scale.flamingo_steps)
   t0 = time.perf_counter()
   try:
@@ -209,13 +218,15 @@ EVAL_LABELS = {"flamingo": "trained model: ",
 
 
 def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
-             baselines: bool = True) -> dict:
-  """Evaluates the exported model (and, with baselines, gates-zero and chance)."""
+             baselines: bool = True, names: bool = False, seed: int = 0) -> dict:
+  """Evaluates the exported model (and, with baselines, gates-zero and chance); with
+  names, also the name-binding task (evaluate/names.py) under the key "names"."""
   from flamingo_jax.evaluate import baselines as baselines_lib
+  from flamingo_jax.evaluate import names as names_lib
   from flamingo_jax.evaluate import runner
   from flamingo_jax.generate import load_model_dir
   model = load_model_dir(model_dir or paths["model"])
-  config = demo_config(paths["root"])
+  config = demo_config(paths["root"], [f"eval.seed={seed}"] if seed else [])
   ec = runner.eval_config(config)
   tasks = list(ec.tasks)
   out_dir = out_dir or paths["eval"]
@@ -233,6 +244,13 @@ def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
   metrics = {t: runner.METRICS[ec.tasks[t].kind] for t in tasks}
   out = {"results": results, "metrics": metrics, "shots": list(scale.shots),
          "num_examples": scale.eval_samples}
+  if names:
+    named = {name: names_lib.evaluate_names(
+        model.config, ec, params, model.tokenizer, classes_task="classes",
+        shots=scale.shots, num_samples=scale.eval_samples, label=EVAL_LABELS[name])
+        for name, params in runs.items()}
+    out["names"] = {"metric": names_lib.METRIC, "chance": names_lib.CHANCE,
+                    "results": {name: r["shots"] for name, r in named.items()}}
   if baselines:
     out["chance"] = {t: r["score"] for t, r in baselines_lib.chance(
         model.config, ec, tasks, scale.eval_samples).items()}
@@ -242,8 +260,30 @@ def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
 # ------------------------------------------------------------------------------ report
 
 
+def with_names(ev: dict) -> dict:
+  """The eval result with the name-binding task as a fourth task (report, plots);
+  kept apart in run_eval's result so the ablations' tables keep their three tasks."""
+  if "names" not in ev:
+    return ev
+  n = ev["names"]
+  out = dict(ev, metrics={**ev["metrics"], "names": n["metric"]},
+             results={m: {**r, "names": n["results"][m]} for m, r in ev["results"].items()})
+  if "chance" in ev:
+    out["chance"] = {**ev["chance"], "names": n["chance"]}
+  return out
+
+
+NAMES_TEXT = (
+    "`names` is the name-binding task (`flamingo_jax/evaluate/names.py`): every prompt "
+    "names the three shape kinds with fresh made-up words shown only in its shots "
+    "(`<image>This is a blicket<EOC>`), the query is a held-out one-shape picture and the "
+    "prompt's three names are the options (top-1 by option scoring); chance is 33.3%, "
+    "and so is the best the LM alone can do.")
+
+
 def results_table(ev: dict) -> str:
   """Rows task x model, columns shots (scores in percent; CIDEr x 100)."""
+  ev = with_names(ev)
   shots = ev["shots"]
   lines = ["| task | metric | model | " + " | ".join(f"{s}-shot" for s in shots) + " |",
            "|---|---|---|" + "---:|" * len(shots)]
@@ -275,6 +315,7 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  ev = with_names(ev)
   rows = _metrics_rows(os.path.join(paths["flamingo"], "metrics.jsonl"))
   out = []
   steps = [r["step"] for r in rows]
@@ -284,7 +325,7 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
   ax.set(xlabel="step", ylabel="token NLL", title="Flamingo training loss per dataset")
   ax.legend()
   fig.tight_layout()
-  out.append(os.path.join(paths["root"], "loss.png"))
+  out.append(os.path.join(paths["out"], "loss.png"))
   fig.savefig(out[-1], dpi=100)
   plt.close(fig)
 
@@ -299,7 +340,7 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
     ax.legend()
   axes[0].set_ylabel("|tanh(alpha)|")
   fig.tight_layout()
-  out.append(os.path.join(paths["root"], "gates.png"))
+  out.append(os.path.join(paths["out"], "gates.png"))
   fig.savefig(out[-1], dpi=100)
   plt.close(fig)
 
@@ -313,7 +354,7 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
     ax.set(xlabel="shots", ylabel=ev["metrics"][task], title=task, xticks=ev["shots"])
     ax.legend()
   fig.tight_layout()
-  out.append(os.path.join(paths["root"], "shots.png"))
+  out.append(os.path.join(paths["out"], "shots.png"))
   fig.savefig(out[-1], dpi=100)
   plt.close(fig)
   return out
@@ -321,6 +362,7 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
 
 def margins(ev: dict) -> dict:
   """Per task: the trained model's best-shot score minus each baseline's best."""
+  ev = with_names(ev)
   out = {}
   for task in ev["metrics"]:
     best = max(ev["results"]["flamingo"][task].values())
@@ -333,11 +375,42 @@ def margins(ev: dict) -> dict:
   return out
 
 
-def write_report(paths: dict, results: dict, seconds: dict) -> str:
+def seeds_table(evs: dict) -> str:
+  """Mean and [min, max] over seeds of every task x shots, for the trained model and
+  gates-zero (evs: {seed: eval result})."""
+  views = [with_names(ev) for ev in evs.values()]
+  first = views[0]
+  shots = first["shots"]
+  lines = [f"Mean and [min, max] over {len(views)} seeds ({', '.join(map(str, evs))}).", "",
+           "| task | metric | model | " + " | ".join(f"{n}-shot" for n in shots) + " |",
+           "|---|---|---|" + "---:|" * len(shots)]
+  for task, metric in first["metrics"].items():
+    for name in first["results"]:
+      cells = []
+      for n in shots:
+        v = np.array([ev["results"][name][task][str(n)] for ev in views])
+        cells.append(f"{v.mean():.1f} [{v.min():.1f}, {v.max():.1f}]")
+      lines.append(f"| {task} | {metric} | {name} | " + " | ".join(cells) + " |")
+    if "chance" in first:
+      v = np.array([ev["chance"][task] for ev in views])
+      lines.append(f"| {task} | {metric} | chance | " +
+                   " | ".join(f"{v.mean():.1f}" for _ in shots) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(paths: dict, results: dict, seconds: dict,
+                 seeds: Optional[dict] = None) -> str:
+  """report.md (and the plots) under paths["out"]; seeds: {seed: (eval result,
+  {stage: seconds})} of every seed run (the first is `results`'), for the spread
+  table and the total time."""
   ev = results["eval"]
   plots = write_plots(paths, ev)
   lm, vision, fl = results["lm"], results["vision"], results["flamingo"]
   total = sum(seconds.get(stage, 0.0) for stage in STAGES)
+  many = bool(seeds) and len(seeds) > 1
+  if many:
+    total = sum(seconds.get(stage, 0.0) for stage in ("data", "lm", "vision")) + sum(
+        t.get(stage, 0.0) for _, t in seeds.values() for stage in ("flamingo", "eval"))
   lines = [
       "# flamingo_jax demo report", "",
       "The Flamingo recipe in miniature on the synthetic shapes world "
@@ -345,7 +418,8 @@ def write_report(paths: dict, results: dict, seconds: dict) -> str:
       "## Results on the held-out split", "",
       f"{ev['num_examples']} evaluated examples per task; demonstrations drawn at random "
       "from the training split; greedy decoding. `gates_zero` is the trained model with "
-      "every tanh gate set to 0 (its frozen LM alone); `chance` ignores the image.", "",
+      "every tanh gate set to 0 (its frozen LM alone); `chance` ignores the image. "
+      + NAMES_TEXT, "",
       results_table(ev),
       "| task | best trained score | over gates-zero | over chance |",
       "|---|---:|---:|---:|"]
@@ -369,16 +443,28 @@ def write_report(paths: dict, results: dict, seconds: dict) -> str:
       f"| flamingo | {fl['steps']} steps, final losses "
       + ", ".join(f"{k} {v:.2f}" for k, v in sorted(fl["final_losses"].items()))
       + f" | {seconds.get('flamingo', 0):.0f} |",
-      f"| eval | 3 tasks x {len(ev['shots'])} shot counts x 2 models | "
-      f"{seconds.get('eval', 0):.0f} |",
+      f"| eval | {len(with_names(ev)['metrics'])} tasks x {len(ev['shots'])} shot counts x "
+      f"2 models | {seconds.get('eval', 0):.0f} |"]
+  if many:
+    lines.append(f"| other seeds | Flamingo stage + eval of seeds "
+                 f"{', '.join(str(k) for k in list(seeds)[1:])} | "
+                 f"{total - sum(seconds.get(stage, 0.0) for stage in STAGES):.0f} |")
+  lines += [
       f"| total | wall time of the stages above, end to end | {total:.0f} |", "",
       f"Total wall time: {total / 60:.1f} min ({total:.0f} s; a resumed run adds up the "
-      "stages each run did).", "",
-      "## Plots", ""]
+      "stages each run did).", ""]
+  if many:
+    lines += ["## Seeds", "",
+              "Each seed reruns the Flamingo stage (its initialisation and data order: "
+              "train.seed, data.seed) and the evaluation (its held-out examples and "
+              "demonstrations: eval.seed) on the shared data, LM and vision stages; the "
+              f"tables above are seed {next(iter(seeds))}'s.", "",
+              seeds_table({k: e for k, (e, _) in seeds.items()})]
+  lines += ["## Plots", ""]
   lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
   lines += ["", "Model directory: `model/` (`python -m flamingo_jax.generate --checkpoint "
             f"{paths['model']} --image IMAGE.png --prompt '<image>'`)."]
-  path = os.path.join(paths["root"], "report.md")
+  path = os.path.join(paths["out"], "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   return path
@@ -387,15 +473,32 @@ def write_report(paths: dict, results: dict, seconds: dict) -> str:
 # ------------------------------------------------------------------------------ main
 
 
-def run(workdir: str, scale: Scale, force: Sequence[str] = (),
-        stages: Sequence[str] = STAGES) -> dict:
-  """Runs the stages in order, skipping those whose result.json exists."""
+SEEDED = ("flamingo", "eval", "model")  # the per-seed directories
+
+
+def demo_paths(workdir: str, seed: int = 0) -> dict:
+  """configs/demo.py's paths; seed s > 0 keeps its Flamingo stage, model, evaluation and
+  report under WORKDIR/seed_s/ (seed 0's are the plain `make demo` ones)."""
   paths = _configs_demo().paths(workdir)
-  os.makedirs(paths["root"], exist_ok=True)
+  paths["out"] = paths["root"]
+  if seed:
+    paths["out"] = os.path.join(paths["root"], f"seed_{seed}")
+    paths.update({k: os.path.join(paths["out"], k) for k in SEEDED})
+  return paths
+
+
+def run(workdir: str, scale: Scale, force: Sequence[str] = (),
+        stages: Sequence[str] = STAGES, seed: int = 0, seeds: Optional[dict] = None) -> dict:
+  """Runs the stages in order, skipping those whose result.json exists; `seed` is the
+  Flamingo stage's and the evaluation's (`seed_overrides`), `seeds` what `write_report`
+  takes."""
+  paths = demo_paths(workdir, seed)
+  os.makedirs(paths["out"], exist_ok=True)
   runners: dict[str, Callable[[], dict]] = {
       "data": lambda: run_data(paths, scale), "lm": lambda: run_lm(paths, scale),
-      "vision": lambda: run_vision(paths, scale), "flamingo": lambda: run_flamingo(paths, scale),
-      "eval": lambda: run_eval(paths, scale)}
+      "vision": lambda: run_vision(paths, scale),
+      "flamingo": lambda: run_flamingo(paths, scale, seed=seed),
+      "eval": lambda: run_eval(paths, scale, names=True, seed=seed)}
   results, seconds = {}, {}
   scale_file = os.path.join(paths["root"], "scale.json")
   want = json.loads(json.dumps(dataclasses.asdict(scale)))
@@ -415,7 +518,7 @@ def run(workdir: str, scale: Scale, force: Sequence[str] = (),
       missing = [s for s in STAGES[:-1] if s not in results]
       if missing:
         raise ValueError(f"the report needs the results of stages {missing}: run them first")
-      path = write_report(paths, results, seconds)
+      path = write_report(paths, results, seconds, seeds)
       results["report"] = {"path": path}
       continue
     marker = os.path.join(paths[stage], RESULT)
@@ -439,6 +542,27 @@ def run(workdir: str, scale: Scale, force: Sequence[str] = (),
   return results
 
 
+def run_seeds(workdir: str, scale: Scale, seeds: Sequence[int], force: Sequence[str] = ()
+              ) -> dict:
+  """The demo once per seed, the data, LM and vision stages shared (made by the first
+  seed's run); the first seed's report.md gets the mean and spread over all of them.
+  Returns {seed: that seed's results}."""
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise UserError(f"--seeds must be distinct integers >= 0, got {list(seeds)}")
+  redo = any(s in force for s in ("data", "lm", "vision", "flamingo"))
+  later = ["flamingo"] if redo else [s for s in force if s in ("eval", "report")]
+  out: dict = {}
+  for i, seed in enumerate(seeds):
+    log.info("seed %d (%d of %d)", seed, i + 1, len(seeds))
+    out[seed] = run(workdir, scale, force if i == 0 else later,
+                    stages=[s for s in STAGES if s != "report"], seed=seed)
+  runs = {seed: (r["eval"], {k: r[k].get("_seconds", 0.0) for k in ("flamingo", "eval")})
+          for seed, r in out.items()}
+  first = seeds[0]
+  out[first] = run(workdir, scale, stages=("report",), seed=first, seeds=runs)
+  return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   p = argparse.ArgumentParser(prog="python -m flamingo_jax.demo",
                               description=__doc__.split("\n\n")[0])
@@ -447,6 +571,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--force", default="", help="comma-separated stages to redo (and all "
                  f"later ones); stages: {','.join(STAGES)}")
   p.add_argument("--stages", default=",".join(STAGES), help="run only these stages")
+  p.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2: the "
+                 "Flamingo stage and the evaluation once per seed (seed s > 0 under "
+                 "WORKDIR/seed_s), the data, LM and vision stages shared; report.md gets "
+                 "the mean and [min, max] over the seeds")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                       stream=sys.stderr)
@@ -458,8 +586,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   bad = [s for s in force + stages if s not in STAGES]
   if bad:
     raise UserError(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
+  # Compiled steps persist under the workdir: every seed, rerun and --force reuses them
+  # (compiling is a large part of a stage's time on 2 CPU cores).
+  import jax
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(os.path.abspath(a.workdir), "jax_cache"))
   t0 = time.perf_counter()
-  results = run(a.workdir, SCALES[a.scale], force, stages)
+  if a.seeds:
+    try:
+      seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+      raise UserError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    if a.stages != ",".join(STAGES):
+      raise UserError("--seeds runs every stage; leave out --stages")
+    runs = run_seeds(a.workdir, SCALES[a.scale], seeds, force)
+    results = runs[seeds[0]]
+    if len(seeds) > 1:
+      print(seeds_table({s: r["eval"] for s, r in runs.items()}))
+  else:
+    results = run(a.workdir, SCALES[a.scale], force, stages)
   if "eval" in results:
     print(results_table(results["eval"]))
     for task, m in margins(results["eval"]).items():

@@ -5,7 +5,9 @@ one per horizontal third (left, middle, right). Everything a tiny Flamingo
 can learn from is derived from a scene: a caption ("a red circle on the
 left and a blue square on the right"), questions with one-word answers
 (count, colour, position, shape), a class label for one-shape scenes, and
-short videos of one shape moving ("a blue square moves right"). All
+short videos of one shape moving ("a blue square moves right"), and
+interleaved documents of several pictures (`document`), among them
+documents that name shapes with made-up words (`NAMES`). All
 randomness comes from the generator passed in.
 """
 from __future__ import annotations
@@ -138,29 +140,91 @@ def render_motion(kind: str, colour: str, direction: str, size: int, num_frames:
   return frames
 
 
-def document(rng: np.random.Generator, max_images: int = 4
+# Made-up names ("a blicket") for the in-context naming documents and the demo's
+# name-binding task: which name means which shape changes from document to document
+# (and from prompt to prompt), so only the earlier pictures can tell.
+NAMES = ("blicket", "dax", "wug", "toma", "fep", "zorp", "kiki", "bouba", "mipo", "gazzer",
+         "tufa", "lorp", "quib", "rask", "snerg", "vop", "yeb", "zib", "plim", "norb")
+DOCUMENT_KINDS = ("story", "gallery", "quiz", "names")
+
+
+def naming_text(name: str) -> str:
+  """A naming document's text after a picture (and the name-binding task's template)."""
+  return f"This is a {name}"
+
+
+def name_binding(rng: np.random.Generator, k: int = len(SHAPES)) -> dict[str, str]:
+  """A fresh assignment of k distinct made-up names to the shape kinds."""
+  picks = rng.choice(len(NAMES), size=k, replace=False)
+  return {kind: NAMES[int(i)] for kind, i in zip(SHAPES, picks)}
+
+
+def single_shape_scene(rng: np.random.Generator, kind: str) -> Scene:
+  """One shape of the given kind, random colour, in a random third."""
+  u = rng.random(5).tolist()
+  p = int(u[0] * len(POSITIONS))
+  return (Shape(kind=kind, colour=list(COLOURS)[int(u[1] * len(COLOURS))],
+                position=POSITIONS[p], x=(p + 0.5) / 3 + 0.08 * (u[2] - 0.5),
+                y=0.3 + 0.4 * u[3], radius=0.09 + 0.05 * u[4]),)
+
+
+def document(rng: np.random.Generator, max_images: int = 4, kind: str = ""
              ) -> tuple[list[str | None], list[Scene | None]]:
-  """An interleaved document: parallel lists (OBELICS layout) of texts and scenes."""
+  """An interleaved document: parallel lists (OBELICS layout) of texts and scenes.
+
+  Four kinds, as on web pages (`kind` "" draws one uniformly):
+    story    "Picture two shows ...", "This one has three shapes: ...", a total
+    gallery  every picture followed by its own caption (alt text): several
+             images, each text about the image just before it, every caption
+             different (the pattern of a few-shot captioning prompt)
+    quiz     every picture followed by a question about it and its answer
+    names    single shapes named with made-up words ("This is a blicket"), the
+             names assigned to the shape kinds afresh per document: a repeated
+             kind's name can be read only from the earlier pictures
+  2..max_images pictures; text always follows its picture.
+  """
+  kind = kind or DOCUMENT_KINDS[int(rng.integers(len(DOCUMENT_KINDS)))]
+  if kind not in DOCUMENT_KINDS:
+    raise ValueError(f"document kind must be one of {DOCUMENT_KINDS}, got {kind!r}")
   n = int(rng.integers(2, max_images + 1))
   texts: list[str | None] = []
   scenes: list[Scene | None] = []
+
+  def picture(scene: Scene, text: str) -> None:
+    scenes.extend([scene, None])
+    texts.extend([None, text])
+
+  if kind == "gallery":
+    for _ in range(n):
+      scene = sample_scene(rng)
+      picture(scene, caption(scene))
+    return texts, scenes
+  if kind == "quiz":
+    for _ in range(n):
+      scene = sample_scene(rng)
+      q, a, _ = questions(scene)[int(rng.integers(len(questions(scene))))]
+      picture(scene, f"Question: {q} Answer: {a}")
+    return texts, scenes
+  if kind == "names":
+    names = name_binding(rng)
+    for _ in range(n):
+      shape = SHAPES[int(rng.integers(len(SHAPES)))]
+      picture(single_shape_scene(rng, shape), naming_text(names[shape]))
+    return texts, scenes
   if rng.random() < 0.5:
     texts.append(str(rng.choice(["Here are some pictures.", "Look at these drawings.",
                                  "A few pictures of shapes."])))
     scenes.append(None)
   total = 0
-  for j in range(n):
+  for j in range(min(n, 5)):  # NUMBERS counts the total up to fifteen
     scene = sample_scene(rng)
     total += len(scene)
-    scenes.append(scene)
-    texts.append(None)
     if rng.random() < 0.5:
       text = f"Picture {NUMBERS[j + 1]} shows {caption(scene)}."
     else:
       plural = "s" if len(scene) > 1 else ""
       text = f"This one has {NUMBERS[len(scene)]} shape{plural}: {caption(scene)}."
-    texts.append(text)
-    scenes.append(None)
+    picture(scene, text)
   texts.append(f"In total there are {NUMBERS[total]} shapes.")
   scenes.append(None)
   return texts, scenes

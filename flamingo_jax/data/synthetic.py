@@ -5,7 +5,9 @@
 Writes, deterministically from the seed, train and val splits of:
   pairs/        img2dataset tars: KEY.jpg, KEY.txt (caption), KEY.json
   vqa/          the same kind of tars with "Question: q Answer: a" texts
-  interleaved/  OBELICS-layout documents, images as members of the shard
+  interleaved/  OBELICS-layout documents (stories, captioned galleries, quizzes,
+                and made-up names for shapes: shapes.document), images as
+                members of the shard
   video/        frame lists KEY.0000.jpg... recorded at 2 FPS, KEY.json
   arrayrecord/KIND/SPLIT-*.array_record   the same data, converted
   for evaluation, in the layouts flamingo_jax.evaluate reads (images root:
@@ -39,13 +41,15 @@ from flamingo_jax.errors import ArgumentParser, run_cli
 
 SPLITS = ("train", "val")
 SOURCE_FPS = 2.0
+# Pictures per document at most: a gallery of 8 captioned pictures is an 8-shot prompt.
+DOCUMENT_IMAGES = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """Examples per split (train, val)."""
   pairs: tuple[int, int] = (2000, 200)
-  documents: tuple[int, int] = (400, 50)
+  documents: tuple[int, int] = (1600, 100)
   videos: tuple[int, int] = (300, 50)
   video_frames: int = 16  # recorded at SOURCE_FPS: 8 s, 8 frames at 1 FPS
   corpus_lines: int = 20_000
@@ -181,7 +185,7 @@ def _write_documents(out: str, split: str, n: int, size: int, seed: int, per_sha
   rng = _rng(seed, "documents", split)
   w = _TarWriter(os.path.join(out, "interleaved"), split, per_shard)
   for i in range(n):
-    texts, scenes = shapes.document(rng)
+    texts, scenes = shapes.document(rng, DOCUMENT_IMAGES)
     key = f"{i:06d}"
     members, images = [], []
     for j, scene in enumerate(scenes):
@@ -248,7 +252,8 @@ def dataset_configs(out: str, source: str = "arrayrecord", split: str = "train")
   return {
       "pairs": one("pairs", "pairs", seq_len=32, batch_size=16, weight=0.2),
       "vqa": one("pairs", "vqa", seq_len=32, batch_size=16, weight=0.2),
-      "interleaved": one("interleaved", "interleaved", seq_len=128, max_images=5,
+      "interleaved": one("interleaved", "interleaved", seq_len=160,
+                         max_images=DOCUMENT_IMAGES + 1,
                          p_next=0.5, batch_size=8, weight=1.0),
       "video": one("video", "video", seq_len=32, num_frames=8, fps=1.0, batch_size=4,
                    weight=0.03),
