@@ -110,6 +110,21 @@ def test_cached_generation_equals_uncached(setup, method):
     assert (cached.scores >= greedy.scores - 1e-4).all()
 
 
+@pytest.mark.parametrize("suppress", [True, False])
+def test_tree_beam_search_equals_flat_and_uncached(setup, suppress):
+  """Beam search on one cache row per prompt (slot table reordered) gives the tokens
+  and scores of the per-beam cache (`recompute_cross_kv`: the flat stepper) and of the
+  full forward; with <image> allowed, a generated image token moves phi as in extend."""
+  kw = dict(method="beam", num_beams=3, suppress_image_token=suppress)
+  tree = _generate(setup, **kw)
+  flat = _generate(setup, recompute_cross_kv=True, **kw)
+  full = _generate(setup, use_cache=False, **kw)
+  for other in (flat, full):
+    np.testing.assert_array_equal(tree.tokens, other.tokens)
+    np.testing.assert_array_equal(tree.lengths, other.lengths)
+    np.testing.assert_allclose(tree.scores, other.scores, atol=1e-4)
+
+
 def _check_greedy_chain(s, out):
   """Each greedy token is the argmax of a full forward over everything before it."""
   seq = jnp.concatenate([s["tokens"], jnp.asarray(out.tokens)], 1)
@@ -215,22 +230,84 @@ def test_bad_inputs(setup):
                      cache_length=4, method="prefill")
 
 
-def test_scoring_cached_equals_uncached(setup):
-  s = setup
-  options = [[60, 61, 62], [63], [64, 65, 66, 67, 68], [69, 70]]
-  images = [np.asarray(s["images"][i, :n]) for i, n in enumerate([2, 3, 1])]
-  scorer = scoring.Scorer(s["config"], batch_size=2, prompt_buckets=(16,),
-                          option_buckets=(8,), option_chunk=3)
-  logp, lengths = scorer.token_logprobs(s["params"], s["rows"], options, images)
-  table = np.zeros((3, 4, 8), np.int32)
+def _reference_logprobs(s, options, width):
+  """[3, O, width] log p of each option token by the full forward over prompt + option."""
+  table = np.zeros((3, len(options), width), np.int32)
   for o, opt in enumerate(options):
     table[:, o, :len(opt)] = opt
   ref = jax.jit(functools.partial(scoring.option_logprobs, config=s["config"],
                                   use_cache=False))(
       s["params"], s["tokens"], s["mask"], jnp.asarray(table), s["images"])
-  ref = np.asarray(ref)
-  valid = np.arange(8)[None, None] < lengths[None, :, None]
+  return np.asarray(ref)
+
+
+# Shared prefixes (a trie of depth 5), a duplicate, a one-token option that is also
+# another's prefix, and options in no sorted order.
+TRIE_OPTIONS = [[60, 61, 62], [63], [64, 65, 66, 67, 68], [69, 70], [60, 61, 71], [60, 72],
+                [64, 65, 66, 73], [63, 74], [60, 61, 62], [75, 76, 77, 78], [64, 79]]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_scoring_trie_equals_uncached(setup, chunk):
+  """The prefix-tree scorer (chunks cut anywhere in the tree, including mid-path)
+  gives each option token the log-prob of the full forward over prompt + option."""
+  s = setup
+  options = TRIE_OPTIONS
+  images = [np.asarray(s["images"][i, :n]) for i, n in enumerate([2, 3, 1])]
+  scorer = scoring.Scorer(s["config"], batch_size=2, prompt_buckets=(16,),
+                          option_buckets=(8,), option_chunk=chunk)
+  logp, lengths = scorer.token_logprobs(s["params"], s["rows"], options, images)
+  assert logp.shape == (3, len(options), 5)
+  np.testing.assert_array_equal(lengths, [len(o) for o in options])
+  ref = _reference_logprobs(s, options, 8)[..., :5]
+  valid = np.arange(5)[None, None] < lengths[None, :, None]
+  assert np.all(logp[~np.broadcast_to(valid, logp.shape)] == 0)
   np.testing.assert_allclose(np.where(valid, logp, 0), np.where(valid, ref, 0), atol=1e-5)
   scores = scorer(s["params"], s["rows"], options, images)
   np.testing.assert_allclose(scores, (np.where(valid, ref, 0).sum(-1) / lengths), atol=1e-5)
-  assert scores.shape == (3, 4)
+  assert scores.shape == (3, len(options))
+
+
+def test_scoring_copies_equal_uncached(setup):
+  """`continuation_logprobs` (each option against its own copy of the cache)."""
+  s = setup
+  options = [[60, 61, 62], [63], [64, 65, 66, 67, 68], [69, 70]]
+  table = np.zeros((3, 4, 8), np.int32)
+  for o, opt in enumerate(options):
+    table[:, o, :len(opt)] = opt
+  got = jax.jit(functools.partial(scoring.option_logprobs, config=s["config"]))(
+      s["params"], s["tokens"], s["mask"], jnp.asarray(table), s["images"])
+  valid = np.arange(8)[None, None] < np.array([len(o) for o in options])[None, :, None]
+  ref = _reference_logprobs(s, options, 8)
+  np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, ref, 0), atol=1e-5)
+
+
+def test_option_trie_layout():
+  trie = scoring.OptionTrie.build(TRIE_OPTIONS)
+  # distinct prefixes, each once
+  prefixes = {tuple(o[:d + 1]) for o in TRIE_OPTIONS for d in range(len(o))}
+  assert trie.num_nodes == len(prefixes)
+  for o, opt in enumerate(TRIE_OPTIONS):
+    path = trie.paths[o, :len(opt)]
+    assert list(trie.tokens[path]) == opt and list(trie.depth[path]) == list(range(len(opt)))
+    assert list(trie.parent[path]) == [-1] + list(path[:-1])
+    assert np.all(trie.paths[o, len(opt):] == -1)
+  chunks = trie.chunks(3, pad_token_id=PAD)
+  scored = chunks["node"][chunks["node"] >= 0]
+  assert sorted(scored) == list(range(trie.num_nodes))  # every node scored exactly once
+  for j in range(len(chunks["tokens"])):
+    for slot in np.flatnonzero(chunks["node"][j] >= 0):
+      node = chunks["node"][j][slot]
+      seen = np.flatnonzero(chunks["allowed"][j][slot])
+      want = trie.ancestors(node) + [node]  # ancestors and itself, from this chunk's slots
+      assert [int(chunks["tokens"][j][k]) for k in seen] == [int(trie.tokens[n]) for n in want]
+  with pytest.raises(ValueError, match="context"):
+    trie.chunks(3, context=2)
+
+
+def test_scoring_rejects_image_token_in_options(setup):
+  s = setup
+  scorer = scoring.Scorer(s["config"], batch_size=2, prompt_buckets=(16,))
+  images = [np.asarray(s["images"][i, :n]) for i, n in enumerate([2, 3, 1])]
+  with pytest.raises(ValueError, match="option 1 contains the <image>"):
+    scorer(s["params"], s["rows"], [[60], [61, IMG]], images)

@@ -7,6 +7,11 @@ recompute the cross-attention keys/values at every step). The search loops
 are `lax.while_loop`s over a fixed [B, max_new_tokens] buffer that stop when
 every row has emitted a stop token (`<EOC>`, plus `stop_token_ids`).
 
+Beam search keeps ONE cache row per prompt: the K beams' new tokens go to
+their own slots and each beam attends to the prompt and its own earlier
+slots (`masked_extend`), so reordering beams moves a table of slot numbers,
+never the cache.
+
 `generate` is a pure function of (params, arrays) with the configs static, so
 it jits and shards like any other step. `Generator` is the host-side wrapper:
 it left-pads prompts into fixed length buckets and fixed-size batches, so a
@@ -34,10 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models import masking
 from flamingo_jax.models.flamingo import DecodeCache, Flamingo
+from flamingo_jax.models.lm import default_positions
 
 METHODS = ("greedy", "beam", "sample")
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+# Prompt lengths: steps of 16 to 256 tokens, then 32, 64 and 256, so padding costs the
+# prompt pass at most ~1/8 (a 4-shot COCO prompt of 68 tokens runs 80, not 128).
+DEFAULT_BUCKETS = (tuple(range(16, 257, 16)) + tuple(range(288, 513, 32))
+                   + tuple(range(576, 1025, 64)) + (1280, 1536, 1792, 2048))
 NEG_INF = -jnp.inf
 
 
@@ -130,6 +140,104 @@ def _cached_stepper(model: Flamingo, params, tokens, mask, images, features, max
 
   def take(cache: DecodeCache, rows, within_prompt):
     return cache.take_rows(rows, cross=not within_prompt)
+
+  return _Stepper(init, step, take)
+
+
+def masked_extend(module: Flamingo, tokens, positions, mask, key_positions, phi,
+                  cache: DecodeCache):
+  """`Flamingo.extend` under the caller's self-attention mask: for tokens that share a
+  prefix cache but not each other's history (beams of one prompt, the prefix tree of
+  close-ended options), so the cache is never copied per hypothesis.
+
+  tokens, positions, phi [B, L] (phi: each token's image index); mask [B, L, S] bool
+  over all S cache slots (the L new keys are written at slots index..index+L-1);
+  key_positions [B, S]: each slot's token position (for a sliding window). Returns
+  (logits [B, L, V], the cache with index += L); num_tokens, image_count and
+  image_reset are the caller's to track.
+  """
+  c = module.config
+  b, length = tokens.shape
+  if c.lm.sliding_window:
+    mask = mask & (positions[:, :, None] - key_positions[:, None, :] < c.lm.sliding_window)
+  if cache.xattn_keys:
+    kv = list(zip(cache.xattn_keys, cache.xattn_values))
+    n_img, n_tok = cache.xattn_keys[0].shape[1:3]
+  else:
+    kv = module.cross_kv(cache.visual)
+    n_img, n_tok = cache.visual.shape[1:3]
+  xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous)
+  flat = lambda a: a.reshape(b, n_img * n_tok, *a.shape[3:])  # noqa: E731
+  xattn_at = {i: j for j, i in enumerate(module.xattn_indices)}
+  x = module.embed_tokens(tokens, positions)
+  keys, values = [], []
+  for i in range(c.lm.num_layers):
+    if i in xattn_at:
+      k, v = kv[xattn_at[i]]
+      x = module.xattn_block(xattn_at[i], x, (flat(k), flat(v)), xmask, phi > 0)
+    x, (k, v) = module.lm.block(i, x, positions, mask[:, None],
+                                (cache.keys[i], cache.values[i], cache.index))
+    keys.append(k)
+    values.append(v)
+  key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((b, length), bool),
+                                          (0, cache.index))
+  return module.logits_from_hidden(x), cache.replace(
+      keys=tuple(keys), values=tuple(values), key_mask=key_mask, index=cache.index + length)
+
+
+class _TreeState(NamedTuple):
+  cache: DecodeCache  # one row per prompt: the prompt, then K slots per fed step
+  slots: jax.Array  # [R, M] int32: the slots of each hypothesis' fed tokens, -1 after
+  fed: jax.Array  # [] int32: steps fed so far
+  image_count: jax.Array  # [R] int32: `<image>` tokens so far (prompt and hypothesis)
+  image_reset: jax.Array  # [R] bool
+
+
+def _tree_stepper(model: Flamingo, params, tokens, mask, images, features, max_new: int,
+                  beams: int) -> _Stepper:
+  """Beam search on ONE cache row per prompt: step n writes the K beams' tokens at
+  slots P + n K .. P + n K + K - 1 and each beam attends to the prompt and its own
+  earlier slots (`masked_extend`), so reordering the beams moves the [R, M] slot
+  table, not the cache (the flat stepper copies every row's keys/values each step)."""
+  variables = {"params": params}
+  b, p = tokens.shape
+  k, c = beams, model.config
+  length = p + k * max(max_new - 1, 0)
+
+  def init():
+    logits, cache = model.apply(variables, tokens, images, features, mask,
+                                cache_length=length, method="prefill")
+    state = _TreeState(cache, jnp.full((b, max(max_new - 1, 1)), -1, jnp.int32),
+                       jnp.zeros((), jnp.int32), cache.image_count, cache.image_reset)
+    return logits[:, -1], state
+
+  def step(state: _TreeState, new):
+    cache = state.cache
+    own = p + state.fed * k + jnp.arange(k, dtype=jnp.int32)  # [K]
+    slots = state.slots.at[:, state.fed].set(jnp.tile(own, b))
+    ids = jnp.arange(length, dtype=jnp.int32)
+    mine = (ids[None, :, None] == slots[:, None, :]).any(-1).reshape(b, k, length)
+    prompt = cache.key_mask & (ids < p)[None]  # [B, S]
+    attend = prompt[:, None, :] | mine
+    start = cache.num_tokens  # [B]: the first new token's position
+    key_pos = jnp.where(ids[None] < p, default_positions(cache.key_mask, b, length),
+                        start[:, None] + (ids[None] - p) // k)
+    positions = jnp.broadcast_to((start + state.fed)[:, None], (b, k))
+    is_image = new == c.image_token_id
+    phi = state.image_count + is_image
+    reset = state.image_reset
+    if c.image_reset_token_id >= 0:
+      is_reset = new == c.image_reset_token_id
+      cut, reset = masking.after_reset(is_image[:, None], is_reset[:, None], state.image_reset)
+      phi = jnp.where(cut[:, 0], 0, phi)
+    logits, cache = model.apply(variables, new.reshape(b, k), positions, attend, key_pos,
+                                phi.reshape(b, k), cache, method=masked_extend)
+    return logits.reshape(b * k, -1), _TreeState(
+        cache, slots, state.fed + 1, state.image_count + is_image, reset)
+
+  def take(state: _TreeState, rows, within_prompt):
+    return state._replace(slots=state.slots[rows], image_count=state.image_count[rows],
+                          image_reset=state.image_reset[rows])
 
   return _Stepper(init, step, take)
 
@@ -345,7 +453,10 @@ def generate(params, tokens, attention_mask, images=None, visual_features=None, 
   model = Flamingo(dataclasses.replace(config, remat="none"))
   if attention_mask is None:
     attention_mask = jnp.ones(tokens.shape, jnp.int32)
-  if options.use_cache:
+  if options.use_cache and options.method == "beam" and not options.recompute_cross_kv:
+    stepper = _tree_stepper(model, params, tokens, attention_mask, images, visual_features,
+                            options.max_new_tokens, options.num_beams)
+  elif options.use_cache:
     stepper = _cached_stepper(model, params, tokens, attention_mask, images, visual_features,
                               options.max_new_tokens, options.recompute_cross_kv)
   else:

@@ -125,7 +125,7 @@ class EvalConfig:
   decode_method: str = "beam"  # beam | greedy (open-ended tasks)
   num_beams: int = 3
   length_penalty: float = 0.0
-  option_chunk: int = 32  # options scored at once per prompt (close-ended tasks)
+  option_chunk: int = 64  # option prefix-tree nodes scored at once per prompt (close-ended)
   query_set_size: int = 2048  # the random demonstrations' pool
   rices_pool: int = 0  # RICES searches this many training examples (0: all)
   seed: int = 42  # trial t uses trial_seeds[t], else seed + t
