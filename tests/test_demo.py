@@ -1,5 +1,7 @@
-"""`make demo` at smoke scale: every stage runs, resumes and skips; every ablation
-config validates; one ablation trains and lands in the Table 3 layout."""
+"""`make demo` at smoke scale: every stage runs, resumes and skips, and the trained model
+beats its gates-zero baseline; every ablation config validates; one ablation trains and
+lands in the Table 3 layout."""
+import dataclasses
 import json
 import os
 
@@ -23,9 +25,30 @@ def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path
   assert set(ev["chance"]) == {"captions", "vqa", "classes"}
   for scores in ev["results"]["flamingo"].values():
     assert set(scores) == {"0", "2"}
+  names = ev["names"]
+  assert set(names["results"]) == {"flamingo", "gates_zero"}
+  assert set(names["results"]["flamingo"]) == {"0", "2"} and 33 < names["chance"] < 34
+  # 40 updates on the smoke world already beat the frozen LM alone (the same weights with
+  # every gate at 0): the cross-attention learned something, not only the plumbing ran.
+  trained, alone = ev["results"]["flamingo"], ev["results"]["gates_zero"]
+  assert sum(trained["captions"].values()) > sum(alone["captions"].values()) + 5.0, ev
   report = open(os.path.join(workdir, "report.md")).read()
   assert "| captions | CIDEr | gates_zero |" in report and "chance" in report
+  assert "| names | top-1 | flamingo |" in report and "| names | top-1 | chance | 33.3" in report
   assert "Total wall time:" in report and "| total |" in report
+  # The --seeds report: a second seed's table and time join the first's.
+  paths = demo.demo_paths(workdir)
+  seconds = {s: results[s]["_seconds"] for s in demo.STAGES[:-1]}
+  shifted = json.loads(json.dumps(ev))
+  shifted["results"]["flamingo"]["classes"]["0"] += 10.0
+  demo.write_report(paths, results, seconds, seeds={
+      0: (ev, {"flamingo": 1.0, "eval": 2.0}), 1: (shifted, {"flamingo": 100.0, "eval": 20.0})})
+  report = open(os.path.join(workdir, "report.md")).read()
+  c0 = ev["results"]["flamingo"]["classes"]["0"]
+  assert "## Seeds" in report and "over 2 seeds (0, 1)" in report
+  assert f"| classes | top-1 | flamingo | {c0 + 5:.1f} [{c0:.1f}, {c0 + 10:.1f}] |" in report
+  shared = sum(seconds[s] for s in ("data", "lm", "vision"))
+  assert f"| total | wall time of the stages above, end to end | {shared + 123:.0f} |" in report
   # The LM and the vision tower the Flamingo stage loaded are the pretrained ones.
   config = json.load(open(os.path.join(workdir, "flamingo", "config.json")))
   assert config["model_init"]["lm"].endswith("lm/export/lm")
@@ -38,7 +61,7 @@ def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path
   # One ablation on the same workdir (one test: xdist would build the fixture twice).
   scale = demo.SCALES["smoke"]
   path = os.path.join(ablations.ABLATION_DIR, "no_tanh_gating.py")
-  row = ablations.run_one(workdir, path, scale)
+  row = ablations.run_one(workdir, path, dataclasses.replace(scale, flamingo_steps=6))
   assert row["group"] == "Tanh gating" and row["step_time_s"] > 0
   table = ablations.table_markdown([ablations.control_row(workdir, scale), row])
   assert "| Tanh gating | yes -> no |" in table and "Overall" in table
