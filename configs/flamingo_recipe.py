@@ -7,7 +7,7 @@ is comma-separated: the size (3b | 9b | 80b), `v1` (head size 128 in the
 resampler, paper v1; default v2), `data=ROOT` (where the datasets and the
 tokenizer live), `local` (the same recipe shrunk to run on a CPU in about a
 minute: a tiny model, the same four datasets with the same weights and kinds
-at 1/64 of the batch sizes, in-memory synthetic data).
+at 1/64 of the batch sizes, in-memory synthetic data, no micro-batches).
 
 What the paper states, and where it is here:
   model      Table 4 (config.paper_model): NFNet-F6 at 320 px, Perceiver Resampler
@@ -21,6 +21,8 @@ What the paper states, and where it is here:
              per update, lr 0 -> 1e-4 linearly over 5,000 steps then constant, 500k steps
   precision  trainable params and Adam state float32, compute bfloat16, frozen
              weights stored in bfloat16
+  memory     (not stated) remat of every block and micro-batches (REMAT,
+             MICRO_BATCHES below) so that the global batch fits 32 GiB chips
   mesh       16-way Megatron tensor parallelism (NFNet unsharded) + ZeRO-1, data
              parallel over the rest
 Not stated by the paper (ours): Adam betas/eps (0.9, 0.999, 1e-8), checkpoint cadence.
@@ -41,6 +43,14 @@ MIXTURE = {
     "vtp": ("video", 64, 64, 1, 8, 0.03),
 }
 LOCAL_SHRINK = 64  # :local batch sizes are the paper's / 64 (M3W 4, ALIGN 8, LTIP 8, VTP 1)
+# Fit: every LM and cross-attention block recomputed in the backward pass
+# (model.remat=block) and each dataset's batch split into this many sequential
+# micro-batches (train.micro_batches), so the paper's global batch fits a TPU v4
+# chip (32 GiB HBM, the paper's hardware) on the meshes of docs/training.md
+# (data-parallel shards 16 or 32 on 256 chips: 1-4 M3W examples per chip per
+# micro-step). A batch must divide by the data-parallel shards times its count.
+REMAT = "block"
+MICRO_BATCHES = {"m3w": 4, "align": 4, "ltip": 4, "vtp": 2}
 LOCAL_VOCAB = 512
 
 
@@ -87,6 +97,7 @@ def get_config(arg=None):
   paper = paper_model(size, version)
   model = local_model(paper) if local else paper
   config = ml_collections.ConfigDict({"model": to_config_dict(model)})
+  config.model.remat = REMAT
 
   shrink = LOCAL_SHRINK if local else 1
   seq = (lambda n: min(n, 32)) if local else (lambda n: n)
@@ -112,7 +123,8 @@ def get_config(arg=None):
   config.train = dict(
       total_steps=20 if local else 500_000, seed=0,
       input="synthetic" if local else "pipeline",
-      mixing="accumulate", micro_batches={}, frozen_dtype="bfloat16",
+      mixing="accumulate", micro_batches={} if local else dict(MICRO_BATCHES),
+      frozen_dtype="bfloat16",
       log_every=5 if local else 100, max_consecutive_nonfinite=10, peak_flops_per_device=0.0,
       export_dir="")
   config.optim = dict(learning_rate=1e-4, warmup_steps=5 if local else 5000,

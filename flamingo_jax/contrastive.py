@@ -401,7 +401,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   compiled = state_lib.compile_step(
       step_fn, mesh, s.mesh.rules, (ts.shardings, batch_sh),
       (ts.shardings, sharding.replicated(mesh)),
-      (ts.target(), {n: sharding.with_shardings(batch_abs[n], batch_sh[n]) for n in names}))
+      (ts.target(), {n: sharding.with_shardings(batch_abs[n], batch_sh[n]) for n in names}),
+      fit_check=compile_only)
   memory = state_lib.memory_report(compiled, {
       "params": (ts.abstract["params"], ts.shardings["params"]),
       "optimizer_state": (ts.abstract["opt_state"], ts.shardings["opt_state"])})

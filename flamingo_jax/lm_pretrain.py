@@ -283,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   compiled = state_lib.compile_step(
       step_fn, mesh, s.mesh.rules, (ts.shardings, {}, {"text": batch_sh}),
       (ts.shardings, sharding.replicated(mesh)),
-      (ts.target(), {}, {"text": sharding.with_shardings(batch_abs, batch_sh)}))
+      (ts.target(), {}, {"text": sharding.with_shardings(batch_abs, batch_sh)}),
+      fit_check=compile_only)
   memory = state_lib.memory_report(compiled, {
       "params": (ts.abstract["params"], ts.shardings["params"]),
       "optimizer_state": (ts.abstract["opt_state"], ts.shardings["opt_state"])})

@@ -151,8 +151,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
              for n, d in data.datasets.items()]
     image_size = data.image.size
   names = {s.name for s in specs}
+  # A recipe's micro-batch counts may name datasets of its other input section
+  # (a fit check on a subset of the synthetic mixture); a typo is still an error.
+  other = _section(config, "data" if train.input == "synthetic" else "synthetic")
+  known = names | set((other.get("datasets", None) or {}) if other is not None else {})
   for name in train.micro_batches:
-    if name not in names:
+    if name not in known:
       raise ConfigError(f"config key 'train.micro_batches.{name}' names no dataset; datasets: "
                         f"{sorted(names)}")
   if train.input == "pipeline" and model.vision.name == "none":
@@ -189,12 +193,14 @@ def make_init_params(model: Flamingo, model_cfg: FlamingoConfig, frozen_dtype):
   """rng -> (trainable params in float32, frozen params in frozen_dtype)."""
   init = _init(model, model_cfg)
 
-  def init_params(rng):
-    params = nn.unbox(init(rng))
-    trainable, frozen = optim.split_params(params, model_cfg)
-    return optim.cast_tree(trainable, jnp.float32), optim.cast_tree(frozen, frozen_dtype)
+  return lambda rng: split_and_cast(init(rng), model_cfg, frozen_dtype)
 
-  return init_params
+
+def split_and_cast(boxed: Any, model_cfg: FlamingoConfig, frozen_dtype) -> tuple[dict, dict]:
+  """Boxed params (arrays or ShapeDtypeStructs) -> (trainable in float32, frozen in
+  frozen_dtype)."""
+  trainable, frozen = optim.split_params(nn.unbox(boxed), model_cfg)
+  return optim.cast_tree(trainable, jnp.float32), optim.cast_tree(frozen, frozen_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +221,8 @@ def state_layout(model: Flamingo, model_cfg: FlamingoConfig, tx, mesh, mesh_cfg,
   boxed = state_lib.boxed_params(_init(model, model_cfg), mesh)
   param_specs = sharding.param_specs(boxed, mesh, mesh_cfg)
   train_specs, frozen_specs = optim.split_params(param_specs, model_cfg)
-  train_abs, frozen_abs = jax.eval_shape(make_init_params(model, model_cfg, frozen_dtype),
-                                         jax.random.key(0))
+  # the shapes of the one eval_shape above (tracing init again cost as much again)
+  train_abs, frozen_abs = split_and_cast(boxed, model_cfg, frozen_dtype)
   ts = state_lib.train_state(train_abs, train_specs, tx, mesh, mesh_cfg)
   return StateLayout(train_abs=train_abs, frozen_abs=frozen_abs, state_abs=ts.abstract,
                      state_sh=ts.shardings, frozen_sh=sharding.named(mesh, frozen_specs),
@@ -431,7 +437,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
         (lay.state_sh, sharding.replicated(mesh)),
         (state_in, frozen_in,
          {n: sharding.with_shardings(batch_abs[n], batch_sh[n]) for n in variant}),
-        what=f"the step for {key}", phase=phase)
+        what=f"the step for {key}", phase=phase, fit_check=compile_only)
     memory[key] = memory_report(compiled[variant], lay.state_abs, lay.state_sh, lay.frozen_abs,
                                 lay.frozen_sh)
     step_flops[variant] = flops.step_flops(s.model, [shapes[n] for n in variant],

@@ -10,6 +10,7 @@ import pytest
 
 from flamingo_jax import train
 from flamingo_jax.config import load_config
+from flamingo_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("FLAMINGO_JAX_TEST_CACHE", os.path.join(
@@ -32,6 +33,26 @@ def test_paper_recipe_states_every_section(size):
       "bfloat16", "bfloat16", "float32")
   assert (s.mesh.tensor, s.mesh.zero1) == (16, True)
   assert s.model.xattn.every == {"3b": 1, "9b": 4, "80b": 7}[size]
+  # fits 32 GiB chips: remat and micro-batches that divide the paper batches on the
+  # meshes of docs/training.md (16 or 32 data-parallel shards on 256 chips)
+  assert s.model.remat == "block" and s.model.scan_layers
+  assert s.train.micro_batches == {"m3w": 4, "align": 4, "ltip": 4, "vtp": 2}
+  for shards in (16, 32):
+    for d in s.datasets:
+      assert d.batch_size % (shards * s.train.micro_batches[d.name]) == 0, (d.name, shards)
+
+
+def test_micro_batches_may_name_the_other_input_section():
+  """A fit check on a subset of the synthetic mixture keeps the recipe's counts; a
+  name in neither section is still a one-line error."""
+  config = load_config(os.path.join(REPO, "configs", "flamingo_9b.py"))
+  config.train.input = "synthetic"
+  config.synthetic.datasets = {"m3w": dict(config.synthetic.datasets["m3w"])}
+  s = train.setup(train.with_default_sections(config))
+  assert [d.name for d in s.datasets] == ["m3w"]
+  config.train.micro_batches["m3vv"] = 2
+  with pytest.raises(ConfigError, match="train.micro_batches.m3vv"):
+    train.setup(train.with_default_sections(config))
 
 
 def _train_local(size, workdir, *extra):
