@@ -231,7 +231,7 @@ def table_markdown(rows: Sequence[dict]) -> str:
                  f"{row['change']} | {step} | " +
                  " | ".join(f"{scores[t]:.1f}" for t in tasks) + f" | {row['overall']:.2f} | "
                  f"{direction(paper) if i else '-'} | {verdict} | "
-                 f"{'-' if paper is None else f'{paper:.2f}'} |")
+                 f"{'-' if paper is None else f'{paper:.3f}'} |")
   return "\n".join(lines) + "\n"
 
 

@@ -60,9 +60,9 @@ def test_table_counts_the_rows_that_agree():
   assert lines[0].endswith("| Overall (x control) | Paper direction | Agrees | "
                            "Paper overall (x its control) |")
   assert len({line.count("|") for line in lines}) == 1  # every row fills every column
-  assert lines[2].endswith("| 100.0 | 50.0 | 1.00 | - | - | 1.00 |")
-  assert lines[3].endswith("| 50.0 | 25.0 | 0.50 | lower | yes | 0.90 |")
-  assert lines[4].endswith("| 150.0 | 50.0 | 1.25 | lower | **no** | 0.76 |")
+  assert lines[2].endswith("| 100.0 | 50.0 | 1.00 | - | - | 1.000 |")
+  assert lines[3].endswith("| 50.0 | 25.0 | 0.50 | lower | yes | 0.900 |")
+  assert lines[4].endswith("| 150.0 | 50.0 | 1.25 | lower | **no** | 0.760 |")
   assert lines[5].endswith("| 90.0 | 50.0 | 0.95 | - | - | - |")
   count = ablations.agreement_line(rows)
   assert re.match(r"1 of 2 ablations move the same way .* \(there 2 of 2 score below it\); "
