@@ -1,6 +1,7 @@
 """Evaluation speed: OpenFlamingo's evaluation loop against ours, same model, same data.
 
   .venv/bin/python benchmarks/eval_speed.py [--queries 16] [--classes 1000] [--repeats 2]
+      [--threads N]
 
 One small OpenFlamingo model is built locally with random weights by the real
 open_flamingo code (tests/openflamingo_ref.py: a Llama LM of width 256 x 4
@@ -14,7 +15,8 @@ weights on the same images and prompts:
   OpenFlamingo's side builds each batch's prompts as its evaluate.py does and
   calls its `Flamingo.generate` (its EvalModel.get_outputs);
 * classification over `--classes` class names, 4 shots, batch 8: ours scores
-  each prompt once and the class names in chunks against its cache (`Scorer`);
+  each prompt once and the class names' prefix tree against that one cache
+  (`Scorer`);
   OpenFlamingo's side follows its EvalModel.get_rank_classifications: the prompt
   cached once per batch (`cache_media` + `use_cache`), then one forward per class
   name against that cache (transformers' DynamicCache is cropped back to the
@@ -25,6 +27,15 @@ open_clip tower needs torchvision, not installed), so its vision encoder costs
 nothing, while ours computes them once per run. Sides alternate, `--repeats`
 times each after one warm-up each (compilation and first-call costs are
 reported apart). Prints JSON: seconds per example per side and their ratio.
+--before REV adds a third side, ours with evaluate/decode.py and scoring.py as
+they were at git revision REV (docs/benchmarks.md: before and after a change,
+alternated in one run).
+
+--threads N runs both sides on the first N CPUs of this process's affinity
+(XLA sizes its thread pool from it) with torch.set_num_threads(N); default: all
+of them. torch's OpenMP threads can spin on after each call into our side's
+timing: on a loaded machine compare --threads 1, and OMP_WAIT_POLICY=PASSIVE in
+the environment (docs/benchmarks.md has both).
 """
 from __future__ import annotations
 
@@ -131,12 +142,35 @@ def eval_section(root: str) -> dict:
                            "prompt_style": "open_flamingo"}}}
 
 
-def run_ours(m, ec, task: str, out: str) -> float:
-  from flamingo_jax.evaluate import runner
+def run_ours(m, ec, task: str, out: str, code=None) -> float:
+  """One `runner.evaluate`; code: (Generator, Scorer) to run it with (`--before`)."""
+  from flamingo_jax.evaluate import decode, runner, scoring
+  runner.Generator, runner.Scorer = code or (decode.Generator, scoring.Scorer)
   t0 = time.perf_counter()
   runner.evaluate(m.config, ec, m.params, m.tokenizer, tasks=[task], shots=[4], out_dir=out,
                   progress=False, model_id="bench")
   return time.perf_counter() - t0
+
+
+def code_at(rev: str):
+  """(Generator, Scorer, DEFAULT_BUCKETS) of evaluate/decode.py and scoring.py at git
+  revision `rev`, imported beside today's: our side before a change, in the same run."""
+  import importlib.util
+  import subprocess
+  mods = {}
+  for name in ("decode", "scoring"):
+    try:
+      src = subprocess.run(["git", "-C", REPO, "show", f"{rev}:flamingo_jax/evaluate/{name}.py"],
+                           check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+      sys.exit(f"error: --before {rev}: cannot read flamingo_jax/evaluate/{name}.py there ({e})")
+    path = os.path.join(tempfile.mkdtemp(prefix="eval_speed_before_"), f"{name}_{rev}.py")
+    with open(path, "w") as f:
+      f.write(src)
+    spec = importlib.util.spec_from_file_location(f"_before_{name}", path)
+    mods[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mods[name])
+  return mods["decode"].Generator, mods["scoring"].Scorer, mods["decode"].DEFAULT_BUCKETS
 
 
 class OpenFlamingoSide:
@@ -217,33 +251,53 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=1000)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--only", default="captioning,classification")
+  p.add_argument("--threads", type=int, default=0, help="threads per side (0: all cores)")
+  p.add_argument("--before", default="", help="also time our side with evaluate/decode.py and "
+                 "scoring.py (and their prompt buckets) at this git revision")
   a = p.parse_args(argv)
+  cpus = sorted(os.sched_getaffinity(0))
+  if not 0 <= a.threads <= len(cpus):
+    p.error(f"--threads must be between 1 and the {len(cpus)} CPUs this process may use")
+  cpus = cpus[:a.threads or len(cpus)]
+  os.sched_setaffinity(0, cpus)  # before XLA starts: its pool has len(cpus) threads
   import torch
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(len(cpus))
   from flamingo_jax import model_dir
   from flamingo_jax.evaluate import runner
   root = tempfile.mkdtemp(prefix="eval_speed_")
   model, tok, eoc, media, names = build(root, a.classes, a.queries)
   m = model_dir.load_model_dir(os.path.join(root, "model"))
   ec = runner.eval_config(eval_section(root))
+  before = code_at(a.before) if a.before else None
+  if before:
+    ec_before = runner.eval_config(dict(eval_section(root), prompt_buckets=before[2]))
   out = {"queries": a.queries, "classes": len(names), "shots": 4, "batch": 8,
-         "torch_threads": torch.get_num_threads()}
+         "cpus": cpus, "torch_threads": torch.get_num_threads(),
+         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+         "load_average": os.getloadavg()}
   for kind, task in (("captioning", "coco"), ("classification", "imagenet")):
     if kind not in a.only:
       continue
     of = OpenFlamingoSide(model, tok, eoc, media, m, ec, task)
     of_run = of.captioning if kind == "captioning" else (lambda: of.classification(names))
     runs = iter(range(1000))
-    ours_run = lambda: run_ours(m, ec, task, os.path.join(root, f"out_{next(runs)}"))  # noqa
-    warm = {"ours": ours_run(), "open_flamingo": of_run()}  # compilation, first calls
-    times = {"ours": [], "open_flamingo": []}
+    sides = {"ours": lambda: run_ours(m, ec, task, os.path.join(root, f"out_{next(runs)}")),
+             "open_flamingo": of_run}
+    if before:
+      sides["ours_before"] = lambda: run_ours(m, ec_before, task, os.path.join(
+          root, f"out_{next(runs)}"), before[:2])
+    warm = {k: run() for k, run in sides.items()}  # compilation, first calls
+    times = {k: [] for k in sides}
     for _ in range(a.repeats):  # alternating sides
-      times["open_flamingo"].append(of_run())
-      times["ours"].append(ours_run())
+      for k, run in sides.items():
+        times[k].append(run())
     per = {k: statistics.median(v) / a.queries for k, v in times.items()}
     out[kind] = {"s_per_example": per, "first_run_s": warm, "runs_s": times,
                  "speedup_ours": per["open_flamingo"] / per["ours"]}
+    if before:
+      out[kind]["speedup_ours_before"] = per["open_flamingo"] / per["ours_before"]
     print(json.dumps({kind: out[kind]}), file=sys.stderr, flush=True)  # as each finishes
+  out["load_average_after"] = os.getloadavg()
   print(json.dumps(out, indent=1))
   return out
 
