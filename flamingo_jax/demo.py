@@ -1,6 +1,7 @@
 """`make demo`: the whole Flamingo recipe in miniature, on the embedded shapes world.
 
-  python -m flamingo_jax.demo --workdir demo_workdir [--scale demo|smoke] [--force STAGE]
+  python -m flamingo_jax.demo --workdir demo_workdir [--scale demo|short|smoke]
+      [--force STAGE] [--seeds 0,1,2]
 
 Stages (each skipped when its output exists, each resumable when interrupted:
 the trainers restart from their last checkpoint):
@@ -13,9 +14,10 @@ the trainers restart from their last checkpoint):
   flamingo  both frozen; the resampler and gated cross-attention trained on the
             weighted mixture of documents, pairs, VQA pairs and videos
             (train.py on configs/demo.py), exported as a model directory
-  eval      few-shot captioning and VQA (0/4/8 shots) and classification on the
-            held-out split, for the trained model, the same model with every
-            gate at 0 (its LM alone) and chance (evaluate/baselines.py)
+  eval      few-shot captioning and VQA (0/4/8 shots), classification and name
+            binding (evaluate/names.py) on the held-out split, for the trained
+            model, the same model with every gate at 0 (its LM alone) and chance
+            (evaluate/baselines.py)
   report    report.md (results table, per-stage times) and PNG plots: loss per
             dataset, |tanh(alpha)| per layer, metric vs shots
 
