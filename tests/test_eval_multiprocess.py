@@ -11,8 +11,8 @@ import tempfile
 import pytest
 
 from flamingo_jax.evaluate import runner
-from test_eval_video import export_tiny_model, make_msrvtt_qa
-from test_evaluate_cli import CAPTIONS, QUESTIONS, make_vqa
+from test_eval_video import make_msrvtt_qa
+from test_evaluate_cli import CAPTIONS, QUESTIONS, export_tiny_model, make_vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(REPO, "configs", "eval")

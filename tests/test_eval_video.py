@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flamingo_jax import model_dir
 from flamingo_jax.errors import run_cli
 from flamingo_jax.evaluate import datasets, runner, video
+from test_evaluate_cli import export_tiny_model  # configs/tiny.py: resampler max_frames 4
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(REPO, "configs", "eval")
@@ -105,25 +105,6 @@ def make_vatex(root):
 def _mkdir(path):
   os.makedirs(path, exist_ok=True)
   return path
-
-
-def export_tiny_model(root, captions, questions, seed):
-  """configs/tiny.py (resampler max_frames 4) with random weights and a BPE tokenizer
-  trained on the prompts' words, exported as a model directory -> (directory, config)."""
-  from flamingo_jax.config import load_config, model_config
-  from flamingo_jax.data.train_tokenizer import train_tokenizer
-  corpus = root / "corpus.txt"
-  corpus.write_text("\n".join([f"Output: {c}" for c in captions] +
-                              [f"Question: {q} Answer: {a}" for q, a in questions]) * 3)
-  tok = train_tokenizer([str(corpus)], 96, str(root / "tokenizer"), model_type="bpe")
-  tiny = load_config(os.path.join(REPO, "configs", "tiny.py"))
-  tiny.model.image_token_id = tok.info.image_token_id
-  tiny.model.eoc_token_id = tok.info.eoc_token_id
-  config = model_config(tiny)
-  directory = model_dir.export_model_dir(str(root / "model"), config,
-                                         runner.init_params(config, seed=seed),
-                                         str(root / "tokenizer" / "tokenizer.model"))
-  return directory, config
 
 
 @pytest.fixture(scope="module")

@@ -126,11 +126,28 @@ def make_imagenet(root):
     f.write("tench\ngoldfish\ngreat white shark\n")
 
 
+def export_tiny_model(root, captions, questions, seed):
+  """configs/tiny.py with random weights and a BPE tokenizer trained on the prompts'
+  words, exported as a model directory -> (directory, config)."""
+  from flamingo_jax.config import load_config, model_config
+  from flamingo_jax.data.train_tokenizer import train_tokenizer
+  corpus = root / "corpus.txt"
+  corpus.write_text("\n".join([f"Output: {c}" for c in captions] +
+                              [f"Question: {q} Answer: {a}" for q, a in questions]) * 3)
+  tok = train_tokenizer([str(corpus)], 96, str(root / "tokenizer"), model_type="bpe")
+  tiny = load_config(os.path.join(REPO, "configs", "tiny.py"))
+  tiny.model.image_token_id = tok.info.image_token_id
+  tiny.model.eoc_token_id = tok.info.eoc_token_id
+  config = model_config(tiny)
+  directory = model_dir.export_model_dir(str(root / "model"), config,
+                                         runner.init_params(config, seed=seed),
+                                         str(root / "tokenizer" / "tokenizer.model"))
+  return directory, config
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """Every benchmark's files in its released layout, and an exported tiny model."""
-  from flamingo_jax.config import load_config, model_config
-  from flamingo_jax.data.train_tokenizer import train_tokenizer
   root = tmp_path_factory.mktemp("eval")
   data = root / "data"
   make_coco(str(data / "coco"))
@@ -142,17 +159,7 @@ def world(tmp_path_factory):
   make_vizwiz(str(data / "vizwiz"))
   make_hateful_memes(str(data / "hateful_memes"))
   make_imagenet(str(data / "imagenet"))
-  corpus = root / "corpus.txt"
-  corpus.write_text("\n".join([f"Output: {c}" for c in CAPTIONS] +
-                              [f"Question: {q} Answer: {a}" for q, a in QUESTIONS]) * 3)
-  tok = train_tokenizer([str(corpus)], 96, str(root / "tokenizer"), model_type="bpe")
-  tiny = load_config(os.path.join(REPO, "configs", "tiny.py"))
-  tiny.model.image_token_id = tok.info.image_token_id
-  tiny.model.eoc_token_id = tok.info.eoc_token_id
-  config = model_config(tiny)
-  directory = model_dir.export_model_dir(str(root / "model"), config,
-                                         runner.init_params(config, seed=1),
-                                         str(root / "tokenizer" / "tokenizer.model"))
+  directory, config = export_tiny_model(root, CAPTIONS, QUESTIONS, seed=1)
   return dict(root=root, data=data, model=directory, config=config)
 
 
