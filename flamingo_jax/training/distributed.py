@@ -94,3 +94,25 @@ def initialize(c: DistributedConfig) -> None:
   else:
     return
   jax.distributed.initialize(initialization_timeout=c.initialization_timeout, **kwargs)
+
+
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits until every process reaches this point, on the coordination service.
+
+  Used before the first step: processes finish compiling at different times,
+  and the first device collective on CPU (gloo) gives up after 30 s, so a
+  process that compiled a minute later would fail the job. The coordination
+  service's barrier waits `timeout_s` instead. A no-op in a single process.
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client has no public accessor
+  client = jax_distributed.global_state.client
+  if client is None:
+    return
+  _barriers += 1
+  client.wait_at_barrier(f"flamingo_jax/{name}/{_barriers}", int(timeout_s * 1000))

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flamingo_jax.errors import ConfigError
-from flamingo_jax.training import sharding
+from flamingo_jax.training import distributed, sharding
 from flamingo_jax.training.metrics import MetricsWriter, progress_line
 
 log = logging.getLogger("flamingo_jax.train")
@@ -301,6 +301,7 @@ def run_loop(state: Any, *, step: int, total_steps: int,
   """
   stopped = "done"
   saved = set(checkpointer.all_steps()) if checkpointer is not None else set()
+  distributed.barrier("first_step")  # every process compiled: no collective times out
 
   with StopSignal() as stop:
     while step < total_steps:
