@@ -102,10 +102,9 @@ _barriers = 0
 def barrier(name: str, timeout_s: float = 1800.0) -> None:
   """Waits until every process reaches this point, on the coordination service.
 
-  Used before the first step: processes finish compiling at different times,
-  and the first device collective on CPU (gloo) gives up after 30 s, so a
-  process that compiled a minute later would fail the job. The coordination
-  service's barrier waits `timeout_s` instead. A no-op in a single process.
+  Used before the first step, so every process has compiled before any steps
+  (processes finish compiling at different times); the coordination service's
+  barrier waits up to `timeout_s`. A no-op in a single process.
   """
   global _barriers
   if jax.process_count() == 1:

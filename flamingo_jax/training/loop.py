@@ -301,7 +301,7 @@ def run_loop(state: Any, *, step: int, total_steps: int,
   """
   stopped = "done"
   saved = set(checkpointer.all_steps()) if checkpointer is not None else set()
-  distributed.barrier("first_step")  # every process compiled: no collective times out
+  distributed.barrier("first_step")  # every process has compiled before any steps
 
   with StopSignal() as stop:
     while step < total_steps:
