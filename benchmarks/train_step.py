@@ -446,10 +446,8 @@ class Worker:
 
   def close(self) -> None:
     if self.proc.poll() is None:
-      try:
+      with contextlib.suppress(OSError):  # the worker already closed its end
         self.proc.stdin.close()
-      except OSError:
-        pass
       try:
         self.proc.wait(timeout=60)
       except subprocess.TimeoutExpired:

@@ -160,29 +160,11 @@ def masked_extend(module: Flamingo, tokens, positions, mask, key_positions, phi,
   b, length = tokens.shape
   if c.lm.sliding_window:
     mask = mask & (positions[:, :, None] - key_positions[:, None, :] < c.lm.sliding_window)
-  if cache.xattn_keys:
-    kv = list(zip(cache.xattn_keys, cache.xattn_values))
-    n_img, n_tok = cache.xattn_keys[0].shape[1:3]
-  else:
-    kv = module.cross_kv(cache.visual)
-    n_img, n_tok = cache.visual.shape[1:3]
-  xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous)
-  flat = lambda a: a.reshape(b, n_img * n_tok, *a.shape[3:])  # noqa: E731
-  xattn_at = {i: j for j, i in enumerate(module.xattn_indices)}
-  x = module.embed_tokens(tokens, positions)
-  keys, values = [], []
-  for i in range(c.lm.num_layers):
-    if i in xattn_at:
-      k, v = kv[xattn_at[i]]
-      x = module.xattn_block(xattn_at[i], x, (flat(k), flat(v)), xmask, phi > 0)
-    x, (k, v) = module.lm.block(i, x, positions, mask[:, None],
-                                (cache.keys[i], cache.values[i], cache.index))
-    keys.append(k)
-    values.append(v)
+  logits, keys, values = module.extend_layers(tokens, positions, mask[:, None], phi, cache)
   key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((b, length), bool),
                                           (0, cache.index))
-  return module.logits_from_hidden(x), cache.replace(
-      keys=tuple(keys), values=tuple(values), key_mask=key_mask, index=cache.index + length)
+  return logits, cache.replace(keys=keys, values=values, key_mask=key_mask,
+                               index=cache.index + length)
 
 
 class _TreeState(NamedTuple):

@@ -365,6 +365,21 @@ class Flamingo(nn.Module):
                                default_positions(key_mask, b, cache.length),
                                c.lm.sliding_window)
 
+    logits, keys, values = self.extend_layers(tokens, positions, mask, phi, cache)
+    new = cache.replace(
+        keys=keys, values=values, key_mask=key_mask,
+        index=cache.index + length,
+        num_tokens=cache.num_tokens + counts[:, -1],
+        image_count=cache.image_count + jnp.sum(is_image, axis=-1, dtype=jnp.int32),
+        image_reset=image_reset)
+    return logits, new
+
+  def extend_layers(self, tokens, positions, mask, phi, cache: DecodeCache):
+    """The layers of `extend` under a given self-attention mask [B, 1, L, S] (also
+    used by evaluate/decode.py's `masked_extend`) -> (logits [B, L, V], each LM
+    layer's keys and values with the L new ones written at cache.index)."""
+    c = self.config
+    b = tokens.shape[0]
     if cache.xattn_keys:
       kv = list(zip(cache.xattn_keys, cache.xattn_values))
       n_img, n_tok = cache.xattn_keys[0].shape[1:3]
@@ -386,14 +401,7 @@ class Flamingo(nn.Module):
                                 (cache.keys[i], cache.values[i], cache.index))
       keys.append(k)
       values.append(v)
-    logits = self.logits_from_hidden(x)
-    new = cache.replace(
-        keys=tuple(keys), values=tuple(values), key_mask=key_mask,
-        index=cache.index + length,
-        num_tokens=cache.num_tokens + counts[:, -1],
-        image_count=cache.image_count + jnp.sum(is_image, axis=-1, dtype=jnp.int32),
-        image_reset=image_reset)
-    return logits, new
+    return self.logits_from_hidden(x), tuple(keys), tuple(values)
 
 
 def check_inputs(c: FlamingoConfig, tokens, images, visual_features, next_image,
