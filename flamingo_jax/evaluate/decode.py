@@ -124,14 +124,15 @@ class _Stepper(NamedTuple):
   take: Any  # (state, rows [R'], within_prompt: bool) -> state
 
 
-def _cached_stepper(model: Flamingo, params, tokens, mask, images, features, max_new: int,
-                    recompute_cross_kv: bool) -> _Stepper:
+def _cached_stepper(model: Flamingo, params, tokens, mask, images, features, latents,
+                    max_new: int, recompute_cross_kv: bool) -> _Stepper:
   variables = {"params": params}
 
   def init():
     logits, cache = model.apply(variables, tokens, images, features, mask,
                                 cache_length=tokens.shape[1] + max_new,
-                                cache_cross_kv=not recompute_cross_kv, method="prefill")
+                                cache_cross_kv=not recompute_cross_kv, visual_latents=latents,
+                                method="prefill")
     return logits[:, -1], cache
 
   def step(cache: DecodeCache, new):
@@ -175,8 +176,8 @@ class _TreeState(NamedTuple):
   image_reset: jax.Array  # [R] bool
 
 
-def _tree_stepper(model: Flamingo, params, tokens, mask, images, features, max_new: int,
-                  beams: int) -> _Stepper:
+def _tree_stepper(model: Flamingo, params, tokens, mask, images, features, latents,
+                  max_new: int, beams: int) -> _Stepper:
   """Beam search on ONE cache row per prompt: step n writes the K beams' tokens at
   slots P + n K .. P + n K + K - 1 and each beam attends to the prompt and its own
   earlier slots (`masked_extend`), so reordering the beams moves the [R, M] slot
@@ -188,7 +189,7 @@ def _tree_stepper(model: Flamingo, params, tokens, mask, images, features, max_n
 
   def init():
     logits, cache = model.apply(variables, tokens, images, features, mask,
-                                cache_length=length, method="prefill")
+                                cache_length=length, visual_latents=latents, method="prefill")
     state = _TreeState(cache, jnp.full((b, max(max_new - 1, 1)), -1, jnp.int32),
                        jnp.zeros((), jnp.int32), cache.image_count, cache.image_reset)
     return logits[:, -1], state
@@ -224,19 +225,20 @@ def _tree_stepper(model: Flamingo, params, tokens, mask, images, features, max_n
   return _Stepper(init, step, take)
 
 
-def _full_forward_stepper(model: Flamingo, params, tokens, mask, images, features,
+def _full_forward_stepper(model: Flamingo, params, tokens, mask, images, features, latents,
                           max_new: int) -> _Stepper:
   """The reference: every step runs `Flamingo.__call__` over the whole buffer."""
   variables = {"params": params}
   b, length = tokens.shape
+  visual = "visual_features" if latents is None else "visual_latents"
 
   def logits_at(state, pos):
     buf, buf_mask, feats, _ = state
-    logits, _ = model.apply(variables, buf, visual_features=feats, attention_mask=buf_mask)
+    logits, _ = model.apply(variables, buf, attention_mask=buf_mask, **{visual: feats})
     return jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False)
 
   def init():
-    feats = features
+    feats = features if latents is None else latents
     if images is not None:  # the vision encoder once per prompt, as in OpenFlamingo
       feats = model.apply(variables, images, method="encode_images")
     buf = jnp.concatenate([tokens, jnp.zeros((b, max_new), tokens.dtype)], axis=1)
@@ -421,14 +423,16 @@ def _beam_search(stepper: _Stepper, config: FlamingoConfig, options: DecodeConfi
   return Generation(tokens, lengths, jnp.take_along_axis(scores, best[:, None], 1)[:, 0])
 
 
-def generate(params, tokens, attention_mask, images=None, visual_features=None, rng=None, *,
-             config: FlamingoConfig, options: DecodeConfig) -> Generation:
+def generate(params, tokens, attention_mask, images=None, visual_features=None, rng=None,
+             visual_latents=None, *, config: FlamingoConfig, options: DecodeConfig
+             ) -> Generation:
   """New tokens for each prompt.
 
   tokens [B, P] int32, left padded (attention_mask [B, P], 1 = real token, or
   None: no padding);
-  images [B, N, T, H, W, 3] or visual_features [B, N, T, S, C] (or neither:
-  text only); rng: a key for method="sample". Pure: jit it with config and
+  images [B, N, T, H, W, 3], visual_features [B, N, T, S, C] or visual_latents
+  [B, N, n, D_r] (the resampler's output, `features.FeatureCache.latents`), or
+  none: text only; rng: a key for method="sample". Pure: jit it with config and
   options static (`Generator` does, with buckets).
   """
   options.validate(config)
@@ -437,13 +441,13 @@ def generate(params, tokens, attention_mask, images=None, visual_features=None, 
     attention_mask = jnp.ones(tokens.shape, jnp.int32)
   if options.use_cache and options.method == "beam" and not options.recompute_cross_kv:
     stepper = _tree_stepper(model, params, tokens, attention_mask, images, visual_features,
-                            options.max_new_tokens, options.num_beams)
+                            visual_latents, options.max_new_tokens, options.num_beams)
   elif options.use_cache:
     stepper = _cached_stepper(model, params, tokens, attention_mask, images, visual_features,
-                              options.max_new_tokens, options.recompute_cross_kv)
+                              visual_latents, options.max_new_tokens, options.recompute_cross_kv)
   else:
     stepper = _full_forward_stepper(model, params, tokens, attention_mask, images,
-                                    visual_features, options.max_new_tokens)
+                                    visual_features, visual_latents, options.max_new_tokens)
   if options.method == "beam":
     return _beam_search(stepper, config, options)
   if options.method == "sample" and rng is None:
@@ -479,13 +483,15 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int
 
 
 def stack_images(images: Sequence[Optional[np.ndarray]], slots: int) -> np.ndarray:
-  """Per-prompt images [N_i, T, H, W, 3] -> [B, slots, T, H, W, 3], zeros in unused slots.
+  """Per-prompt images [N_i, T, H, W, 3] -> [B, slots, T, H, W, 3], zeros in unused slots
+  (features [N_i, T, S, C] and latents [N_i, n, D_r] alike).
 
   No token refers to an unused slot, so its content never reaches the text.
   """
   shapes = {tuple(np.shape(x)[1:]) for x in images if x is not None and len(x)}
   if len(shapes) != 1:
-    raise ValueError(f"all images must share one [T, H, W, 3] shape, got {sorted(shapes)}")
+    raise ValueError(f"all images (features, latents) must share one shape per slot, got "
+                     f"{sorted(shapes)}")
   (shape,) = shapes
   out = np.zeros((len(images), slots) + shape, np.float32)
   for i, x in enumerate(images):
@@ -594,24 +600,34 @@ class Generator:
     else:
       self._fn = jax.jit(functools.partial(generate, config=config, options=options),
                          in_shardings=(param_shardings, data_sharding, data_sharding,
-                                       data_sharding, data_sharding, None))
+                                       data_sharding, data_sharding, None, data_sharding))
 
   def __call__(self, params, prompts: Sequence[Sequence[int]],
                images: Optional[Sequence[Optional[np.ndarray]]] = None, rng=None, *,
-               visual_features: Optional[Sequence[Optional[np.ndarray]]] = None
+               visual_features: Optional[Sequence[Optional[np.ndarray]]] = None,
+               visual_latents: Optional[Sequence[Optional[np.ndarray]]] = None
                ) -> list[list[int]]:
     """Token lists -> generated token lists (without the stop token and padding).
 
     images: per prompt [N_i, T, H, W, 3] float32 (N_i = its `<image>` count) or
     None for text-only prompts; or visual_features: per prompt the frozen
-    vision features [N_i, T, S, C] (`features.FeatureCache`) instead.
+    vision features [N_i, T, S, C] (`features.FeatureCache`) instead; or
+    visual_latents: per prompt the resampled tokens [N_i, n, D_r]
+    (`FeatureCache.latents`).
     """
     c = self.config
     if not prompts:
       return []
     counts = count_image_tokens(prompts, c.image_token_id)
-    as_features = visual_features is not None
-    images = check_image_counts(prompts, counts, visual_features if as_features else images)
+    given = [k for k, v in (("images", images), ("visual_features", visual_features),
+                            ("visual_latents", visual_latents)) if v is not None]
+    if len(given) > 1:
+      raise ValueError(f"pass one of images, visual_features and visual_latents, not "
+                       f"{' and '.join(given)}")
+    kind = given[0] if given else "images"
+    images = check_image_counts(prompts, counts, {"images": images,
+                                                  "visual_features": visual_features,
+                                                  "visual_latents": visual_latents}[kind])
     slots = max(counts)
     length = bucket(max(len(p) for p in prompts), self.prompt_buckets)
     if rng is None:
@@ -622,9 +638,11 @@ class Generator:
       idx += [idx[0]] * (self.batch_size - len(idx))  # fixed batch shape
       tokens, mask = left_pad([prompts[i] for i in idx], length, self.options.pad_token_id)
       imgs = stack_images([images[i] for i in idx], slots) if slots else None
-      visual = (None, imgs) if as_features else (imgs, None)
-      result = self.placement.run(self._fn, params, tokens, mask, *visual,
-                                  jax.random.fold_in(rng, start))
+      visual = {k: imgs if k == kind else None
+                for k in ("images", "visual_features", "visual_latents")}
+      result = self.placement.run(self._fn, params, tokens, mask, visual["images"],
+                                  visual["visual_features"], jax.random.fold_in(rng, start),
+                                  visual["visual_latents"])
       toks, lengths = self.placement.fetch((result.tokens, result.lengths))
       stops = set((c.eoc_token_id,) + tuple(self.options.stop_token_ids))
       for row in range(min(self.batch_size, len(prompts) - start)):

@@ -14,7 +14,8 @@ on the cached vision features), build the prompts, then decode (beam 3 to
 `<EOC>`) and score with CIDEr / VQA accuracy, or rank the options by mean
 log-likelihood per token and report top-1 / ROC-AUC. Video benchmarks feed
 each clip [T, H, W, 3] (evaluate/video.py) as one image slot. Vision features of
-each image or clip are computed once per run and cached on disk; predictions are appended
+each image or clip, and the resampler's tokens of them that generation takes, are
+computed once per run and cached on disk; predictions are appended
 per batch, so a rerun continues. Writes results.json, results_open_flamingo.json,
 results.md and predictions/. docs/evaluation.md describes all of it.
 """
@@ -41,7 +42,7 @@ from flamingo_jax.errors import ArgumentParser, ConfigError
 from flamingo_jax.evaluate import classification, datasets, prompts, rices, video
 from flamingo_jax.evaluate.cider import cider_d
 from flamingo_jax.evaluate.decode import DEFAULT_BUCKETS, DecodeConfig, Generator, Placement
-from flamingo_jax.evaluate.features import FeatureCache, params_fingerprint
+from flamingo_jax.evaluate.features import FeatureCache, latents_supported, params_fingerprint
 from flamingo_jax.evaluate.predictions import PredictionLog, file_stem
 from flamingo_jax.evaluate.scoring import Scorer
 from flamingo_jax.evaluate.vqa import (ANSWER_POSTPROCESS, GT_NORMALISATIONS,
@@ -652,11 +653,13 @@ class _Model:
     return self._caches[key]
 
   def feature_counts(self) -> Optional[dict]:
-    """{computed, loaded} over every cache (None when the cache is off)."""
+    """{computed, loaded} features and latents over every cache (None when it is off)."""
     if not self._caches:
       return None
-    return {"computed": sum(c.computed for c in self._caches.values()),
-            "loaded": sum(c.loaded for c in self._caches.values())}
+    total = lambda name: sum(getattr(c, name) for c in self._caches.values())  # noqa: E731
+    return {"computed": total("computed"), "loaded": total("loaded"),
+            "latents_computed": total("latents_computed"),
+            "latents_loaded": total("latents_loaded")}
 
   def _image(self, path: str) -> np.ndarray:
     return load_image(path, self.config.vision.image_size, tuple(self.ec.image_mean),
@@ -673,10 +676,14 @@ class _Model:
       self._generators[key] = Generator(self.config, options, **self.common)
     return self._generators[key]
 
-  def visual(self, built: Sequence[prompts.Prompt], task: "_Task") -> dict:
-    """The prompts' images (or clips) as the model takes them: cached features
-    [N, T, S, C] or pixels [N, T, H, W, 3] per prompt."""
+  def visual(self, built: Sequence[prompts.Prompt], task: "_Task", latents: bool = False
+             ) -> dict:
+    """The prompts' images (or clips) as the model takes them: cached latents
+    [N, n, D_r] (latents=True, where the resampler allows: the generator takes
+    them), cached features [N, T, S, C] or pixels [N, T, H, W, 3] per prompt."""
     features = self.features_for(task)
+    if features is not None and latents and latents_supported(self.config):
+      return {"visual_latents": [np.stack(features.latents(list(p.images))) for p in built]}
     if features is not None:
       return {"visual_features": [np.stack(features.get(list(p.images))) for p in built]}
     return {"images": [np.stack([task.image(path) for path in p.images]) for p in built]}
@@ -704,7 +711,7 @@ def _run_batch(m: _Model, task: _Task, batch: np.ndarray, shot_idx: np.ndarray,
   built = [task.prompt(int(q), [shots[i] for i in order], num_shots)
            for q, shots in zip(batch, shot_idx) for order in orders]
   ids = [encode_prompt(p.text, m.tokenizer) for p in built]
-  visual = m.visual(built, task)
+  visual = m.visual(built, task, latents=option_ids is None)  # the generator takes latents
   rows = [{"index": int(q), "id": task.example_id(int(q)),
            "shots": [int(s) for s in shots], **task.references(int(q))}
           for q, shots in zip(batch, shot_idx)]

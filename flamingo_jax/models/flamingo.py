@@ -4,7 +4,9 @@ with GATED XATTN-DENSE blocks inserted before some of its blocks.
 Inputs
   tokens           [B, L] int32, `<image>` tokens mark where images are
   images           [B, N, T, H, W, 3] (N image slots, T frames) or
-  visual_features  [B, N, T, S, C] precomputed vision features
+  visual_features  [B, N, T, S, C] precomputed vision features, or
+  visual_latents   [B, N, n, D_r] precomputed resampler outputs (the visual
+                   tokens; evaluation caches them per image)
   next_image       [B] bool: text attends to the next image instead of the
                    previous one (p_next, paper appendix)
   attention_mask   [B, L] (1 = real token; left or right padding)
@@ -72,8 +74,9 @@ class DecodeCache:
   """What decoding keeps between steps; a pytree of arrays, batch-major (row b).
 
   keys/values: per LM block [B, S, Hkv, Dh], S slots (prompt + new tokens).
-  xattn_keys/xattn_values: per GATED XATTN-DENSE block [B, N, n, H, Dh]
-    (N images of n visual tokens), computed once per prompt; or () when the
+  xattn_keys/xattn_values: per GATED XATTN-DENSE block [B, H, N, n, Dh]
+    (N images of n visual tokens; head-major, the layout the attention reads,
+    so a step does not transpose them), computed once per prompt; or () when the
     cache holds `visual` instead and they are recomputed every step (the
     OpenFlamingo behaviour, kept for benchmarks).
   visual: [B, N, n, D_r] resampled visual tokens, only when xattn_* are ().
@@ -239,17 +242,20 @@ class Flamingo(nn.Module):
 
   # ------------------------------------------------------------------ model
   def __call__(self, tokens, images=None, visual_features=None, next_image=None,
-               attention_mask=None, image_count=None, train: bool = False):
+               attention_mask=None, image_count=None, train: bool = False,
+               visual_latents=None):
     """-> (logits [B, L, V] float32, aux dict). See module docstring."""
     c = self.config
-    check_inputs(c, tokens, images, visual_features, next_image, attention_mask, image_count)
+    check_inputs(c, tokens, images, visual_features, next_image, attention_mask, image_count,
+                 visual_latents)
     b, length = tokens.shape
     dtype = layers.dtype_of(c.dtype)
 
     if images is not None:
       visual_features = self.encode_images(images, train=train)
-    if visual_features is not None:
-      visual = self.resample(visual_features)  # [B, N, n, D_r]
+    if visual_features is not None or visual_latents is not None:
+      visual = (self.resample(visual_features) if visual_latents is None
+                else self.latents_in(visual_latents))  # [B, N, n, D_r]
       n_img, n_tok = visual.shape[1], visual.shape[2]
       phi = masking.phi(tokens, c.image_token_id, next_image, c.image_reset_token_id)
     else:  # text only: no token has an image
@@ -278,8 +284,20 @@ class Flamingo(nn.Module):
     return logits, aux
 
   # ------------------------------------------------------------------ decoding
-  def visual_tokens(self, batch: int, images=None, visual_features=None):
-    """images or features (or neither: text only) -> visual tokens [B, N, n, D_r]."""
+  def latents_in(self, latents):
+    """Precomputed visual tokens [B, N, n, D_r] (`resample`'s output, e.g. cached per
+    image) -> the same in the compute dtype, checked."""
+    c = self.config
+    layers.check_rank("visual_latents", latents, 4, "[B, N, n, D_r]")
+    if latents.shape[-1] != c.resampler.width:
+      raise ValueError(f"visual_latents are {latents.shape[-1]} wide but model.resampler.width "
+                       f"is {c.resampler.width} (shape {tuple(latents.shape)})")
+    return latents.astype(layers.dtype_of(c.dtype))
+
+  def visual_tokens(self, batch: int, images=None, visual_features=None, visual_latents=None):
+    """images, features or latents (or none: text only) -> visual tokens [B, N, n, D_r]."""
+    if visual_latents is not None:
+      return self.latents_in(visual_latents)
     if images is not None:
       visual_features = self.encode_images(images)
     if visual_features is None:  # as __call__: one zero token no text attends to
@@ -288,38 +306,45 @@ class Flamingo(nn.Module):
     return self.resample(visual_features)
 
   def cross_kv(self, visual):
-    """visual [B, N, n, D_r] -> per xattn block (keys, values), each [B, N, n, H, Dh]."""
+    """visual [B, N, n, D_r] -> per xattn block (keys, values), each [B, H, N, n, Dh].
+
+    Head-major: the attention reads them as [B, H, V, Dh], so decoding steps use
+    the cache as it is (stored [B, N, n, H, Dh], every step transposed it whole).
+    """
     b, n_img, n_tok, d = visual.shape
     flat = visual.reshape(b, n_img * n_tok, d)
     out = []
     for j in range(len(self.xattn_indices)):
-      k, v = self.xattn_block(j, None, flat, None, None)
-      out.append((k.reshape(b, n_img, n_tok, *k.shape[2:]),
-                  v.reshape(b, n_img, n_tok, *v.shape[2:])))
+      k, v = self.xattn_block(j, None, flat, None, None)  # [B, V, H, Dh]
+      out.append(tuple(a.transpose(0, 2, 1, 3).reshape(b, a.shape[2], n_img, n_tok, a.shape[3])
+                       for a in (k, v)))
     return tuple(out)
 
   def prefill(self, tokens, images=None, visual_features=None, attention_mask=None, *,
-              cache_length: int, cache_cross_kv: bool = True):
+              cache_length: int, cache_cross_kv: bool = True, visual_latents=None):
     """Runs the prompt and returns (logits [B, L, V] f32, DecodeCache).
 
     tokens [B, L] (left padded, attention_mask [B, L] 1 = real token), images
-    [B, N, T, H, W, 3] or visual_features [B, N, T, S, C] as in `__call__`.
+    [B, N, T, H, W, 3], visual_features [B, N, T, S, C] or visual_latents
+    [B, N, n, D_r] as in `__call__`.
     cache_length: S >= L, slots for the prompt and every token to come.
     cache_cross_kv=False keeps the visual tokens instead of their keys/values,
     so `extend` recomputes them each step (the peers' way; benchmarks only).
     """
     c = self.config
-    check_inputs(c, tokens, images, visual_features, None, attention_mask, None)
+    check_inputs(c, tokens, images, visual_features, None, attention_mask, None, visual_latents)
     b, length = tokens.shape
     if cache_length < length:
       raise ValueError(f"cache_length {cache_length} is shorter than the prompt ({length} "
                        "tokens)")
     dtype = layers.dtype_of(c.dtype)
-    visual = self.visual_tokens(b, images, visual_features)
+    visual = self.visual_tokens(b, images, visual_features, visual_latents)
     kv_heads = c.lm.num_kv_heads or c.lm.num_heads
     zeros = lambda: jnp.zeros((b, cache_length, kv_heads, c.lm.head_dim), dtype)  # noqa: E731
     if cache_cross_kv:
-      kv = self.cross_kv(visual)
+      # The barrier keeps them head-major in the cache: XLA would otherwise sink the
+      # layout change into the decoding loop, and transpose them at every step.
+      kv = jax.lax.optimization_barrier(self.cross_kv(visual))
       xk, xv, visual = tuple(k for k, _ in kv), tuple(v for _, v in kv), None
     else:
       xk, xv = (), ()
@@ -382,13 +407,15 @@ class Flamingo(nn.Module):
     b = tokens.shape[0]
     if cache.xattn_keys:
       kv = list(zip(cache.xattn_keys, cache.xattn_values))
-      n_img, n_tok = cache.xattn_keys[0].shape[1:3]
     else:
       kv = self.cross_kv(cache.visual)
-      n_img, n_tok = cache.visual.shape[1:3]
+    n_img, n_tok = kv[0][0].shape[2:4]
     xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous)
     has_image = phi > 0
-    flat = lambda a: a.reshape(b, n_img * n_tok, *a.shape[3:])  # noqa: E731
+    # [B, H, N, n, Dh] -> the attention's [B, V, H, Dh] (XLA folds this transpose into
+    # the attention's own, so the cache is read in place)
+    flat = lambda a: a.reshape(b, a.shape[1], n_img * n_tok, a.shape[4]).transpose(  # noqa: E731
+        0, 2, 1, 3)
 
     x = self.embed_tokens(tokens, positions)
     xattn_at = {i: j for j, i in enumerate(self.xattn_indices)}
@@ -405,14 +432,16 @@ class Flamingo(nn.Module):
 
 
 def check_inputs(c: FlamingoConfig, tokens, images, visual_features, next_image,
-                 attention_mask, image_count) -> None:
+                 attention_mask, image_count, visual_latents=None) -> None:
   """Shape checks always; value checks when the arrays are concrete (not traced)."""
   layers.check_rank("tokens", tokens, 2, "[B, L]")
   b = tokens.shape[0]
-  if images is not None and visual_features is not None:
-    raise ValueError("pass either images or visual_features, not both")
-  visual = images if images is not None else visual_features
-  name = "images" if images is not None else "visual_features"
+  given = {k: v for k, v in (("images", images), ("visual_features", visual_features),
+                             ("visual_latents", visual_latents)) if v is not None}
+  if len(given) > 1:
+    raise ValueError(f"pass one of images, visual_features and visual_latents, not "
+                     f"{' and '.join(given)}")
+  name, visual = next(iter(given.items()), ("visual_features", None))
   if visual is not None and visual.shape[0] != b:
     raise ValueError(f"{name} has batch size {visual.shape[0]} but tokens has {b}")
   for arr_name, arr in [("next_image", next_image), ("image_count", image_count)]:
