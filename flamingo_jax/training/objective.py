@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flamingo_jax.models.layers import dtype_of
 from flamingo_jax.models.xattn import tanh_gates
 from flamingo_jax.training.optim import merge_params
-from flamingo_jax.training.sharding import BATCH_AXES
+from flamingo_jax.training.sharding import BATCH_AXES, batch_shards, batch_spec
 
 MODEL_INPUTS = ("images", "visual_features", "next_image", "attention_mask", "image_count")
 BATCH_KEYS = ("tokens", "targets", "loss_mask") + MODEL_INPUTS
@@ -84,6 +85,14 @@ def make_grad_fn(model, *, weights: Mapping[str, float], micro_batches: Mapping[
   sum_m lambda_m * d(mean NLL_m)/d(params), accumulated in float32.
   `train_vision` is the model's `train` flag (it only switches the vision
   encoder's stochastic depth / dropout, which must stay off while it is frozen).
+
+  With the vision encoder frozen (train_vision False), every dataset's images
+  are encoded first, outside the gradient, by `encode_frozen_images` (one
+  compiled encoder for the whole mixture instead of one per dataset and
+  micro-batch scan), and the losses run on the features: the same losses
+  and gradients, since a frozen encoder's output is a constant of the step.
+  With train_vision (or the encoder among the trainable params) it runs
+  inside each loss, per micro-batch, as before.
   """
 
   def loss_fn(params, frozen, batch, rng, denom, weight):
@@ -94,6 +103,8 @@ def make_grad_fn(model, *, weights: Mapping[str, float], micro_batches: Mapping[
     return weight * nll / denom, nll
 
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  config = getattr(model, "config", None)
+  image_dtype = dtype_of(config.dtype) if isinstance(getattr(config, "dtype", None), str) else None
 
   def dataset_grads(params, frozen, batch, rng, weight, k):
     count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -118,10 +129,15 @@ def make_grad_fn(model, *, weights: Mapping[str, float], micro_batches: Mapping[
   def grad_fn(params, frozen, batches, rng):
     if not batches:
       raise ValueError("a train step needs at least one dataset batch")
-    grads, metrics, total = None, {}, jnp.zeros((), jnp.float32)
-    for i, name in enumerate(sorted(batches)):
+    for name in batches:
       if name not in weights:
         raise ValueError(f"dataset {name!r} has no loss weight; known: {sorted(weights)}")
+    if not train_vision and "vision" not in params:
+      encode = lambda images: model.apply(  # noqa: E731
+          {"params": merge_params(params, frozen)}, images, method="encode_images")
+      batches = encode_frozen_images(encode, batches, micro_batches, mesh, image_dtype)
+    grads, metrics, total = None, {}, jnp.zeros((), jnp.float32)
+    for i, name in enumerate(sorted(batches)):
       g, nll, count = dataset_grads(params, frozen, batches[name], jax.random.fold_in(rng, i),
                                     weights[name], micro_batches.get(name, 1))
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
@@ -133,6 +149,81 @@ def make_grad_fn(model, *, weights: Mapping[str, float], micro_batches: Mapping[
     return grads, metrics
 
   return grad_fn
+
+
+def encode_frozen_images(encode: Callable, batches: Mapping[str, Mapping[str, jax.Array]],
+                         micro_batches: Mapping[str, int], mesh: Optional[Mesh] = None,
+                         image_dtype: Any = None) -> dict[str, dict[str, jax.Array]]:
+  """Every dataset's `images` -> `visual_features` with a frozen encoder, one compiled call.
+
+  encode: images [b, N, T, H, W, 3] -> features [b, N, T, S, C] (the model's
+  `encode_images`). The images of all datasets (same H, W) are laid end to end
+  per data-parallel shard ([shards, M, H, W, 3]: no device exchanges rows) and
+  encoded in chunks of a fixed size by one loop: XLA compiles the encoder
+  once, not once per dataset. The chunk is the largest micro-batch's image
+  count per shard, so the encoder's activation memory is what the
+  per-micro-batch path needed. image_dtype (the compute dtype) casts the
+  images before they are laid out, as every registered encoder casts its
+  input first: half the copy in bfloat16, same numbers. The features are
+  under stop_gradient (the encoder is frozen); the encoder is per image, so
+  they equal those of per-dataset calls up to float rounding. Batches without
+  images, or whose batch does not divide over the shards, pass through
+  unchanged (their loss encodes them as before).
+  """
+  shards = batch_shards(mesh) if mesh is not None else 1
+  groups: dict[tuple, list[str]] = {}
+  for name in sorted(batches):
+    images = batches[name].get("images")
+    if images is None or images.ndim != 6 or images.shape[0] % shards:
+      continue  # left to the loss (which reports a bad shape), as before
+    groups.setdefault(tuple(images.shape[3:]), []).append(name)
+  out = {name: dict(batch) for name, batch in batches.items()}
+  for hwc, names in groups.items():
+    per_shard, chunk = {}, 1  # per_shard[n]: images of one shard of dataset n (B/shards*N*T)
+    for n in names:
+      b, n_img, t = batches[n]["images"].shape[:3]
+      per_shard[n] = b // shards * n_img * t
+      chunk = max(chunk, -(-b // (micro_batches.get(n, 1) * shards)) * n_img * t)
+    total = sum(per_shard.values())
+    chunk = min(chunk, total)
+    steps = -(-total // chunk)
+    parts = [batches[n]["images"].reshape((shards, per_shard[n]) + hwc) for n in names]
+    if image_dtype is not None:
+      parts = [p.astype(image_dtype) for p in parts]
+    if steps * chunk > total:
+      parts.append(jnp.zeros((shards, steps * chunk - total) + hwc, parts[0].dtype))
+    flat = _batch_constraint(jnp.concatenate(parts, axis=1), mesh)  # [shards, steps * chunk, ...]
+
+    def encode_chunk(i):  # chunk i of every shard -> [shards, chunk, S, C]
+      images = jax.lax.dynamic_slice_in_dim(flat, i * chunk, chunk, axis=1)
+      images = _batch_constraint(images.reshape((shards * chunk, 1, 1) + hwc), mesh)
+      feats = jax.lax.stop_gradient(encode(images)[:, 0, 0])
+      return _batch_constraint(feats.reshape((shards, chunk) + feats.shape[1:]), mesh)
+
+    if steps == 1:
+      feats = encode_chunk(0)
+    else:
+      shape = jax.eval_shape(encode_chunk, 0)
+      buf = _batch_constraint(jnp.zeros(shape.shape[:1] + (steps * chunk,) + shape.shape[2:],
+                                        shape.dtype), mesh)
+      feats = jax.lax.fori_loop(0, steps, lambda i, buf: jax.lax.dynamic_update_slice_in_dim(
+          buf, encode_chunk(i), i * chunk, axis=1), buf)
+    start = 0
+    for n in names:
+      b, n_img, t = batches[n]["images"].shape[:3]
+      part = feats[:, start:start + per_shard[n]]
+      start += per_shard[n]
+      del out[n]["images"]
+      out[n]["visual_features"] = _batch_constraint(
+          part.reshape((b, n_img, t) + feats.shape[2:]), mesh)
+  return out
+
+
+def _batch_constraint(x: jax.Array, mesh: Optional[Mesh]) -> jax.Array:
+  """x [B, ...] with B over the data-parallel axes (no-op without a mesh)."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.ndim)))
 
 
 def _f32(tree):
