@@ -9,13 +9,16 @@ import pytest
 from flamingo_jax import ablations
 
 # Paper Table 3 / Table 10 (Flamingo-3B "Overall", control 70.7), as listed in
-# /work/shared/reference/flamingo.md section 4: the number each config must carry.
+# /work/shared/reference/flamingo.md section 4: the number each config must carry, over
+# the paper's row that matches the demo's control (70.7, except p_next: the demo's control
+# uses p_next 0, the paper's 69.6 row).
 PAPER = {"no_video": 67.3, "no_pairs": 60.9, "no_interleaved": 53.4, "round_robin": 62.9,
          "no_tanh_gating": 66.5, "vanilla_xattn": 66.9, "xattn_middle": 59.8,
          "xattn_every_4": 68.8, "xattn_every_2": 68.2, "resampler_mlp": 66.6,
          "resampler_transformer": 66.7, "vision_patch_encoder": 64.9, "lm_from_scratch": 57.8,
          "lm_unfrozen": 62.7, "resampler_small": 67.9, "resampler_large": 69.0,
-         "all_previous_images": 63.5, "p_next_0": 69.6, "p_next_1": 70.4,
+         "all_previous_images": 63.5, "p_next_half": (70.7, 69.6),
+         "p_next_1": (70.4, 69.6),
          "vision_unfrozen": 68.1}
 
 
@@ -34,8 +37,9 @@ def test_every_config_carries_the_papers_number():
   names = {os.path.splitext(os.path.basename(p))[0]: p for p in ablations.ablation_paths()}
   assert set(names) == set(PAPER)
   for name, score in PAPER.items():
+    score, control = score if isinstance(score, tuple) else (score, 70.7)
     module = ablations.load_ablation(names[name])
-    assert module.PAPER_OVERALL == pytest.approx(score / 70.7), name
+    assert module.PAPER_OVERALL == pytest.approx(score / control), name
 
 
 def test_direction_and_agreement():
