@@ -1,7 +1,7 @@
 """Evaluation speed: OpenFlamingo's evaluation loop against ours, same model, same data.
 
   .venv/bin/python benchmarks/eval_speed.py [--queries 16] [--classes 1000] [--repeats 2]
-      [--threads N]
+      [--threads N] [--warm_cache]
 
 One small OpenFlamingo model is built locally with random weights by the real
 open_flamingo code (tests/openflamingo_ref.py: a Llama LM of width 256 x 4
@@ -24,7 +24,10 @@ weights on the same images and prompts:
 
 OpenFlamingo's side is handed the vision features (its model runs on them: the
 open_clip tower needs torchvision, not installed), so its vision encoder costs
-nothing, while ours computes them once per run. Sides alternate, `--repeats`
+nothing, while ours computes them, and the resampler's latents of each image,
+once per run (each run starts with an empty cache). --warm_cache: our runs share
+one cache directory, as the shot counts and trials of one sweep do, so the timed
+runs read each image's latents from disk. Sides alternate, `--repeats`
 times each after one warm-up each (compilation and first-call costs are
 reported apart). Prints JSON: seconds per example per side and their ratio.
 --before REV adds a third side, ours with evaluate/decode.py and scoring.py as
@@ -130,8 +133,9 @@ def build(root: str, num_classes: int, queries: int):
   return model, tok, eoc, media, names
 
 
-def eval_section(root: str) -> dict:
+def eval_section(root: str, feature_cache: str = "") -> dict:
   return {"batch_size": 8, "num_beams": 3, "decode_method": "beam", "option_chunk": 64,
+          "feature_cache": feature_cache,
           "tasks": {
               "coco": {"kind": "captioning", "train": f"{root}/karpathy.json",
                        "train_splits": ("train",), "image_root": f"{root}/images",
@@ -144,8 +148,10 @@ def eval_section(root: str) -> dict:
 
 def run_ours(m, ec, task: str, out: str, code=None) -> float:
   """One `runner.evaluate`; code: (Generator, Scorer) to run it with (`--before`)."""
-  from flamingo_jax.evaluate import decode, runner, scoring
+  from flamingo_jax.evaluate import decode, features, runner, scoring
   runner.Generator, runner.Scorer = code or (decode.Generator, scoring.Scorer)
+  # code from before the latent cache takes the features
+  runner.latents_supported = (lambda config: False) if code else features.latents_supported
   t0 = time.perf_counter()
   runner.evaluate(m.config, ec, m.params, m.tokenizer, tasks=[task], shots=[4], out_dir=out,
                   progress=False, model_id="bench")
@@ -254,6 +260,8 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=0, help="threads per side (0: all cores)")
   p.add_argument("--before", default="", help="also time our side with evaluate/decode.py and "
                  "scoring.py (and their prompt buckets) at this git revision")
+  p.add_argument("--warm_cache", action="store_true", help="our runs share one feature / "
+                 "latent cache directory (a sweep's later shot counts and trials)")
   a = p.parse_args(argv)
   cpus = sorted(os.sched_getaffinity(0))
   if not 0 <= a.threads <= len(cpus):
@@ -267,13 +275,14 @@ def main(argv=None):
   root = tempfile.mkdtemp(prefix="eval_speed_")
   model, tok, eoc, media, names = build(root, a.classes, a.queries)
   m = model_dir.load_model_dir(os.path.join(root, "model"))
-  ec = runner.eval_config(eval_section(root))
+  shared = os.path.join(root, "feature_cache") if a.warm_cache else ""
+  ec = runner.eval_config(eval_section(root, shared))
   before = code_at(a.before) if a.before else None
   if before:
-    ec_before = runner.eval_config(dict(eval_section(root), prompt_buckets=before[2]))
+    ec_before = runner.eval_config(dict(eval_section(root, shared), prompt_buckets=before[2]))
   out = {"queries": a.queries, "classes": len(names), "shots": 4, "batch": 8,
          "cpus": cpus, "torch_threads": torch.get_num_threads(),
-         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "warm_cache": a.warm_cache,
          "load_average": os.getloadavg()}
   for kind, task in (("captioning", "coco"), ("classification", "imagenet")):
     if kind not in a.only:

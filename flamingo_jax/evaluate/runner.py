@@ -682,10 +682,16 @@ class _Model:
     [N, n, D_r] (latents=True, where the resampler allows: the generator takes
     them), cached features [N, T, S, C] or pixels [N, T, H, W, 3] per prompt."""
     features = self.features_for(task)
-    if features is not None and latents and latents_supported(self.config):
-      return {"visual_latents": [np.stack(features.latents(list(p.images))) for p in built]}
     if features is not None:
-      return {"visual_features": [np.stack(features.get(list(p.images))) for p in built]}
+      # all the batch's images in one call: the missing ones are computed in full batches
+      # (per prompt, each prompt's few new images filled a padded batch of their own)
+      paths = [path for p in built for path in p.images]
+      if latents and latents_supported(self.config):
+        kind, values = "visual_latents", features.latents(paths)
+      else:
+        kind, values = "visual_features", features.get(paths)
+      ends = np.cumsum([len(p.images) for p in built])
+      return {kind: [np.stack(values[end - len(p.images):end]) for p, end in zip(built, ends)]}
     return {"images": [np.stack([task.image(path) for path in p.images]) for p in built]}
 
   def rices(self) -> _Rices:
