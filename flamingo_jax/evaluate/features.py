@@ -78,55 +78,31 @@ def latents_supported(config: FlamingoConfig) -> bool:
   return not config.resampler.num_media_embeddings
 
 
-def _encode_fn(config: FlamingoConfig, shardings: Any = None):
-  """jit: params, images [B, 1, T, H, W, 3] -> features [B, T, S, C] float32 (shared
-  between caches on one device, so its compilations are reused)."""
+def _model_fn(config: FlamingoConfig, method: str, shardings: Any = None):
+  """jit: params, x [B, 1, ...] -> `Flamingo.<method>`(x)[:, 0] float32 (shared between
+  caches on one device, so its compilations are reused). encode_images: images
+  [B, 1, T, H, W, 3] -> features [B, T, S, C]; resample: features [B, 1, T, S, C] ->
+  visual tokens [B, n, D_r]."""
   if shardings is None:
-    return _shared_encode_fn(config)
-  return _make_encode_fn(config, shardings)
+    return _shared_model_fn(config, method)
+  return _make_model_fn(config, method, shardings)
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_encode_fn(config: FlamingoConfig):
-  return _make_encode_fn(config, None)
+def _shared_model_fn(config: FlamingoConfig, method: str):
+  return _make_model_fn(config, method, None)
 
 
-def _make_encode_fn(config: FlamingoConfig, shardings: Any):
+def _make_model_fn(config: FlamingoConfig, method: str, shardings: Any):
   from flamingo_jax.models.flamingo import Flamingo
   model = Flamingo(dataclasses.replace(config, remat="none"))
 
-  def encode(params, images):
-    return model.apply({"params": params}, images, method="encode_images")[:, 0].astype(
-        jnp.float32)
+  def fn(params, x):
+    return model.apply({"params": params}, x, method=method)[:, 0].astype(jnp.float32)
 
   if shardings is None:
-    return jax.jit(encode)
-  return jax.jit(encode, in_shardings=shardings)
-
-
-def _resample_fn(config: FlamingoConfig, shardings: Any = None):
-  """jit: params, features [B, 1, T, S, C] -> visual tokens [B, n, D_r] float32."""
-  if shardings is None:
-    return _shared_resample_fn(config)
-  return _make_resample_fn(config, shardings)
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_resample_fn(config: FlamingoConfig):
-  return _make_resample_fn(config, None)
-
-
-def _make_resample_fn(config: FlamingoConfig, shardings: Any):
-  from flamingo_jax.models.flamingo import Flamingo
-  model = Flamingo(dataclasses.replace(config, remat="none"))
-
-  def resample(params, features):
-    return model.apply({"params": params}, features, method="resample")[:, 0].astype(
-        jnp.float32)
-
-  if shardings is None:
-    return jax.jit(resample)
-  return jax.jit(resample, in_shardings=shardings)
+    return jax.jit(fn)
+  return jax.jit(fn, in_shardings=shardings)
 
 
 class FeatureCache:
@@ -146,7 +122,7 @@ class FeatureCache:
     self.params, self.config, self.load_image = params, config, load_image
     self.batch_size, self.cache_dir = batch_size, cache_dir
     self._shardings = shardings
-    self._fn = _encode_fn(config, shardings)
+    self._fn = _model_fn(config, "encode_images", shardings)
     self._resample = None  # compiled on first use of `latents`
     self._run = run or (lambda f, *a: f(*a))
     self._fetch = fetch or jax.device_get
@@ -240,7 +216,7 @@ class FeatureCache:
       raise ValueError("per-image latents need model.resampler.num_media_embeddings = 0 (with "
                        "media embeddings an image's tokens depend on its slot)")
     if self._resample is None:
-      self._resample = _resample_fn(self.config, self._shardings)
+      self._resample = _model_fn(self.config, "resample", self._shardings)
       self._latent_salt = f"{self._salt}|{resampler_fingerprint(self.params, self.config)}"
     missing = self._lookup(paths, latents=True)
     for start in range(0, len(missing), self.batch_size * 8):
