@@ -254,8 +254,15 @@ def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
         model.config, ec, params, model.tokenizer, classes_task="classes",
         shots=scale.shots, num_samples=scale.eval_samples, label=EVAL_LABELS[name])
         for name, params in runs.items()}
+    # The frozen LM alone on the same episodes with the pictures in words: the most the
+    # Flamingo can bind through that LM (evaluate/names.py `words_prompt`).
+    words = names_lib.evaluate_names(
+        model.config, ec, model.params, model.tokenizer, classes_task="classes",
+        shots=scale.shots, num_samples=scale.eval_samples, words=True,
+        label="the frozen LM alone: ")
     out["names"] = {"metric": names_lib.METRIC, "chance": names_lib.CHANCE,
-                    "results": {name: r["shots"] for name, r in named.items()}}
+                    "results": {name: r["shots"] for name, r in named.items()},
+                    "words": words["shots"]}
   if baselines:
     out["chance"] = {t: r["score"] for t, r in baselines_lib.chance(
         model.config, ec, tasks, scale.eval_samples).items()}
@@ -431,6 +438,14 @@ def write_report(paths: dict, results: dict, seconds: dict,
   for task, m in margins(ev).items():
     lines.append(f"| {task} | {m['flamingo']:.1f} | {m.get('over_gates_zero', 0):+.1f} | "
                  f"{m.get('over_chance', 0):+.1f} |")
+  if "words" in ev.get("names", {}):
+    w = ev["names"]["words"]
+    lines += ["", "Name binding in words (the same episodes, every picture replaced by its "
+              "class, `a red circle This is a blicket ...`, scored by the frozen LM alone): "
+              + " / ".join(f"{w[str(s)]:.1f}" for s in ev["shots"]) + " top-1 at "
+              + " / ".join(str(s) for s in ev["shots"]) + " shots. The Flamingo can bind "
+              "names only through its frozen LM's self-attention, so this is about the most "
+              "the pictures can give."]
   lines += [
       "", "## Stages", "",
       "| stage | result | seconds |", "|---|---|---:|",

@@ -105,3 +105,19 @@ def test_seeds_option_names_bad_input(capsys):
     assert run_cli(demo.main, ["--workdir", "/nonexistent/x", "--seeds", bad]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err
+
+
+def test_words_prompt_is_the_episode_with_each_picture_in_words():
+  support = [_Ex(f"s{i}.png", f"{c} {k}") for i, (c, k) in enumerate(
+      [(c, k) for c in shapes.COLOURS for k in shapes.SHAPES])]
+  test = [_Ex("t0.png", "blue square")]
+  (e,) = names.episodes(support, test, np.array([0]), 4, seed=3)
+  text = names.words_prompt(e, zero_shot=False)
+  parts = [f"a {c} This is a {e['binding'][k]}" for c, (_, k) in
+           zip(e["shot_classes"], e["shots"])]
+  assert text == " ".join(parts + ["a blue square This is a"])
+  assert all(c.endswith(k) for c, (_, k) in zip(e["shot_classes"], e["shots"]))
+  assert e["answer"] == e["binding"]["square"] and e["answer"] not in text.split()[-5:]
+  (z,) = names.episodes(support, test, np.array([0]), 0, seed=3)
+  zero = names.words_prompt(z, zero_shot=True)  # text-only demonstrations: no classes
+  assert not any(k in zero.rsplit("a blue square", 1)[0] for k in shapes.SHAPES)

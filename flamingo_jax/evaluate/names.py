@@ -57,17 +57,38 @@ def episodes(support: Sequence, test: Sequence, queries: np.ndarray, num_shots: 
     kinds = [shapes.SHAPES[int(i)] for r in range(-(-n // len(shapes.SHAPES)))
              for i in rng.permutation(len(shapes.SHAPES))][:n]
     kinds = [kinds[int(i)] for i in rng.permutation(n)]
-    shots = [(support[int(rng.choice(by_kind[k]))].image_path, k) for k in kinds]
-    out.append({"binding": binding, "shots": shots, "query": test[int(q)].image_path,
+    picks = [support[int(rng.choice(by_kind[k]))] for k in kinds]
+    out.append({"binding": binding, "shots": [(ex.image_path, k) for ex, k in zip(picks, kinds)],
+                "shot_classes": [ex.class_name for ex in picks],
+                "query": test[int(q)].image_path, "query_class": test[int(q)].class_name,
                 "answer": binding[_kind(test[int(q)])]})
   return out
 
 
+def words_prompt(episode: dict, zero_shot: bool) -> str:
+  """The episode in words, every picture replaced by its class ("a red circle"): what
+  the frozen LM alone would need to bind in context for the pictures to be answerable.
+
+  Texts joined by spaces, as the LM's corpus joins a document's texts; at 0 shots the
+  shots' texts alone (the zero-shot protocol's text-only demonstrations).
+  """
+  shots = [(c, episode["binding"][k]) for c, (_, k) in zip(episode["shot_classes"],
+                                                          episode["shots"])]
+  parts = [(shapes.naming_text(n) if zero_shot else f"a {c} {shapes.naming_text(n)}")
+           for c, n in shots]
+  return " ".join(parts + [f"a {episode['query_class']} {TEMPLATE.text[:-len('{name}')]}"
+                           .rstrip(" ")])
+
+
 def evaluate_names(config: FlamingoConfig, ec: runner.EvalConfig, params, tokenizer, *,
                    classes_task: str, shots: Sequence[int], num_samples: int,
-                   label: str = "") -> dict:
+                   label: str = "", words: bool = False) -> dict:
   """{"metric", "chance", "shots": {n: top-1 %}}: the eval section's classification
-  task `classes_task` supplies the pictures (its support and held-out lists)."""
+  task `classes_task` supplies the pictures (its support and held-out lists).
+
+  words: the same episodes with every picture given in words (`words_prompt`) and no
+  image, scored by the LM alone: the binding the frozen LM can do by itself.
+  """
   support, test, _ = runner.load_task_data(ec.tasks[classes_task])
   queries = runner.select_queries(len(test), num_samples, ec.seed)
   info = tokenizer.info
@@ -80,12 +101,16 @@ def evaluate_names(config: FlamingoConfig, ec: runner.EvalConfig, params, tokeni
   scores = {}
   for num_shots in shots:
     eps = episodes(support, test, queries, num_shots, ec.seed)
-    built = [prompts.build_prompt(
-        TEMPLATE, [{"name": e["binding"][k], "image": path} for path, k in e["shots"]],
-        {"image": e["query"]}, zero_shot=num_shots == 0) for e in eps]
-    ids = [runner.encode_prompt(p.text, tokenizer) for p in built]
-    images = [np.stack([runner.load_image(path, size, mean, std) for path in p.images])
-              for p in built]
+    if words:
+      ids = [runner.encode_prompt(words_prompt(e, num_shots == 0), tokenizer) for e in eps]
+      images = None
+    else:
+      built = [prompts.build_prompt(
+          TEMPLATE, [{"name": e["binding"][k], "image": path} for path, k in e["shots"]],
+          {"image": e["query"]}, zero_shot=num_shots == 0) for e in eps]
+      ids = [runner.encode_prompt(p.text, tokenizer) for p in built]
+      images = [np.stack([runner.load_image(path, size, mean, std) for path in p.images])
+                for p in built]
     s = scorer(params, ids, option_ids, images)  # [Q, len(NAMES)]
     allowed = np.full(s.shape, -np.inf)
     for row, e in zip(allowed, eps):
@@ -94,6 +119,7 @@ def evaluate_names(config: FlamingoConfig, ec: runner.EvalConfig, params, tokeni
     picks = np.argmax(s + allowed, axis=1)
     correct = [shapes.NAMES[int(p)] == e["answer"] for p, e in zip(picks, eps)]
     scores[str(num_shots)] = 100.0 * float(np.mean(correct))
-    log.info("%snames %d-shot: %s %.2f", label, num_shots, METRIC, scores[str(num_shots)])
+    log.info("%snames%s %d-shot: %s %.2f", label, " in words" if words else "", num_shots,
+             METRIC, scores[str(num_shots)])
   return {"metric": METRIC, "chance": CHANCE, "shots": scores,
           "num_examples": int(len(queries))}
