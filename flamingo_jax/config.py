@@ -253,12 +253,13 @@ class FlamingoConfig:
   # (models/layer_stack.py).
   scan_layers: bool = False
   # Attention kernel: xla (einsum + float32 softmax, the reference) | cudnn
-  # (jax.nn.dot_product_attention on GPU) | splash (Pallas kernel on TPU) | auto
+  # (jax.nn.dot_product_attention on GPU) | splash (Pallas kernel on TPU) | blocked
+  # (the LM's causal self-attention by query blocks, any backend) | auto
   # (cudnn on GPU, splash on TPU, xla elsewhere). Decoding keeps the xla path.
   attention: str = "xla"
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "blocked", "auto")
 
 COMPONENTS = ("vision", "resampler", "xattn", "lm", "new_tokens")
 

@@ -215,11 +215,41 @@ def dot_product_attention(q, k, v, mask: Optional[jax.Array] = None,
   return out.reshape(b, lq, h, dh)
 
 
+CAUSAL_BLOCK = 64
+
+
+def blocked_causal_attention(q, k, v, mask, block: Optional[int] = None):
+  """Causal self-attention by query blocks, each over the keys up to its own last slot.
+
+  q [B, L, H, Dh], k/v [B, L, Hkv, Dh], mask [B, 1 or H, L, L] from
+  `lm.self_attention_mask` (slot-causal, so keys after a block's last slot are
+  masked for all its rows) -> [B, L, H, Dh]. Each block is the reference
+  (`dot_product_attention`) on [block, stop] logits: the masked upper triangle
+  is never computed, so the [B, H, L, L] float32 logits, which XLA's CPU
+  backend writes and reads some 8 times per layer (no fused attention there),
+  shrink to (1 + 1/n) / 2 of their size with n blocks. A row with a key to
+  attend to equals the reference's (its masked logits add exact zeros there);
+  a row with none (left padding) averages the values of its block's keys
+  instead of all keys: padding rows, which no real token attends to.
+  block: query rows per block (default CAUSAL_BLOCK).
+  """
+  length, block = q.shape[1], block or CAUSAL_BLOCK
+  if mask is None or length <= block or k.shape[1] != length:
+    return dot_product_attention(q, k, v, mask)
+  mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], length, length))
+  outs = []
+  for start in range(0, length, block):
+    stop = min(start + block, length)
+    outs.append(dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop],
+                                      mask[:, :, start:stop, :stop]))
+  return jnp.concatenate(outs, axis=1)
+
+
 def resolve_attention(name: str, backend: Optional[str] = None) -> str:
   """model.attention -> the implementation to run on `backend` (default: JAX's).
 
   auto: cudnn on GPU, splash on TPU, xla elsewhere. cudnn / splash on another
-  backend are a config error naming the key.
+  backend are a config error naming the key; blocked runs anywhere.
   """
   from flamingo_jax.errors import ConfigError  # noqa: PLC0415 (models import no CLI code)
   backend = backend or jax.default_backend()
@@ -229,9 +259,9 @@ def resolve_attention(name: str, backend: Optional[str] = None) -> str:
   if need is not None and backend != need:
     raise ConfigError(f"config key 'model.attention' is {name!r}, which runs on {need.upper()} "
                       f"only, but the backend is {backend}: use 'xla' or 'auto'")
-  if name not in ("xla", "cudnn", "splash"):
+  if name not in ("xla", "cudnn", "splash", "blocked"):
     raise ConfigError(f"config key 'model.attention' is {name!r}; expected one of "
-                      "['xla', 'cudnn', 'splash', 'auto']")
+                      "['xla', 'cudnn', 'splash', 'blocked', 'auto']")
   return name
 
 
@@ -242,11 +272,15 @@ def attention(q, k, v, mask: Optional[jax.Array] = None, zero_rows: Optional[jax
 
   cudnn: jax.nn.dot_product_attention's cuDNN flash kernel, same mask.
   splash: the Pallas TPU kernel for a causal self-attention (causal_self, mask
-  [B, 1, L, L] from `lm.self_attention_mask`; real tokens contiguous); any other
-  attention (cross-attention's image-causal mask) runs the reference.
+  [B, 1, L, L] from `lm.self_attention_mask`; real tokens contiguous); blocked:
+  `blocked_causal_attention` for a causal self-attention (any backend; XLA:CPU
+  has no fused kernel). Any other attention (cross-attention's image-causal
+  mask) runs the reference.
   """
   if implementation == "cudnn":
     return fused_attention(q, k, v, mask, zero_rows, implementation="cudnn")
+  if implementation == "blocked" and causal_self:
+    return blocked_causal_attention(q, k, v, mask)
   if implementation == "splash" and causal_self:
     valid = jnp.diagonal(jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))[:, 0],
                          axis1=-2, axis2=-1)  # a token attends to itself iff it is real

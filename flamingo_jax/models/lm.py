@@ -140,7 +140,7 @@ class SelfAttention(nn.Module):
         q = q * jnp.asarray(scale * c.head_dim ** 0.5, q.dtype)
       # decoding keeps the einsum path: its mask covers a cache with gaps
       impl = self.attention if cache is None else "xla"
-      out = layers.attention(q, k, v, mask, implementation=impl,
+      out = layers.attention(q, k, v, mask, implementation=impl, causal_self=True,
                              sliding_window=c.sliding_window)
     out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out",
                                dtype=self.dtype, param_dtype=self.param_dtype)(out)
