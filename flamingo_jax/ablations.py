@@ -9,7 +9,9 @@ Each configs/ablations/NAME.py has TABLE ("3" or "10"), GROUP (Table 3's
 paper's overall score for that row over its control's, e.g. 67.3 / 70.7) and
 get_config(workdir). The table sets each row's overall beside the paper's and
 counts the rows that move the same way as the paper's (agreement by code, not by
-hand: the paper's every ablation scores below its control).
+hand: the paper's every ablation scores below its control, except where the demo's
+control departs from the paper's, as p_next 0 does: those rows compare with the
+paper's row that matches the demo's control).
 The demo's data, pretrained LM and vision tower (its stages data, lm, vision)
 are shared; each ablation trains its own Flamingo into
 WORKDIR/ablations/NAME/ and is evaluated on the held-out split with the
