@@ -28,6 +28,13 @@ each worker's CPU time from /proc while the other side steps
 (`cpu_while_other_stepped_s`: spinning threads show up there). On a device of
 its own run one side at a time (--openflamingo_only for the PyTorch side).
 
+Both workers start with glibc set to keep freed memory mapped (--host_memory
+keep, flamingo_jax/host_memory.py: what our command lines do on a CPU backend).
+Under glibc's defaults a step's large temporaries are unmapped when freed and
+page-faulted back in by the next step, and after the pause while the other side
+steps that refault costs about twice as much (docs/benchmarks.md): alternating
+would then measure the pause, not the step.
+
 Host time (ours): CPU seconds of the training loop's thread per step (batch
 assembly, host-to-device copies, dispatch, logging), excluding waits for the
 device. On an accelerator the step is host-bound when it exceeds the device
@@ -49,6 +56,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -63,7 +71,7 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
-from flamingo_jax import train  # noqa: E402
+from flamingo_jax import host_memory, train  # noqa: E402
 from flamingo_jax.config import apply_overrides, load_config, model_config  # noqa: E402
 from flamingo_jax.data import in_memory  # noqa: E402
 from flamingo_jax.training import flops  # noqa: E402
@@ -169,6 +177,8 @@ def step_stats(records: list[dict], flops_per_step: Optional[float], tokens: Opt
            if r.get("cpu_while_other_stepped_s") is not None]
   if other:
     out["cpu_while_other_stepped_s"] = median(other)
+  if records and "page_faults" in records[0]:
+    out["page_faults_per_step"] = median([r["page_faults"] for r in records])
   if records and "host_s" in records[0]:
     host = median([r["host_s"] for r in records])
     out.update(host_time_per_step_s=host, host_share_of_step=host / wall)
@@ -355,13 +365,16 @@ def worker_ours(ch: Channel, a: dict) -> None:
     ch.send(summary={})
     return
   total = a["steps"] + 2  # step 1: the first interval has no start; one in flight at the end
+  faults = [minor_faults()]
 
   def pause(record):
     if record is None:
       ch.send(ready=True)
     else:
-      ch.send(wall_s=record[1], host_s=record[2], cpu_s=record[3], step=record[0])
+      ch.send(wall_s=record[1], host_s=record[2], cpu_s=record[3], step=record[0],
+              page_faults=minor_faults() - faults[0])
     ch.recv()  # go | finish
+    faults[0] = minor_faults()
 
   clock = StepClock(total, pause)
   with tempfile.TemporaryDirectory() as workdir:
@@ -386,9 +399,10 @@ def worker_openflamingo(ch: Channel, a: dict) -> None:
   side = OpenFlamingo(cfg, a["torch_device"], a["precision"])
   ch.send(ready=True)
   while ch.recv() == "go":
-    t, c = time.perf_counter(), time.process_time()
+    t, c, f = time.perf_counter(), time.process_time(), minor_faults()
     side.step()
-    ch.send(wall_s=time.perf_counter() - t, cpu_s=time.process_time() - c)
+    ch.send(wall_s=time.perf_counter() - t, cpu_s=time.process_time() - c,
+            page_faults=minor_faults() - f)
   m = model_config(cfg)
   syn = in_memory.synthetic_config(cfg.synthetic)
   (spec,) = syn.datasets.values()
@@ -402,8 +416,15 @@ def worker_openflamingo(ch: Channel, a: dict) -> None:
 
 
 def worker_peak(ch: Channel, a: dict) -> None:
-  ch.send(peak=flops.measure_peak_flops(a["dtype"], size=a["size"]), device=machine(),
+  peak = flops.measure_peak_flops(a["dtype"], size=a["size"], min_seconds=a["seconds"])
+  ch.send(peak=peak, device=machine(),
           devices=jax.device_count(), jax=jax.__version__)
+
+
+def minor_faults() -> int:
+  """Page faults this process has taken (freshly mapped memory touched: each costs kernel
+  time, see flamingo_jax/host_memory.py)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def proc_cpu_seconds(pid: int) -> Optional[float]:
@@ -419,9 +440,9 @@ def proc_cpu_seconds(pid: int) -> Optional[float]:
 class Worker:
   """The parent's handle on one side's worker process."""
 
-  def __init__(self, kind: str, args: dict, cpus: list[int]):
+  def __init__(self, kind: str, args: dict, cpus: list[int], keep_host_memory: bool = True):
     env = dict(os.environ, OMP_NUM_THREADS=str(len(cpus)), MKL_NUM_THREADS=str(len(cpus)),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(host_memory.GLIBC_ENV if keep_host_memory else {}))
     self.kind = kind
     self.proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", kind, "--worker_args",
@@ -471,13 +492,14 @@ def alternate(workers: list[Worker], n: int) -> list[list[dict]]:
   return records
 
 
-def run_sides(kinds: list[str], args: dict, cpus: list[int], rounds: int):
+def run_sides(kinds: list[str], args: dict, cpus: list[int], rounds: int,
+              keep_host_memory: bool = True):
   """Starts one worker per kind, waits until all are ready (built, compiled), alternates
   `rounds` commands, then finishes them: (records per kind, summaries per kind)."""
   workers = []
   try:
     for kind in kinds:
-      workers.append(Worker(kind, args, cpus))
+      workers.append(Worker(kind, args, cpus, keep_host_memory))
     for w in workers:
       w.recv()  # ready
     records = alternate(workers, rounds)
@@ -495,7 +517,8 @@ def bench_config(name: str, args, cpus: list[int], peak: float, with_of: bool) -
            "torch_device": args.torch_device, "precision": args.openflamingo_precision}
   kinds = (["openflamingo"] if args.openflamingo_only else
            ["ours", "openflamingo"] if with_of else ["ours"])
-  records, summaries = run_sides(kinds, wargs, cpus, args.warmup + args.steps)
+  records, summaries = run_sides(kinds, wargs, cpus, args.warmup + args.steps,
+                                 args.host_memory == "keep")
   out = {}
   for kind in kinds:
     s, timed = summaries[kind], records[kind][args.warmup:]
@@ -517,7 +540,8 @@ def bench_matmuls(shapes, args, cpus: list[int]) -> dict:
   """Bare float32 matmuls in both frameworks, alternated: best of 5 per round, median
   of --steps rounds."""
   wargs = {"config": "bench", "set": [], "matmul": shapes, "threads": len(cpus)}
-  records, _ = run_sides(["ours", "openflamingo"], wargs, cpus, args.steps)
+  records, _ = run_sides(["ours", "openflamingo"], wargs, cpus, args.steps,
+                         args.host_memory == "keep")
   out = []
   for i, shape in enumerate(shapes):
     row = {"shape_mkn": shape}
@@ -557,9 +581,16 @@ def main(argv=None) -> int:
   parser.add_argument("--peak_dtype", default="float32",
                       help="dtype of the matmul that measures the peak (bfloat16 on GPUs)")
   parser.add_argument("--peak_size", type=int, default=2048)
+  parser.add_argument("--peak_seconds", type=float, default=10.0,
+                      help="the peak is the best matmul call over this many seconds (a shared "
+                           "VM's speed comes and goes)")
   parser.add_argument("--peak_flops", type=float, default=0.0,
                       help="use this peak FLOP/s instead of measuring it (same denominator "
                            "across runs)")
+  parser.add_argument("--host_memory", default="keep", choices=("keep", "default"),
+                      help="keep: both sides' workers keep freed memory mapped (glibc "
+                           "settings of flamingo_jax/host_memory.py), so a step does not "
+                           "page-fault its temporaries back in; default: glibc's defaults")
   parser.add_argument("--output", default="", help="also write the results JSON here")
   parser.add_argument("--worker", choices=("ours", "openflamingo", "peak"), help=argparse.SUPPRESS)
   parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
@@ -577,7 +608,8 @@ def main(argv=None) -> int:
   if not 0 <= args.threads <= len(allowed):
     parser.error(f"--threads must be between 1 and the {len(allowed)} CPUs this process may use")
   cpus = allowed[:args.threads or len(allowed)]
-  results = {"load_average": os.getloadavg(), "threads_per_side": len(cpus), "configs": {}}
+  results = {"load_average": os.getloadavg(), "threads_per_side": len(cpus),
+             "host_memory": args.host_memory, "configs": {}}
   if args.matmul:
     try:
       shapes = [[int(x) for x in s.split(",")] for s in args.matmul.split(";")]
@@ -588,7 +620,9 @@ def main(argv=None) -> int:
   else:
     info = None
     if not args.peak_flops:  # measured in a process of its own, on the same CPUs
-      w = Worker("peak", {"dtype": args.peak_dtype, "size": args.peak_size}, cpus)
+      w = Worker("peak", {"dtype": args.peak_dtype, "size": args.peak_size,
+                          "seconds": args.peak_seconds}, cpus,
+                 args.host_memory == "keep")
       try:
         info = w.recv()
       finally:

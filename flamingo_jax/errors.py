@@ -119,8 +119,13 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
   """Run `main(argv)` with the one-line error contract; returns the exit status.
 
   Use as `sys.exit(run_cli(main))` under `if __name__ == "__main__":`. A `main`
-  that returns an int uses it as the exit status; None means 0.
+  that returns an int uses it as the exit status; None means 0. With argv None this
+  process is the program, so it first keeps XLA's freed CPU memory mapped
+  (flamingo_jax/host_memory.py); in-process callers (tests) pass argv and are left alone.
   """
+  if argv is None:
+    from flamingo_jax import host_memory  # pylint: disable=import-outside-toplevel
+    host_memory.keep_freed_memory()
   traceback = show_tracebacks(argv)
   try:
     result = main(strip_traceback_flag(argv))

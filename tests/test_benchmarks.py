@@ -72,8 +72,10 @@ def test_alternate_takes_turns_and_charges_the_idle_side():
 
 
 def test_step_stats_medians_and_ratios():
-  recs = [{"wall_s": w, "cpu_s": 2 * w, "host_s": 0.1} for w in (1.0, 3.0, 2.0)]
+  recs = [{"wall_s": w, "cpu_s": 2 * w, "host_s": 0.1, "page_faults": 7 * w}
+          for w in (1.0, 3.0, 2.0)]
   out = train_step.step_stats(recs, flops_per_step=8.0, tokens=100, peak=4.0)
+  assert out["page_faults_per_step"] == 14
   assert out["step_time_s"] == 2.0 and out["process_cpu_time_per_step_s"] == 4.0
   assert out["mfu_frozen_aware"] == 1.0 and out["frozen_aware_flop_per_cpu_s"] == 2.0
   assert out["host_share_of_step"] == pytest.approx(0.05) and out["tokens_per_s"] == 50
@@ -94,10 +96,15 @@ def test_alternated_run_on_the_tiny_bench_3b(tmp_path):
   subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"),
                   "--configs", "bench_3b:tiny", "--set", "model.dtype='float32'",
                   "--set", "train.frozen_dtype='float32'", "--openflamingo", "--steps", "2",
-                  "--warmup", "1", "--peak_size", "128", "--output", str(out)],
+                  "--warmup", "1", "--peak_size", "128", "--peak_seconds", "0",
+                  "--output", str(out)],
                  check=True, env=env, timeout=600)
-  (res,) = json.loads(out.read_text())["configs"].values()
+  results = json.loads(out.read_text())
+  (res,) = results["configs"].values()
   ours, of = res["ours"], res["openflamingo"]
+  # Both workers ran with freed memory kept mapped, so their steps barely page-fault.
+  assert results["host_memory"] == "keep"
+  assert 0 <= ours["page_faults_per_step"] < 20_000 and 0 <= of["page_faults_per_step"]
   assert res["alternated"] and res["separate_processes"]
   assert len(ours["step_times_s"]) == 2 == len(of["step_times_s"])
   assert ours["threads"] == of["threads"] == of["torch_threads"] == res["threads"]

@@ -241,20 +241,22 @@ def step_flops(config: FlamingoConfig, shapes: Sequence[BatchShape],
 
 
 def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5,
-                       device=None) -> float:
+                       device=None, min_seconds: float = 0.0) -> float:
   """Achieved FLOP/s of a square matmul on one device: MFU's denominator where
-  the device's datasheet peak is unknown (CPUs)."""
+  the device's datasheet peak is unknown (CPUs). The best of `repeats` calls, and of as
+  many more as fill `min_seconds` (a shared VM's cores come and go: a benchmark's
+  denominator wants the best it can find, not the first few calls)."""
   import jax
   import jax.numpy as jnp
   dev = device or jax.local_devices()[0]
   a = jax.device_put(jnp.ones((size, size), dtype), dev)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
+  best, calls, start = float("inf"), 0, time.perf_counter()
+  while calls < repeats or time.perf_counter() - start < min_seconds:
     t = time.perf_counter()
     f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
+    best, calls = min(best, time.perf_counter() - t), calls + 1
   return dense(size, size, size) / best
 
 
