@@ -73,9 +73,18 @@ print(json.dumps({"applied": host_memory.keep_freed_memory()}))
 
 @pytest.mark.parametrize("case,env,applied", [
     ("fresh", {}, True),
+    ("fresh", {"JAX_PLATFORMS": ""}, True),  # no platform named, no accelerator plugin
     ("fresh", {"FLAMINGO_JAX_KEEP_HOST_MEMORY": "0"}, False),  # opted out
     ("fresh", {"JAX_PLATFORMS": "cuda"}, False),  # an accelerator backend: left alone
     ("started", {}, False),  # too late: the backend's threads have their arenas
 ])
 def test_when_it_applies(case, env, applied):
   assert run_python(WHEN, case, **env)["applied"] is applied
+
+
+def test_an_installed_accelerator_plugin_leaves_it_alone(tmp_path):
+  """JAX's CUDA and ROCm plugins install into the jax_plugins namespace package."""
+  (tmp_path / "jax_plugins" / "xla_fake").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
+  env = {"JAX_PLATFORMS": "", "PYTHONPATH": str(tmp_path)}
+  assert run_python(WHEN, "fresh", **env)["applied"] is False
