@@ -25,7 +25,8 @@ TINY=0
 T0=$(date +%s)
 
 # ---------------------------------------------------------------- installs
-NEEDED="jax flax optax orbax.checkpoint ml_collections grain tensorboardX torch transformers einops einops_exts open_flamingo"
+# Everything `import flamingo_jax.train` and the OpenFlamingo harness import.
+NEEDED="jax flax optax orbax.checkpoint ml_collections grain array_record sentencepiece PIL msgpack tensorboardX torch transformers einops einops_exts open_flamingo"
 missing() {
   "$PY" - "$@" <<'PYEOF'
 import importlib.util, sys
@@ -42,7 +43,7 @@ if [ -n "$MISSING" ]; then
     export PYTHONPATH=/tmp/gpu_suite_site${PYTHONPATH:+:$PYTHONPATH}
   else
     "$PY" -m pip install -q "jax[cuda13]" flax optax orbax-checkpoint ml-collections \
-      grain tensorboardX transformers einops einops-exts
+      grain array-record sentencepiece pillow msgpack tensorboardX transformers einops einops-exts
     "$PY" -m pip install -q --no-deps open-flamingo==2.0.1
     "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null ||
       "$PY" -m pip install -q torch
@@ -52,11 +53,11 @@ if [ -n "$MISSING" ]; then
 fi
 if [ "$TINY" = 1 ]; then
   CONFIG=bench_3b:tiny; STEPS=${STEPS:-1}; WARMUP=${WARMUP:-1}
-  TORCH_DEVICE=cpu; PEAK=(--peak_dtype float32 --peak_size 256)
+  TORCH_DEVICE=cpu; PEAK=(--peak_dtype float32 --peak_size 256 --peak_seconds 1)
   export JAX_PLATFORMS=cpu
 else
   CONFIG=bench_3b; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
-  TORCH_DEVICE=cuda; PEAK=(--peak_dtype bfloat16 --peak_size 8192)
+  TORCH_DEVICE=cuda; PEAK=(--peak_dtype bfloat16 --peak_size 8192 --peak_seconds 3)
   "$PY" -c "import jax, sys; sys.exit(jax.devices()[0].platform != 'gpu')" || {
     echo "error: JAX sees no GPU (jax.devices() = $("$PY" -c 'import jax; print(jax.devices())'))" >&2
     exit 2; }

@@ -17,7 +17,8 @@ grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info
 mkdir -p "$DEST"
 # Pure-Python and binary wheels, pinned to the versions setup.py's tests run with.
 PKGS=(ml-collections==1.1.0 open-flamingo==2.0.1 einops-exts==0.0.4 grain==0.2.18
-      array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5)
+      array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5 sentencepiece==0.2.3
+      msgpack==1.2.4 pillow==13.0.0)
 PLATFORMS=()
 for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64 \
          manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64; do

@@ -28,8 +28,9 @@ each worker's CPU time from /proc while the other side steps
 (`cpu_while_other_stepped_s`: spinning threads show up there). On a device of
 its own run one side at a time (--openflamingo_only for the PyTorch side).
 
-Both workers start with glibc set to keep freed memory mapped (--host_memory
-keep, flamingo_jax/host_memory.py: what our command lines do on a CPU backend).
+On a CPU, both workers start with glibc set to keep freed memory mapped
+(--host_memory auto, the default, is keep there; flamingo_jax/host_memory.py: what
+our command lines do on a CPU backend).
 Under glibc's defaults a step's large temporaries are unmapped when freed and
 page-faulted back in by the next step, and after the pause while the other side
 steps that refault costs about twice as much (docs/benchmarks.md): alternating
@@ -587,10 +588,11 @@ def main(argv=None) -> int:
   parser.add_argument("--peak_flops", type=float, default=0.0,
                       help="use this peak FLOP/s instead of measuring it (same denominator "
                            "across runs)")
-  parser.add_argument("--host_memory", default="keep", choices=("keep", "default"),
+  parser.add_argument("--host_memory", default="auto", choices=("auto", "keep", "default"),
                       help="keep: both sides' workers keep freed memory mapped (glibc "
                            "settings of flamingo_jax/host_memory.py), so a step does not "
-                           "page-fault its temporaries back in; default: glibc's defaults")
+                           "page-fault its temporaries back in; default: glibc's defaults; "
+                           "auto: keep when both sides run on the CPU")
   parser.add_argument("--output", default="", help="also write the results JSON here")
   parser.add_argument("--worker", choices=("ours", "openflamingo", "peak"), help=argparse.SUPPRESS)
   parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
@@ -604,6 +606,9 @@ def main(argv=None) -> int:
     return 0
   if args.warmup < 1:
     parser.error("--warmup must be >= 1 (the first step's start is compile time)")
+  if args.host_memory == "auto":
+    on_cpu = host_memory.backend_will_be_cpu() and args.torch_device == "cpu"
+    args.host_memory = "keep" if on_cpu else "default"
   allowed = sorted(os.sched_getaffinity(0))
   if not 0 <= args.threads <= len(allowed):
     parser.error(f"--threads must be between 1 and the {len(allowed)} CPUs this process may use")

@@ -38,7 +38,7 @@ _ACCELERATOR_MODULES = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin",
                         "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
 
-def _backend_will_be_cpu() -> bool:
+def backend_will_be_cpu() -> bool:
   """Whether JAX's default backend will be the CPU, decided without starting it."""
   import jax  # pylint: disable=import-outside-toplevel
   platforms = jax.config.jax_platforms  # from JAX_PLATFORMS or jax.config.update
@@ -62,7 +62,7 @@ def keep_freed_memory() -> bool:
   wanted = os.environ.get(ENV, "")
   if wanted == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
-  if wanted != "1" and (_backend_started() or not _backend_will_be_cpu()):
+  if wanted != "1" and (_backend_started() or not backend_will_be_cpu()):
     return False
   libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
   # mallopt takes an int: -1 becomes SIZE_MAX for the trim threshold (never trim); a
