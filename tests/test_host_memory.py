@@ -88,3 +88,13 @@ def test_an_installed_accelerator_plugin_leaves_it_alone(tmp_path):
   (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
   env = {"JAX_PLATFORMS": "", "PYTHONPATH": str(tmp_path)}
   assert run_python(WHEN, "fresh", **env)["applied"] is False
+
+
+def test_the_benchmark_wants_a_finished_demo_workdir(tmp_path, capsys):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "host_memory_benchmark", os.path.join(REPO, "benchmarks", "host_memory.py"))
+  benchmark = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(benchmark)
+  assert benchmark.main(["--workdir", str(tmp_path)]) == 2
+  assert capsys.readouterr().err.startswith(f"error: {tmp_path}/data is missing")
