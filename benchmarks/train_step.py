@@ -519,7 +519,7 @@ def bench_config(name: str, args, cpus: list[int], peak: float, with_of: bool) -
   kinds = (["openflamingo"] if args.openflamingo_only else
            ["ours", "openflamingo"] if with_of else ["ours"])
   records, summaries = run_sides(kinds, wargs, cpus, args.warmup + args.steps,
-                                 args.host_memory == "keep")
+                                 args.keep_host_memory)
   out = {}
   for kind in kinds:
     s, timed = summaries[kind], records[kind][args.warmup:]
@@ -542,7 +542,7 @@ def bench_matmuls(shapes, args, cpus: list[int]) -> dict:
   of --steps rounds."""
   wargs = {"config": "bench", "set": [], "matmul": shapes, "threads": len(cpus)}
   records, _ = run_sides(["ours", "openflamingo"], wargs, cpus, args.steps,
-                         args.host_memory == "keep")
+                         args.keep_host_memory)
   out = []
   for i, shape in enumerate(shapes):
     row = {"shape_mkn": shape}
@@ -609,6 +609,7 @@ def main(argv=None) -> int:
   if args.host_memory == "auto":
     on_cpu = host_memory.backend_will_be_cpu() and args.torch_device == "cpu"
     args.host_memory = "keep" if on_cpu else "default"
+  args.keep_host_memory = args.host_memory == "keep"
   allowed = sorted(os.sched_getaffinity(0))
   if not 0 <= args.threads <= len(allowed):
     parser.error(f"--threads must be between 1 and the {len(allowed)} CPUs this process may use")
@@ -627,7 +628,7 @@ def main(argv=None) -> int:
     if not args.peak_flops:  # measured in a process of its own, on the same CPUs
       w = Worker("peak", {"dtype": args.peak_dtype, "size": args.peak_size,
                           "seconds": args.peak_seconds}, cpus,
-                 args.host_memory == "keep")
+                 args.keep_host_memory)
       try:
         info = w.recv()
       finally:
