@@ -262,15 +262,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("ablation %s ...", name)
     rows.append(run_one(a.workdir, available[name], scale))
     log.info("ablation %s: %s", name, headline(rows[-1]))
-  table, count = table_markdown(rows), agreement_line(rows)
-  out = os.path.join(os.path.abspath(a.workdir), "ablations")
-  os.makedirs(out, exist_ok=True)
-  demo._write_json(os.path.join(out, "results.json"), with_agreement(rows))
-  with open(os.path.join(out, "ablations.md"), "w") as f:
-    f.write(f"# Ablations at demo scale ({a.scale})\n\n{table}\n{count}\n")
+    # Rewritten after every row: a run stopped hours in still leaves the finished rows' table.
+    write_table(a.workdir, a.scale, rows, pending=names[len(rows) - 1:])
+  table, count = write_table(a.workdir, a.scale, rows)
   print(table)
   print(count)
   return 0
+
+
+def write_table(workdir: str, scale_name: str, rows: Sequence[dict],
+                pending: Sequence[str] = ()) -> tuple[str, str]:
+  """WORKDIR/ablations/results.json and ablations.md for the rows so far (control
+  first); `pending` names the ablations still to run. -> (table, agreement line)."""
+  from flamingo_jax import demo
+  table, count = table_markdown(rows), agreement_line(rows)
+  out = os.path.join(os.path.abspath(workdir), "ablations")
+  os.makedirs(out, exist_ok=True)
+  demo._write_json(os.path.join(out, "results.json"), with_agreement(rows))
+  todo = (f"Not run yet ({len(pending)}): {', '.join(pending)}.\n" if pending else "")
+  with open(os.path.join(out, "ablations.md"), "w") as f:
+    f.write(f"# Ablations at demo scale ({scale_name})\n\n{table}\n{count}\n{todo}")
+  return table, count
 
 
 if __name__ == "__main__":

@@ -93,3 +93,25 @@ def test_a_finished_row_gets_the_configs_current_paper_number(tmp_path):
   path = os.path.join(ablations.ABLATION_DIR, "no_video.py")
   got = ablations.run_one(str(tmp_path), path, scale=None)  # skipped: nothing trains
   assert got["paper_overall"] == pytest.approx(67.3 / 70.7) and got["name"] == "no_video"
+
+
+def test_the_table_is_written_after_every_row(tmp_path, monkeypatch):
+  """A run stopped part-way (a crash, a kill, a session's end) keeps the finished rows'
+  table and says which ablations are still to run."""
+  monkeypatch.setattr(ablations, "control_row", lambda workdir, scale: row("demo", 100, 50))
+  done = []
+
+  def run_one(workdir, path, scale):
+    name = os.path.splitext(os.path.basename(path))[0]
+    if done:
+      raise RuntimeError(f"stopped before {name}")
+    done.append(name)
+    return row(name, 80, 50, paper=0.9)
+
+  monkeypatch.setattr(ablations, "run_one", run_one)
+  with pytest.raises(RuntimeError, match="stopped before no_pairs"):
+    ablations.main(["--workdir", str(tmp_path), "--only", "no_video,no_pairs"])
+  text = (tmp_path / "ablations" / "ablations.md").read_text()
+  assert "G no_video" in text and "| 0.90 |" in text
+  assert "Not run yet (1): no_pairs." in text
+  assert "1 of 1 ablations move the same way" in text
