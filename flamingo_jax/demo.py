@@ -372,6 +372,42 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
   return out
 
 
+def seed_spread(views: Sequence[dict], name: str, task: str):
+  """-> (mean, min, max) over the seeds' eval results (`with_names` views) of one model's
+  scores on one task, each [len(shots)]."""
+  shots = views[0]["shots"]
+  v = np.array([[ev["results"][name][task][str(n)] for n in shots] for ev in views])
+  return v.mean(0), v.min(0), v.max(0)
+
+
+def write_seeds_plot(paths: dict, evs: dict) -> str:
+  """shots_seeds.png: per task, each model's mean over seeds vs shots with a bar from the
+  lowest seed to the highest (evs: {seed: eval result}); one seed's line says little."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  views = [with_names(ev) for ev in evs.values()]
+  first = views[0]
+  shots, tasks = first["shots"], list(first["metrics"])
+  fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5))
+  for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
+    for name in first["results"]:
+      mean, lo, hi = seed_spread(views, name, task)
+      ax.errorbar(shots, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=4,
+                  label=name)
+    if "chance" in first:
+      ax.axhline(float(np.mean([ev["chance"][task] for ev in views])), color="grey",
+                 linestyle="--", label="chance")
+    ax.set(xlabel="shots", ylabel=first["metrics"][task], xticks=shots,
+           title=f"{task}: mean [min, max] of {len(views)} seeds")
+    ax.legend()
+  fig.tight_layout()
+  path = os.path.join(paths["out"], "shots_seeds.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def margins(ev: dict) -> dict:
   """Per task: the trained model's best-shot score minus each baseline's best."""
   ev = with_names(ev)
@@ -398,10 +434,8 @@ def seeds_table(evs: dict) -> str:
            "|---|---|---|" + "---:|" * len(shots)]
   for task, metric in first["metrics"].items():
     for name in first["results"]:
-      cells = []
-      for n in shots:
-        v = np.array([ev["results"][name][task][str(n)] for ev in views])
-        cells.append(f"{v.mean():.1f} [{v.min():.1f}, {v.max():.1f}]")
+      cells = [f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
+               for m, lo, hi in zip(*seed_spread(views, name, task))]
       lines.append(f"| {task} | {metric} | {name} | " + " | ".join(cells) + " |")
     if "chance" in first:
       v = np.array([ev["chance"][task] for ev in views])
@@ -480,6 +514,7 @@ def write_report(paths: dict, results: dict, seconds: dict,
               "demonstrations: eval.seed) on the shared data, LM and vision stages; the "
               f"tables above are seed {next(iter(seeds))}'s.", "",
               seeds_table({k: e for k, (e, _) in seeds.items()})]
+    plots.append(write_seeds_plot(paths, {k: e for k, (e, _) in seeds.items()}))
   lines += ["## Plots", ""]
   lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
   lines += ["", "Model directory: `model/` (`python -m flamingo_jax.generate --checkpoint "

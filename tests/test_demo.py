@@ -46,6 +46,8 @@ def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path
   report = open(os.path.join(workdir, "report.md")).read()
   c0 = ev["results"]["flamingo"]["classes"]["0"]
   assert "## Seeds" in report and "over 2 seeds (0, 1)" in report
+  assert "![shots_seeds.png](shots_seeds.png)" in report
+  assert os.path.getsize(os.path.join(workdir, "shots_seeds.png")) > 10_000
   assert f"| classes | top-1 | flamingo | {c0 + 5:.1f} [{c0:.1f}, {c0 + 10:.1f}] |" in report
   shared = sum(seconds[s] for s in ("data", "lm", "vision"))
   assert f"| total | wall time of the stages above, end to end | {shared + 123:.0f} |" in report

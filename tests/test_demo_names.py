@@ -1,6 +1,7 @@
 """The shapes world's documents and the name-binding task (fast: no model trained)."""
 import collections
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -96,6 +97,17 @@ def test_seeds_table_gives_mean_and_range_and_the_names_task_joins_the_tasks():
   assert demo.margins(_ev(0.0))["names"]["over_chance"] == pytest.approx(60 - 100 / 3)
   # The ablations read run_eval's three tasks only: names stays apart there.
   assert set(_ev(0.0)["metrics"]) == {"captions"}
+
+
+def test_seeds_plot_draws_each_models_mean_and_range(tmp_path):
+  from flamingo_jax import demo
+  evs = {0: _ev(0.0), 1: _ev(2.0), 2: _ev(4.0)}
+  views = [demo.with_names(ev) for ev in evs.values()]
+  mean, lo, hi = demo.seed_spread(views, "flamingo", "names")
+  assert mean.tolist() == [30.0, 62.0] and lo.tolist() == [30.0, 60.0]
+  assert hi.tolist() == [30.0, 64.0]
+  path = demo.write_seeds_plot({"out": str(tmp_path)}, evs)
+  assert path == str(tmp_path / "shots_seeds.png") and os.path.getsize(path) > 10_000
 
 
 def test_seeds_option_names_bad_input(capsys):
