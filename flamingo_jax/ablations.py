@@ -213,6 +213,41 @@ def agreement_line(rows: Sequence[dict]) -> str:
              if len(known) < len(ablated) else "") + ".")
 
 
+def seed_controls(workdir: str) -> list[dict]:
+  """The control's other seeds (`python -m flamingo_jax.demo --seeds 0,1,2` writes
+  WORKDIR/seed_S/eval/result.json), as rows like the control's, by seed."""
+  found = []
+  for path in glob.glob(os.path.join(os.path.abspath(workdir), "seed_*", "eval",
+                                     "result.json")):
+    seed = os.path.basename(os.path.dirname(os.path.dirname(path)))[len("seed_"):]
+    if seed.isdigit():
+      with open(path) as f:
+        ev = json.load(f)
+      found.append((int(seed), {"name": f"seed {seed}", "scores": ev["results"]["flamingo"],
+                                "metrics": ev["metrics"], "shots": ev["shots"]}))
+  return [r for _, r in sorted(found, key=lambda x: x[0])]
+
+
+def seed_band(control: dict, seeds: Sequence[dict]) -> Optional[float]:
+  """How far the control's own other seeds land from it: max |overall - 1| (None
+  without seeds). One run of an ablation inside this band does not resolve it."""
+  return max(abs(overall(s, control) - 1.0) for s in seeds) if seeds else None
+
+
+def band_line(rows: Sequence[dict], seeds: Sequence[dict]) -> str:
+  """The seed-spread sentence under the table: the band and the rows beyond it."""
+  band = seed_band(rows[0], seeds)
+  if band is None:
+    return ("The control has one seed here: `python -m flamingo_jax.demo --workdir DIR "
+            "--seeds 0,1,2` measures how far a seed moves it (the band a row must leave).")
+  ratios = ", ".join(f"{s['name']} {overall(s, rows[0]):.2f}x" for s in seeds)
+  beyond = [r for r in with_agreement(rows)[1:] if abs(r["overall"] - 1.0) > band]
+  agree = sum(bool(r["agrees"]) for r in beyond)
+  return (f"The control's other seeds score {ratios} of it, so one run does not resolve a "
+          f"row within {band:.2f} of 1.00; {len(beyond)} of {len(rows) - 1} rows lie beyond "
+          f"that band, {agree} of them in the paper's direction.")
+
+
 def table_markdown(rows: Sequence[dict]) -> str:
   """Table 3's layout: ablated setting, control -> ablated, step time, scores
   (mean over shot counts), overall = mean over tasks of score / control score,
@@ -275,10 +310,15 @@ def write_table(workdir: str, scale_name: str, rows: Sequence[dict],
   """WORKDIR/ablations/results.json and ablations.md for the rows so far (control
   first); `pending` names the ablations still to run. -> (table, agreement line)."""
   from flamingo_jax import demo
+  seeds = seed_controls(workdir)
+  band = seed_band(rows[0], seeds)
   table, count = table_markdown(rows), agreement_line(rows)
+  count += "\n" + band_line(rows, seeds)
   out = os.path.join(os.path.abspath(workdir), "ablations")
   os.makedirs(out, exist_ok=True)
-  demo._write_json(os.path.join(out, "results.json"), with_agreement(rows))
+  demo._write_json(os.path.join(out, "results.json"), [
+      dict(r, beyond_seed_spread=None if band is None or not i
+           else abs(r["overall"] - 1.0) > band) for i, r in enumerate(with_agreement(rows))])
   todo = (f"Not run yet ({len(pending)}): {', '.join(pending)}.\n" if pending else "")
   with open(os.path.join(out, "ablations.md"), "w") as f:
     f.write(f"# Ablations at demo scale ({scale_name})\n\n{table}\n{count}\n{todo}")

@@ -1,6 +1,7 @@
 """The ablation table's paper comparison: each config's PAPER_OVERALL is the paper's
 number, the direction and the agreement count are computed, and a bad PAPER_OVERALL
 is refused at load."""
+import json
 import os
 import re
 
@@ -115,3 +116,27 @@ def test_the_table_is_written_after_every_row(tmp_path, monkeypatch):
   assert "G no_video" in text and "| 0.90 |" in text
   assert "Not run yet (1): no_pairs." in text
   assert "1 of 1 ablations move the same way" in text
+
+
+def test_the_controls_seeds_give_the_band_a_row_must_leave(tmp_path):
+  """With the control's seeds on disk (demo --seeds), the table says how far a seed
+  moves the control and which rows lie beyond that; without them, how to measure it."""
+  control = row("demo", 100.0, 50.0)
+  rows = [control, row("far", 50.0, 25.0, paper=0.9), row("near", 95.0, 50.0, paper=0.9),
+          row("far_up", 150.0, 50.0, paper=0.9)]
+  assert "--seeds 0,1,2" in ablations.band_line(rows, [])
+  for seed, (c, v) in {1: (90.0, 50.0), 2: (100.0, 46.0)}.items():
+    out = tmp_path / f"seed_{seed}" / "eval"
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({
+        "results": {"flamingo": row("x", c, v)["scores"]},
+        "metrics": control["metrics"], "shots": control["shots"]}))
+  seeds = ablations.seed_controls(str(tmp_path))
+  assert [s["name"] for s in seeds] == ["seed 1", "seed 2"]
+  assert ablations.seed_band(control, seeds) == pytest.approx(0.05)  # seed 1: 0.95x
+  line = ablations.band_line(rows, seeds)
+  assert line.startswith("The control's other seeds score seed 1 0.95x, seed 2 0.96x of it")
+  assert "within 0.05 of 1.00; 2 of 3 rows lie beyond that band, 1 of them in the " in line
+  ablations.write_table(str(tmp_path), "demo", rows)
+  got = json.loads((tmp_path / "ablations" / "results.json").read_text())
+  assert [r["beyond_seed_spread"] for r in got] == [None, True, False, True]
