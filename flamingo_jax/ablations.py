@@ -105,6 +105,11 @@ def pretrain_extra_vision(workdir: str, config: ml_collections.ConfigDict, scale
   contrastive.run(cfg, root)
 
 
+def eval_fields(ev: dict) -> dict:
+  """A row's scores, metric names and shot counts from a demo evaluation's result."""
+  return {"scores": ev["results"]["flamingo"], "metrics": ev["metrics"], "shots": ev["shots"]}
+
+
 def run_one(workdir: str, path: str, scale) -> dict:
   """Trains and evaluates one ablation (skipped when its result.json exists)."""
   from flamingo_jax import demo, train
@@ -141,8 +146,7 @@ def run_one(workdir: str, path: str, scale) -> dict:
                      out_dir=os.path.join(out, "eval"), baselines=False)
   result = {"name": name, "table": str(module.TABLE), "group": module.GROUP,
             "change": module.CHANGE, "paper_overall": float(module.PAPER_OVERALL),
-            "scores": ev["results"]["flamingo"],
-            "metrics": ev["metrics"], "shots": ev["shots"],
+            **eval_fields(ev),
             "step_time_s": times[len(times) // 2] if times else None,
             "train_seconds": train_seconds}
   demo._write_json(marker, result)
@@ -155,8 +159,7 @@ def control_row(workdir: str, scale) -> dict:
   results = demo.run(workdir, scale, stages=("data", "lm", "vision", "flamingo", "eval"))
   fl = results["flamingo"]
   return {"name": "demo", "table": "3", "group": "Flamingo (control)", "change": "-",
-          "scores": results["eval"]["results"]["flamingo"], "metrics": results["eval"]["metrics"],
-          "shots": results["eval"]["shots"], "step_time_s": fl.get("median_step_time_s"),
+          **eval_fields(results["eval"]), "step_time_s": fl.get("median_step_time_s"),
           "train_seconds": fl.get("seconds")}
 
 
@@ -223,8 +226,7 @@ def seed_controls(workdir: str) -> list[dict]:
     if seed.isdigit():
       with open(path) as f:
         ev = json.load(f)
-      found.append((int(seed), {"name": f"seed {seed}", "scores": ev["results"]["flamingo"],
-                                "metrics": ev["metrics"], "shots": ev["shots"]}))
+      found.append((int(seed), {"name": f"seed {seed}", **eval_fields(ev)}))
   return [r for _, r in sorted(found, key=lambda x: x[0])]
 
 
@@ -234,6 +236,13 @@ def seed_band(control: dict, seeds: Sequence[dict]) -> Optional[float]:
   return max(abs(overall(s, control) - 1.0) for s in seeds) if seeds else None
 
 
+def beyond_band(agreed: Sequence[dict], band: Optional[float]) -> list[Optional[bool]]:
+  """Per row of with_agreement(): whether its overall lies outside the seed band
+  (None for the control, and for every row without a band)."""
+  return [None if band is None or not i else abs(r["overall"] - 1.0) > band
+          for i, r in enumerate(agreed)]
+
+
 def band_line(rows: Sequence[dict], seeds: Sequence[dict]) -> str:
   """The seed-spread sentence under the table: the band and the rows beyond it."""
   band = seed_band(rows[0], seeds)
@@ -241,7 +250,8 @@ def band_line(rows: Sequence[dict], seeds: Sequence[dict]) -> str:
     return ("The control has one seed here: `python -m flamingo_jax.demo --workdir DIR "
             "--seeds 0,1,2` measures how far a seed moves it (the band a row must leave).")
   ratios = ", ".join(f"{s['name']} {overall(s, rows[0]):.2f}x" for s in seeds)
-  beyond = [r for r in with_agreement(rows)[1:] if abs(r["overall"] - 1.0) > band]
+  agreed = with_agreement(rows)
+  beyond = [r for r, out in zip(agreed, beyond_band(agreed, band)) if out]
   agree = sum(bool(r["agrees"]) for r in beyond)
   return (f"The control's other seeds score {ratios} of it, so one run does not resolve a "
           f"row within {band:.2f} of 1.00; {len(beyond)} of {len(rows) - 1} rows lie beyond "
@@ -293,12 +303,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if unknown:
     raise UserError(f"unknown ablation(s) {unknown}; available: {sorted(available)}")
   rows = [control_row(a.workdir, scale)]
-  for name in names:
+  for i, name in enumerate(names):
+    # Rewritten before every row: a run stopped hours in still leaves the finished rows'
+    # table, and what was left to run.
+    write_table(a.workdir, a.scale, rows, pending=names[i:])
     log.info("ablation %s ...", name)
     rows.append(run_one(a.workdir, available[name], scale))
     log.info("ablation %s: %s", name, headline(rows[-1]))
-    # Rewritten after every row: a run stopped hours in still leaves the finished rows' table.
-    write_table(a.workdir, a.scale, rows, pending=names[len(rows) - 1:])
   table, count = write_table(a.workdir, a.scale, rows)
   print(table)
   print(count)
@@ -311,14 +322,14 @@ def write_table(workdir: str, scale_name: str, rows: Sequence[dict],
   first); `pending` names the ablations still to run. -> (table, agreement line)."""
   from flamingo_jax import demo
   seeds = seed_controls(workdir)
-  band = seed_band(rows[0], seeds)
+  agreed = with_agreement(rows)
   table, count = table_markdown(rows), agreement_line(rows)
   count += "\n" + band_line(rows, seeds)
   out = os.path.join(os.path.abspath(workdir), "ablations")
   os.makedirs(out, exist_ok=True)
   demo._write_json(os.path.join(out, "results.json"), [
-      dict(r, beyond_seed_spread=None if band is None or not i
-           else abs(r["overall"] - 1.0) > band) for i, r in enumerate(with_agreement(rows))])
+      dict(r, beyond_seed_spread=b)
+      for r, b in zip(agreed, beyond_band(agreed, seed_band(rows[0], seeds)))])
   todo = (f"Not run yet ({len(pending)}): {', '.join(pending)}.\n" if pending else "")
   with open(os.path.join(out, "ablations.md"), "w") as f:
     f.write(f"# Ablations at demo scale ({scale_name})\n\n{table}\n{count}\n{todo}")

@@ -327,7 +327,6 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  ev = with_names(ev)
   rows = _metrics_rows(os.path.join(paths["flamingo"], "metrics.jsonl"))
   out = []
   steps = [r["step"] for r in rows]
@@ -356,19 +355,7 @@ def write_plots(paths: dict, ev: dict) -> list[str]:
   fig.savefig(out[-1], dpi=100)
   plt.close(fig)
 
-  tasks = list(ev["metrics"])
-  fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5))
-  for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
-    for name, res in ev["results"].items():
-      ax.plot(ev["shots"], [res[task][str(s)] for s in ev["shots"]], marker="o", label=name)
-    if "chance" in ev:
-      ax.axhline(ev["chance"][task], color="grey", linestyle="--", label="chance")
-    ax.set(xlabel="shots", ylabel=ev["metrics"][task], title=task, xticks=ev["shots"])
-    ax.legend()
-  fig.tight_layout()
-  out.append(os.path.join(paths["out"], "shots.png"))
-  fig.savefig(out[-1], dpi=100)
-  plt.close(fig)
+  out.append(shots_plot(os.path.join(paths["out"], "shots.png"), {0: ev}))
   return out
 
 
@@ -380,9 +367,10 @@ def seed_spread(views: Sequence[dict], name: str, task: str):
   return v.mean(0), v.min(0), v.max(0)
 
 
-def write_seeds_plot(paths: dict, evs: dict) -> str:
-  """shots_seeds.png: per task, each model's mean over seeds vs shots with a bar from the
-  lowest seed to the highest (evs: {seed: eval result}); one seed's line says little."""
+def shots_plot(path: str, evs: dict) -> str:
+  """Metric vs shots per task, one line per model (evs: {seed: eval result}); with
+  several seeds each point is their mean with a bar from the lowest seed to the highest.
+  Returns path."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -393,19 +381,23 @@ def write_seeds_plot(paths: dict, evs: dict) -> str:
   for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
     for name in first["results"]:
       mean, lo, hi = seed_spread(views, name, task)
-      ax.errorbar(shots, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=4,
-                  label=name)
+      ax.errorbar(shots, mean, yerr=[mean - lo, hi - mean] if len(views) > 1 else None,
+                  marker="o", capsize=4, label=name)
     if "chance" in first:
       ax.axhline(float(np.mean([ev["chance"][task] for ev in views])), color="grey",
                  linestyle="--", label="chance")
     ax.set(xlabel="shots", ylabel=first["metrics"][task], xticks=shots,
-           title=f"{task}: mean [min, max] of {len(views)} seeds")
+           title=task if len(views) == 1 else f"{task}: mean [min, max] of {len(views)} seeds")
     ax.legend()
   fig.tight_layout()
-  path = os.path.join(paths["out"], "shots_seeds.png")
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def write_seeds_plot(paths: dict, evs: dict) -> str:
+  """shots_seeds.png: shots_plot over every seed (one seed's line says little)."""
+  return shots_plot(os.path.join(paths["out"], "shots_seeds.png"), evs)
 
 
 def margins(ev: dict) -> dict:
