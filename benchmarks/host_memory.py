@@ -28,10 +28,11 @@ sys.path.insert(0, REPO)
 
 def one_run(workdir: str, steps: int, mode: str) -> dict:
   """This process trains `steps` demo updates; -> its figures."""
-  from flamingo_jax import host_memory
+  from flamingo_jax.runtime import host_memory
   applied = host_memory.keep_freed_memory() if mode == "keep" else False
   import jax
-  from flamingo_jax import demo, train
+  from flamingo_jax.apps.demo import stages as demo
+  from flamingo_jax.trainers.flamingo import train
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
                                                               "jax_cache"))
   config = demo.demo_config(workdir, [f"train.total_steps={steps}", "train.log_every=10",
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
   for stage in ("data", "lm", "vision"):
     if not os.path.isdir(os.path.join(a.workdir, stage)):
       print(f"error: {a.workdir}/{stage} is missing: run `make demo` (or python -m "
-            f"flamingo_jax.demo --workdir {a.workdir}) first", file=sys.stderr)
+            f"flamingo_jax.apps.demo.stages --workdir {a.workdir}) first", file=sys.stderr)
       return 2
   runs = []
   for _ in range(a.rounds):

@@ -10,7 +10,7 @@ final 1x1 conv to 3072, no classifier) on random weights and images of
   seconds_per_batch      wall time of one call (after one warm-up call)
   compile_seconds        lowering + XLA compilation
   flops_measured_per_image  the compiled program's cost_analysis()["flops"] / batch
-  macs_analytic_per_image   flamingo_jax.training.flops.nfnet / 2 (convs and squeeze-excite
+  macs_analytic_per_image   flamingo_jax.trainers.flamingo.flops.nfnet / 2 (convs and squeeze-excite
                          matmuls only; F6 at 320 px: 116.6 GMAC in the paper's count)
   measured_over_analytic flops_measured / (2 * macs_analytic): above 1 by XLA's
                          count of elementwise work (activations, weight
@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flamingo_jax.training import flops  # noqa: E402
-from flamingo_jax.config import FlamingoConfig, NFNetConfig, VisionConfig  # noqa: E402
+from flamingo_jax.trainers.flamingo import flops  # noqa: E402
+from flamingo_jax.models.config import FlamingoConfig, NFNetConfig, VisionConfig  # noqa: E402
 from flamingo_jax.models.nfnet import VARIANTS, NFNetEncoder  # noqa: E402
 
 

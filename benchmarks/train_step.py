@@ -2,7 +2,7 @@
 
   python benchmarks/train_step.py --configs tiny,bench --openflamingo [--steps 5]
 
-For each config, runs the real trainer (flamingo_jax.train.run, synthetic data
+For each config, runs the real trainer (flamingo_jax.trainers.flamingo.train.run, synthetic data
 made once and reused, checkpoints off) and prints one JSON object per config:
 step time and CPU seconds per step, host time per step and its share of the
 step, tokens/s, FLOPs per step (frozen-aware, all-3x and 6N, see
@@ -72,10 +72,12 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
-from flamingo_jax import host_memory, train  # noqa: E402
-from flamingo_jax.config import apply_overrides, load_config, model_config  # noqa: E402
+from flamingo_jax.runtime import host_memory
+from flamingo_jax.trainers.flamingo import train  # noqa: E402
+from flamingo_jax.config import apply_overrides, load_config
+from flamingo_jax.models.config import model_config  # noqa: E402
 from flamingo_jax.data import in_memory  # noqa: E402
-from flamingo_jax.training import flops  # noqa: E402
+from flamingo_jax.trainers.flamingo import flops  # noqa: E402
 
 def machine() -> str:
   cpu = platform.processor() or platform.machine()

@@ -16,8 +16,8 @@ argument "bf16" computes in bfloat16 with frozen weights stored in bfloat16).
 """
 import ml_collections
 
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
-                                 lm_preset, to_config_dict)
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset
 
 VOCAB = 32000
 

@@ -30,8 +30,8 @@ memory analysis (32 would fill it to the last GiB), see docs/benchmarks.md.
 import dataclasses
 import os
 
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
-                                 load_config, lm_preset, to_config_dict)
+from flamingo_jax.config import load_config, to_config_dict
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset
 
 VOCAB = 32000
 BATCH = 24  # examples of 256 tokens: 6,144 tokens per step (108 GiB by the memory analysis)

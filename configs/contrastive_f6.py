@@ -32,7 +32,8 @@ Flamingo config with `vision.name = "nfnet"`, `nfnet.variant = "F6"`
 """
 import ml_collections
 
-from flamingo_jax.config import NFNetConfig, VisionConfig, to_config_dict
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import NFNetConfig, VisionConfig
 from flamingo_jax.models.dual_encoder import DualEncoderConfig
 from flamingo_jax.models.text_encoder import TextEncoderConfig
 

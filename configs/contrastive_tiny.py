@@ -18,7 +18,8 @@ update, gradients summed. Left/right flips are off because the captions say
 """
 import ml_collections
 
-from flamingo_jax.config import NFNetConfig, PatchEncoderConfig, VisionConfig, to_config_dict
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import NFNetConfig, PatchEncoderConfig, VisionConfig
 from flamingo_jax.models.dual_encoder import DualEncoderConfig
 from flamingo_jax.models.text_encoder import TextEncoderConfig
 

@@ -29,8 +29,8 @@ import os
 
 import ml_collections
 
-from flamingo_jax.config import (FlamingoConfig, NFNetConfig, ResamplerConfig, VisionConfig,
-                                 XAttnConfig, lm_preset, to_config_dict)
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import FlamingoConfig, NFNetConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset
 
 IMAGE_SIZE = 64
 # Used before the tokenizer exists (count_params, config tests): the synthetic

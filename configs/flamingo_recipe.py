@@ -31,9 +31,8 @@ The `synthetic` section holds the same mixture's shapes in memory
 """
 import ml_collections
 
-from flamingo_jax.config import (FlamingoConfig, PatchEncoderConfig, ResamplerConfig,
-                                 VisionConfig, XAttnConfig, lm_preset, paper_model,
-                                 to_config_dict)
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import FlamingoConfig, PatchEncoderConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, paper_model
 
 # name: (kind, batch size, tokens, images per example, frames per image, lambda)
 MIXTURE = {

@@ -25,9 +25,8 @@ import os
 
 import ml_collections
 
-from flamingo_jax.config import (FlamingoConfig, LMConfig, PatchEncoderConfig, ResamplerConfig,
-                                 VisionConfig, XAttnConfig, from_config_dict, paper_model,
-                                 to_config_dict)
+from flamingo_jax.config import from_config_dict, to_config_dict
+from flamingo_jax.models.config import FlamingoConfig, LMConfig, PatchEncoderConfig, ResamplerConfig, VisionConfig, XAttnConfig, paper_model
 from flamingo_jax.errors import ConfigError
 
 OPTIONS = ("tiny",)

@@ -11,8 +11,8 @@ within a few dozen steps.
 """
 import ml_collections
 
-from flamingo_jax.config import (FlamingoConfig, PatchEncoderConfig, ResamplerConfig,
-                                 VisionConfig, XAttnConfig, lm_preset, to_config_dict)
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import FlamingoConfig, PatchEncoderConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset
 
 VOCAB = 512
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.config import FlamingoConfig, model_config
+from flamingo_jax.models.config import FlamingoConfig, model_config
 from flamingo_jax.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def param_shardings(config: FlamingoConfig, mesh=None, mesh_cfg=None):
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda _: device, init_params(config, abstract=True))
-  from flamingo_jax.training import sharding
+  from flamingo_jax.runtime import sharding
   mesh_cfg = sharding.mesh_config(mesh_cfg)
   with jax.set_mesh(mesh):
     boxed = jax.eval_shape(_init_fn(config, boxed=True), jax.random.key(0))

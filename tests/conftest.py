@@ -14,6 +14,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def tiny_config():
-  from flamingo_jax.config import model_config
+  from flamingo_jax.models.config import model_config
   from flamingo_jax.config import load_config
   return model_config(load_config(os.path.join(REPO, "configs", "tiny.py")))

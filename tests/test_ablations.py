@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from flamingo_jax import ablations
+from flamingo_jax.apps import ablations
 
 # Paper Table 3 / Table 10 (Flamingo-3B "Overall", control 70.7), as listed in
 # /work/shared/reference/flamingo.md section 4: the number each config must carry, over

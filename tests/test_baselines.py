@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import model_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
 from flamingo_jax.evaluate import baselines, runner
 from flamingo_jax.models.flamingo import Flamingo, merged_lm_params

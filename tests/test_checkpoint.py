@@ -9,8 +9,9 @@ import pytest
 from flax import traverse_util
 
 from flamingo_jax.training import checkpoint as ckpt_lib
-from flamingo_jax import train
-from flamingo_jax.training import optim, sharding
+from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.training import optim
+from flamingo_jax.runtime import sharding
 from flamingo_jax.models.flamingo import Flamingo
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -119,7 +120,7 @@ def test_components_restore_from_own_or_whole_trees(tmp_path):
 
 
 def test_component_trees_round_trip(tiny_config):
-  from flamingo_jax.tools.count_params import abstract_params
+  from flamingo_jax.apps.count_params import abstract_params
   params = abstract_params(tiny_config)
   xattn = ckpt_lib.component_tree(params, "xattn")
   assert set(xattn) == {"xattn_block_0", "xattn_block_1"}

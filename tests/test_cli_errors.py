@@ -156,7 +156,8 @@ def train_files(tmp_path_factory):
   (d / "run_bad_frozen" / "frozen" / "lm").mkdir(parents=True)  # a previous run's frozen LM
   (d / "run_bad_frozen" / "frozen" / "lm" / "_METADATA").write_text("{not json")
   # The tiny LM with its token embedding [V, D] at half the width.
-  from flamingo_jax.config import load_config, model_config
+  from flamingo_jax.config import load_config
+  from flamingo_jax.models.config import model_config
   from flamingo_jax.model_dir import init_params
   lm = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                     init_params(model_config(load_config(TINY)), abstract=True)["lm"])
@@ -283,7 +284,7 @@ def fresh_cli_logging(monkeypatch):
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_cli_user_errors(case, train_files, tmp_path, capsys, fresh_cli_logging):
-  from flamingo_jax import train
+  from flamingo_jax.trainers.flamingo import train
   names = [n.format(dir=train_files["dir"]) for n in TRAIN_CASES[case][1]]
   rc = errors.run_cli(train.main, train_argv(case, train_files, tmp_path / "w"))
   assert_one_error(rc, capsys.readouterr().err, *names)
@@ -292,7 +293,7 @@ def test_train_cli_user_errors(case, train_files, tmp_path, capsys, fresh_cli_lo
 def test_data_keys_the_config_leaves_out_can_be_overridden(train_files):
   """The pipeline config sets few data keys; the others take overrides (their defaults
   are filled first), with types checked."""
-  from flamingo_jax import train
+  from flamingo_jax.trainers.flamingo import train
   from flamingo_jax.data.config import data_config
   from flamingo_jax.training import cli
   config = cli.load(train_files["pipeline"], [

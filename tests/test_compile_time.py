@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax import train
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
-                                 lm_preset, model_config)
+from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.models.flamingo import Flamingo
-from flamingo_jax.training import optim, sharding, state as state_lib
+from flamingo_jax.training import optim, state as state_lib
+from flamingo_jax.runtime import sharding
 
 V, IMG, EOC = 64, 61, 62
 

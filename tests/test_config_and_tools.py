@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from flamingo_jax.config import model_config, paper_model
+from flamingo_jax.models.config import model_config, paper_model
 from flamingo_jax.config import apply_overrides, load_config
-from flamingo_jax.tools.count_params import count_params
+from flamingo_jax.apps.count_params import count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +82,9 @@ def test_every_trainer_overrides_the_same_way(tmp_path):
   """Defaults exist before overrides in every trainer; dotted overrides add keys to
   dict-valued fields; a typo anywhere (synthetic included) and a type error name the
   whole key path; all are ConfigErrors (one `error:` line from the CLIs)."""
-  from flamingo_jax import contrastive, lm_pretrain, train
+  from flamingo_jax.trainers.contrastive import train as contrastive
+  from flamingo_jax.trainers.lm import train as lm_pretrain
+  from flamingo_jax.trainers.flamingo import train
   from flamingo_jax.errors import ConfigError
   from flamingo_jax.training import cli
   tiny = os.path.join(REPO, "configs", "tiny.py")

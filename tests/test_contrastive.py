@@ -14,10 +14,13 @@ import pytest
 from flax import traverse_util
 
 from flamingo_jax.training import checkpoint as ckpt_lib
-from flamingo_jax import contrastive, contrastive_eval
-from flamingo_jax.training import optim, sharding
+from flamingo_jax.trainers.contrastive import train as contrastive
+from flamingo_jax.trainers.contrastive import evaluate as contrastive_eval
+from flamingo_jax.training import optim
+from flamingo_jax.runtime import sharding
 from flamingo_jax.training.agc import unitwise_norm
-from flamingo_jax.config import PatchEncoderConfig, VisionConfig, model_config, to_config_dict
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import PatchEncoderConfig, VisionConfig, model_config
 from flamingo_jax.models.dual_encoder import (DualEncoder, DualEncoderConfig, clip_temperature,
                                               contrastive_loss)
 from flamingo_jax.models.flamingo import Flamingo
@@ -196,7 +199,7 @@ def test_retrieval_and_zero_shot_metrics_by_hand():
 
 
 def test_config_errors_name_the_key(tmp_path):
-  from flamingo_jax.contrastive import load
+  from flamingo_jax.trainers.contrastive.train import load
   spec = os.path.join(REPO, "configs", "contrastive_tiny.py") + f":data={tmp_path}"
   for override, key in [("model.embed_dim=0", "model.embed_dim"),
                         ("model.text.norm='mid'", "model.text.norm"),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import model_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
 from flamingo_jax.evaluate import decode, scoring
 from flamingo_jax.models.flamingo import Flamingo

@@ -8,8 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from flamingo_jax import ablations, demo, train
-from flamingo_jax.config import model_config
+from flamingo_jax.apps import ablations
+from flamingo_jax.apps.demo import stages as demo
+from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.models.config import model_config
 
 
 @pytest.mark.slow

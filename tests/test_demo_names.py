@@ -88,7 +88,7 @@ def _ev(offset):
 
 
 def test_seeds_table_gives_mean_and_range_and_the_names_task_joins_the_tasks():
-  from flamingo_jax import demo
+  from flamingo_jax.apps.demo import stages as demo
   table = demo.seeds_table({0: _ev(0.0), 1: _ev(2.0), 2: _ev(4.0)})
   assert "over 3 seeds (0, 1, 2)" in table
   assert "| captions | CIDEr | flamingo | 12.0 [10.0, 14.0] | 22.0 [20.0, 24.0] |" in table
@@ -100,7 +100,7 @@ def test_seeds_table_gives_mean_and_range_and_the_names_task_joins_the_tasks():
 
 
 def test_seeds_plot_draws_each_models_mean_and_range(tmp_path):
-  from flamingo_jax import demo
+  from flamingo_jax.apps.demo import stages as demo
   evs = {0: _ev(0.0), 1: _ev(2.0), 2: _ev(4.0)}
   views = [demo.with_names(ev) for ev in evs.values()]
   mean, lo, hi = demo.seed_spread(views, "flamingo", "names")
@@ -111,7 +111,7 @@ def test_seeds_plot_draws_each_models_mean_and_range(tmp_path):
 
 
 def test_seeds_option_names_bad_input(capsys):
-  from flamingo_jax import demo
+  from flamingo_jax.apps.demo import stages as demo
   from flamingo_jax.errors import run_cli
   for bad, msg in (("0,x", "comma-separated integers"), ("1,1", "distinct integers")):
     assert run_cli(demo.main, ["--workdir", "/nonexistent/x", "--seeds", bad]) == 2

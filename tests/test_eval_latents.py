@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import load_config, model_config
+from flamingo_jax.config import load_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.evaluate import decode, features
 from flamingo_jax.models.flamingo import Flamingo
 

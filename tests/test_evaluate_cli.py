@@ -129,7 +129,8 @@ def make_imagenet(root):
 def export_tiny_model(root, captions, questions, seed):
   """configs/tiny.py with random weights and a BPE tokenizer trained on the prompts'
   words, exported as a model directory -> (directory, config)."""
-  from flamingo_jax.config import load_config, model_config
+  from flamingo_jax.config import load_config
+  from flamingo_jax.models.config import model_config
   from flamingo_jax.data.train_tokenizer import train_tokenizer
   corpus = root / "corpus.txt"
   corpus.write_text("\n".join([f"Output: {c}" for c in captions] +
@@ -305,7 +306,7 @@ def test_mesh_gives_the_one_device_predictions(world, tmp_path):
   assert [r["generated"] for r in a] == [r["generated"] for r in b]
   assert len(a) == 2
   # The sharded restore really lays the params out over the mesh.
-  from flamingo_jax.training import sharding
+  from flamingo_jax.runtime import sharding
   mesh = sharding.make_mesh(sharding.mesh_config({"data": 4, "tensor": 2}))
   params = model_dir.load_params(world["model"], world["config"], mesh, {"data": 4, "tensor": 2})
   specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)}

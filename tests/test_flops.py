@@ -4,9 +4,8 @@ import dataclasses
 
 import pytest
 
-from flamingo_jax.training import flops
-from flamingo_jax.config import (FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig,
-                                 paper_model)
+from flamingo_jax.trainers.flamingo import flops
+from flamingo_jax.models.config import FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig, paper_model
 
 
 def test_matmul_and_block_formulas():

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from flamingo_jax.config import load_config, model_config
+from flamingo_jax.config import load_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.data import in_memory as train_data
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.training import objective, optim
-from flamingo_jax.training.sharding import MESH_AXES
+from flamingo_jax.runtime.sharding import MESH_AXES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = {"docs": 1.0, "pairs": 0.2, "video": 0.5}

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
-                                 lm_preset, model_config)
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.models.flamingo import Flamingo, merged_lm_config, merged_lm_params
 from flamingo_jax.models.lm import DecoderLM
 from random_weights import random_params

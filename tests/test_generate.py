@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flamingo_jax import generate as gen
+from flamingo_jax.apps import generate as gen
 from flamingo_jax import model_dir
-from flamingo_jax.config import model_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
 from flamingo_jax.data.train_tokenizer import train_tokenizer
 from flamingo_jax.evaluate import decode, runner

@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from flamingo_jax.config import model_config, to_config_dict  # noqa: E402
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import model_config  # noqa: E402
 from flamingo_jax.convert.idefics import convert_idefics  # noqa: E402
 from flamingo_jax.models import masking  # noqa: E402
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
@@ -158,7 +159,7 @@ def test_cli_converts_a_saved_model(tmp_path):
 
   from flamingo_jax.config import load_config
   from flamingo_jax.convert.__main__ import main
-  from flamingo_jax.tools.count_params import abstract_params
+  from flamingo_jax.apps.count_params import abstract_params
 
   model = hf_model(alpha_type="float", qk=False, seed=3)
   model.save_pretrained(tmp_path / "idefics")
@@ -224,7 +225,7 @@ def test_phi_is_idefics_image_attention_mask():
 
 
 def test_new_config_options_are_validated():
-  from flamingo_jax.config import FlamingoConfig
+  from flamingo_jax.models.config import FlamingoConfig
   base = to_config_dict(FlamingoConfig())
   for key, value, message in [
       ("xattn.norm", "batchnorm", r"'model.xattn.norm' is 'batchnorm'"),

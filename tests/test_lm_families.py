@@ -15,8 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig,  # noqa: E402
-                                 XAttnConfig, model_config)
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, model_config
 from flamingo_jax.convert.hf_lm import (convert_state_dict, lm_config_from_hf,  # noqa: E402
                                         load_hf_lm)
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402

@@ -14,9 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from flamingo_jax.config import (FlamingoConfig, LMConfig, ResamplerConfig,  # noqa: E402
-                                 VisionConfig, XAttnConfig, from_config_dict, lm_preset,
-                                 model_config)
+from flamingo_jax.config import from_config_dict
+from flamingo_jax.models.config import FlamingoConfig, LMConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.convert.hf_lm import (convert_state_dict, load_hf_lm,  # noqa: E402
                                         lm_config_from_hf, load_safetensors_dir)
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402

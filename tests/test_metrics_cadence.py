@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flamingo_jax import train
+from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.config import apply_overrides, load_config
 from flamingo_jax.training import loop
 from flamingo_jax.training.metrics import MetricsWriter

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import model_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.models import labels as labels_lib
 from flamingo_jax.models.flamingo import Flamingo, merged_lm_params, xattn_layer_indices
 from flamingo_jax.models.lm import DecoderLM

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import NFNetConfig, VisionConfig
+from flamingo_jax.models.config import NFNetConfig, VisionConfig
 from flamingo_jax.convert import nfnet as convert
 from flamingo_jax.models import nfnet
 

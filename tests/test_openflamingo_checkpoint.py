@@ -55,10 +55,10 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
   import flax.linen as nn
   import orbax.checkpoint as ocp
 
-  from flamingo_jax.config import model_config
+  from flamingo_jax.models.config import model_config
   from flamingo_jax.config import load_config
   from flamingo_jax.convert.__main__ import main
-  from flamingo_jax.tools.count_params import abstract_params
+  from flamingo_jax.apps.count_params import abstract_params
 
   # The fixture's tiny ViT has 4 heads of 8; real OpenCLIP towers use heads of 64, which is
   # what the CLI assumes. Convert the real way and check the tree and config it writes.

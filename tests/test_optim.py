@@ -9,7 +9,7 @@ from flax import traverse_util
 
 from flamingo_jax.training import objective, optim
 from flamingo_jax.models.labels import FROZEN, param_labels
-from flamingo_jax.tools.count_params import abstract_params
+from flamingo_jax.apps.count_params import abstract_params
 
 
 def test_schedule_warmup_then_constant_and_decays():
@@ -97,7 +97,7 @@ def test_split_and_merge_params(tiny_config):
 def _toy_step(grads_per_dataset, clip_norm=1.0, lr=0.1):
   """make_train_step around a grad_fn that sums fixed per-dataset gradients."""
   params = {"xattn_block_0": {"w": jnp.zeros((3,))}}
-  from flamingo_jax.config import FlamingoConfig
+  from flamingo_jax.models.config import FlamingoConfig
   c = optim.optim_config({"warmup_steps": 0, "learning_rate": lr, "clip_norm": clip_norm,
                           "weight_decay": 0.0})
   tx = optim.make_optimizer(c, FlamingoConfig(), 10)

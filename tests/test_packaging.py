@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = r"""
 import glob, os, sys
 import flamingo_jax
-from flamingo_jax import ablations, demo
+from flamingo_jax.apps import ablations
+from flamingo_jax.apps.demo import stages as demo
 from flamingo_jax.config import configs_dir, load_config
 site = sys.argv[1]
 assert flamingo_jax.__file__.startswith(site), flamingo_jax.__file__

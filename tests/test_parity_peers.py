@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flamingo_jax.config import ResamplerConfig, XAttnConfig  # noqa: E402
+from flamingo_jax.models.config import ResamplerConfig, XAttnConfig  # noqa: E402
 from flamingo_jax.convert.openflamingo import convert_gated_xattn, convert_resampler  # noqa: E402
 from flamingo_jax.models import masking  # noqa: E402
 from flamingo_jax.models.resampler import PerceiverResampler  # noqa: E402

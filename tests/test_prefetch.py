@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from flamingo_jax import train
+from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.data import in_memory
 from flamingo_jax.errors import DataError
-from flamingo_jax.training import sharding
+from flamingo_jax.runtime import sharding
 from flamingo_jax.training.loop import process_rows, put_batch
 from flamingo_jax.training.prefetch import Prefetcher
 

@@ -51,7 +51,7 @@ def test_on_a_terminal_progress_is_a_tqdm_bar():
 
 @pytest.mark.slow  # ~65 s here: the demo's data stage, then 40 LM steps
 def test_demo_lm_stage_off_a_terminal_prints_few_lines(tmp_path, capsys):
-  from flamingo_jax import demo
+  from flamingo_jax.apps.demo import stages as demo
   scale = dataclasses.replace(demo.SCALES["smoke"], lm_steps=40)
   demo.run(str(tmp_path), scale, stages=("data", "lm"))
   err = capsys.readouterr().err.splitlines()
@@ -64,9 +64,10 @@ def test_demo_lm_stage_off_a_terminal_prints_few_lines(tmp_path, capsys):
 def test_evaluation_lines_carry_the_label(tmp_path, capsys, caplog):
   from test_evaluate_cli import CAPTIONS, EVAL, make_coco
 
-  from flamingo_jax.config import load_config, model_config, to_config_dict
+  from flamingo_jax.config import load_config, to_config_dict
+  from flamingo_jax.models.config import model_config
   from flamingo_jax.data.train_tokenizer import train_tokenizer
-  from flamingo_jax.demo import EVAL_LABELS
+  from flamingo_jax.apps.demo.stages import EVAL_LABELS
   from flamingo_jax.evaluate import runner
   make_coco(str(tmp_path / "coco"))
   (tmp_path / "corpus.txt").write_text("\n".join(f"Output: {c}" for c in CAPTIONS * 3))

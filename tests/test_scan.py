@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig,
-                                 lm_preset, model_config)
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.models import layer_stack
 from flamingo_jax.models.flamingo import Flamingo, xattn_layer_indices
 from flamingo_jax.models.lm import DecoderLM

@@ -7,8 +7,9 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from flamingo_jax import train
-from flamingo_jax.training import optim, sharding
+from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.training import optim
+from flamingo_jax.runtime import sharding
 from flamingo_jax.models.flamingo import Flamingo
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

@@ -2,7 +2,7 @@
 import json
 
 from flamingo_jax.errors import run_cli
-from flamingo_jax.tools import shot_diff
+from flamingo_jax.apps import shot_diff
 
 
 def _write(folder, shots, predictions):

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from flamingo_jax.config import load_config, model_config  # noqa: E402
+from flamingo_jax.config import load_config
+from flamingo_jax.models.config import model_config  # noqa: E402
 from flamingo_jax.convert.__main__ import main as convert_main  # noqa: E402
 from flamingo_jax.errors import ConfigError  # noqa: E402
 

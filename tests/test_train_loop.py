@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from flamingo_jax import train
+from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.config import apply_overrides, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import pytest
 
 from flamingo_jax.training import objective, optim
 from flamingo_jax.data import in_memory as train_data
-from flamingo_jax.config import model_config
+from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
 from flamingo_jax.models.flamingo import Flamingo
 

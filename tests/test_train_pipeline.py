@@ -7,7 +7,7 @@ import os
 import jax
 import pytest
 
-from flamingo_jax import train
+from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.config import apply_overrides, load_config
 
 synthetic = pytest.importorskip("flamingo_jax.data.synthetic")

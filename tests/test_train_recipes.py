@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from flamingo_jax import train
+from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.config import load_config
 from flamingo_jax.errors import ConfigError
 

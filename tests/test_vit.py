@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from flamingo_jax.config import ViTConfig
+from flamingo_jax.models.config import ViTConfig
 from flamingo_jax.convert.openclip import convert_vit
 from flamingo_jax.models.vit import VisionTransformer
 

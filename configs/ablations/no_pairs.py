@@ -2,7 +2,7 @@
 
   python -m flamingo_jax.ablations --workdir demo_workdir --only no_pairs
 """
-from flamingo_jax.ablations import PAPER_BASELINE, demo_base, remove_datasets
+from flamingo_jax.apps.ablations import PAPER_BASELINE, demo_base, remove_datasets
 
 TABLE = "3"
 GROUP = "Training data"

@@ -5,7 +5,7 @@
 Relative to the paper's p_next 0 row (69.6), the demo's control (configs/demo.py),
 the paper's p_next 1 row (70.4) is 70.4 / 69.6.
 """
-from flamingo_jax.ablations import demo_base
+from flamingo_jax.apps.ablations import demo_base
 
 TABLE = "10"
 GROUP = "Image-text association (M3W)"

@@ -7,7 +7,7 @@ The paper's control draws next-image mode with p 0.5 per document; the demo's us
 Table 10 scores 0.5 at 70.7 and 0 at 69.6, so over the demo's control (p_next 0) the
 paper's own row is 70.7 / 69.6: slightly higher.
 """
-from flamingo_jax.ablations import demo_base
+from flamingo_jax.apps.ablations import demo_base
 
 TABLE = "10"
 GROUP = "Image-text association (M3W)"

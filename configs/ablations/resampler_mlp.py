@@ -2,7 +2,7 @@
 
   python -m flamingo_jax.ablations --workdir demo_workdir --only resampler_mlp
 """
-from flamingo_jax.ablations import PAPER_BASELINE, demo_base
+from flamingo_jax.apps.ablations import PAPER_BASELINE, demo_base
 
 TABLE = "3"
 GROUP = "Resampler"

@@ -6,8 +6,9 @@ CLIP ViT-L/14 row in miniature), pretrained contrastively on the same pairs
 """
 import os
 
-from flamingo_jax.ablations import PAPER_BASELINE, demo_base
-from flamingo_jax.config import PatchEncoderConfig, VisionConfig, to_config_dict
+from flamingo_jax.apps.ablations import PAPER_BASELINE, demo_base
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.models.config import PatchEncoderConfig, VisionConfig
 
 TABLE = "3"
 GROUP = "Vision encoder"
@@ -24,5 +25,5 @@ def get_config(workdir="demo_workdir"):
     config.data.image.size = vision.image_size
     config.model_init.vision = os.path.join(os.path.abspath(workdir), "ablations",
                                             "_patch_tower", "export", "vision")
-    config.ablation_vision = "patch"  # flamingo_jax.ablations pretrains it when missing
+    config.ablation_vision = "patch"  # flamingo_jax.apps.ablations pretrains it when missing
   return config

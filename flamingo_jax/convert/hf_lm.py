@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from flamingo_jax.config import LMConfig, lm_preset
+from flamingo_jax.models.config import LMConfig, lm_preset
 from flamingo_jax.convert import weights_io
 from flamingo_jax.convert.openflamingo import StateDict
 

@@ -40,8 +40,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from flamingo_jax.config import (FlamingoConfig, ResamplerConfig, ViTConfig, VisionConfig,
-                                 XAttnConfig, lm_preset, validate)
+from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, ViTConfig, VisionConfig, XAttnConfig, lm_preset, validate
 from flamingo_jax.convert.openflamingo import StateDict
 
 TOKEN_IDS = ("idefics", "flamingo")

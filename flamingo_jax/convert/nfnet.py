@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from flamingo_jax.config import NFNetConfig
+from flamingo_jax.models.config import NFNetConfig
 
 HAIKU_PREFIX = "NFNet/~/"
 

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from flamingo_jax.config import ViTConfig
+from flamingo_jax.models.config import ViTConfig
 from flamingo_jax.convert.openflamingo import StateDict
 
 

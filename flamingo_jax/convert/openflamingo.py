@@ -231,7 +231,7 @@ def _output_embedding(checkpoint, lm_params: dict, lm_config, vocab: int, source
 def _vit_config_from_weights(vision: Mapping[str, np.ndarray], activation: str,
                              num_heads: int | None, source: str):
   """Shapes from the weights; heads default to open_clip's width // 64 (not in the weights)."""
-  from flamingo_jax.config import ViTConfig
+  from flamingo_jax.models.config import ViTConfig
   prefix = "visual." if any(k.startswith("visual.") for k in vision) else ""
   needed = ("conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight")
   for name in needed:
@@ -278,7 +278,7 @@ def convert_openflamingo(checkpoint: Mapping[str, np.ndarray], lm_dir: str,
   import json
   import os
 
-  from flamingo_jax.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig
+  from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig
   from flamingo_jax.convert import hf_lm
   from flamingo_jax.convert.openclip import convert_vit
 

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig, from_config_dict
+from flamingo_jax.config import from_config_dict
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.errors import ConfigError
 
 PAD, BOS, EOS = 0, 1, 2

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.evaluate import runner
 from flamingo_jax.models.labels import component_of
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models import masking
 from flamingo_jax.models.flamingo import DecodeCache, Flamingo
 from flamingo_jax.models.lm import default_positions
@@ -530,7 +530,7 @@ class Placement:
     self.data_sharding = None
     if mesh is not None:
       from jax.sharding import NamedSharding, PartitionSpec
-      from flamingo_jax.training.sharding import BATCH_AXES
+      from flamingo_jax.runtime.sharding import BATCH_AXES
       self.data_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
       self.replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -538,7 +538,7 @@ class Placement:
   def batch_shards(self) -> int:
     if self.mesh is None:
       return 1
-    from flamingo_jax.training.sharding import batch_shards
+    from flamingo_jax.runtime.sharding import batch_shards
     return batch_shards(self.mesh)
 
   def put(self, x):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 
 
 # (salt, leaf ids) -> (fingerprint, weak references to those leaves): the same

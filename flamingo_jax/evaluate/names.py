@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.data import shapes
 from flamingo_jax.evaluate import datasets, prompts, runner
 from flamingo_jax.evaluate.scoring import Scorer

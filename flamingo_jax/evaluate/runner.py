@@ -37,7 +37,8 @@ import ml_collections
 import numpy as np
 
 from flamingo_jax import model_dir
-from flamingo_jax.config import FlamingoConfig, from_config_dict, model_config
+from flamingo_jax.config import from_config_dict
+from flamingo_jax.models.config import FlamingoConfig, model_config
 from flamingo_jax.errors import ArgumentParser, ConfigError
 from flamingo_jax.evaluate import classification, datasets, prompts, rices, video
 from flamingo_jax.evaluate.cider import cider_d
@@ -323,7 +324,7 @@ def compose(model_section: Mapping, *, config: Optional[ml_collections.ConfigDic
   if "mesh" not in out:
     out.mesh = ml_collections.ConfigDict()
   if "distributed" not in out:  # as in training: --config.distributed.KEY=VALUE
-    from flamingo_jax.training.distributed import DistributedConfig
+    from flamingo_jax.runtime.distributed import DistributedConfig
     out.distributed = ml_collections.ConfigDict(dataclasses.asdict(DistributedConfig()))
   return apply_overrides(out, overrides, open_keys=("mesh",)), order
 
@@ -950,7 +951,7 @@ def make_placement(mesh_section: Any, config: FlamingoConfig) -> Placement:
   params' shardings from the trainer's rules (tensor / FSDP)."""
   if not mesh_section:
     return Placement()
-  from flamingo_jax.training import sharding
+  from flamingo_jax.runtime import sharding
   mesh_cfg = sharding.mesh_config(mesh_section)
   mesh = sharding.make_mesh(mesh_cfg)
   return Placement(mesh, mesh_cfg.rules, model_dir.param_shardings(config, mesh, mesh_cfg))
@@ -1033,7 +1034,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        overrides=list(overrides) + mesh_overrides)
   config = model_config(cfg)
   ec = eval_config(cfg)
-  from flamingo_jax.training import distributed
+  from flamingo_jax.runtime import distributed
   # Several processes (hosts): before anything touches a device, as the trainer does.
   distributed.initialize(distributed.distributed_config(cfg.get("distributed")))
   tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] or order

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.evaluate import classification
 from flamingo_jax.evaluate.decode import (DEFAULT_BUCKETS, Placement, bucket,
                                           check_image_counts, count_image_tokens, left_pad,

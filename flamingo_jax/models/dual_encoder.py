@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flamingo_jax.config import VisionConfig
+from flamingo_jax.models.config import VisionConfig
 from flamingo_jax.models import layers
 from flamingo_jax.models.text_encoder import (TextEncoder, TextEncoderConfig, masked_mean,
                                               validate_text_config)

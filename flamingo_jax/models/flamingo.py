@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.models import layer_stack, layers, masking
 from flamingo_jax.models.lm import (DecoderLM, default_positions, self_attention_mask,
                                     sequence_mask)

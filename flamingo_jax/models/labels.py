@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.models.config import FlamingoConfig
 
 FROZEN = "frozen"
 TRAINABLE = "trainable"

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import LMConfig
+from flamingo_jax.models.config import LMConfig
 from flamingo_jax.models import layer_stack, layers, rotary
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import NFNetConfig
+from flamingo_jax.models.config import NFNetConfig
 from flamingo_jax.models.vision import register_vision_encoder
 
 Dtype = Any

@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flamingo_jax.config import PatchEncoderConfig
+from flamingo_jax.models.config import PatchEncoderConfig
 from flamingo_jax.models import layers
 from flamingo_jax.models.vision import register_vision_encoder
 

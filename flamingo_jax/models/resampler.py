@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.config import ResamplerConfig
+from flamingo_jax.models.config import ResamplerConfig
 from flamingo_jax.models import layers
 
 

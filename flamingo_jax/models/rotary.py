@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.config import LMConfig
+from flamingo_jax.models.config import LMConfig
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
 

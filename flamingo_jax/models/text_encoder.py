@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.config import ACTIVATIONS
+from flamingo_jax.models.config import ACTIVATIONS
 from flamingo_jax.models import layers
 
 NORMS = ("pre", "post")

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.config import XAttnConfig
+from flamingo_jax.models.config import XAttnConfig
 from flamingo_jax.models import layers
 
 

@@ -18,8 +18,8 @@ import ml_collections
 from flamingo_jax.config import apply_overrides, load_config, split_config_args
 from flamingo_jax.errors import ArgumentParser
 from flamingo_jax.training.checkpoint import CheckpointConfig
-from flamingo_jax.training.distributed import DistributedConfig
-from flamingo_jax.training.sharding import MeshConfig
+from flamingo_jax.runtime.distributed import DistributedConfig
+from flamingo_jax.runtime.sharding import MeshConfig
 
 # The sections every trainer has beside its own `train` and `optim` (their schemas).
 RUN_SECTIONS = {"mesh": MeshConfig, "checkpoint": CheckpointConfig,

@@ -30,10 +30,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flamingo_jax.errors import ConfigError
-from flamingo_jax.training import distributed, sharding
+from flamingo_jax.runtime import distributed
+from flamingo_jax.runtime import sharding
 from flamingo_jax.training.metrics import MetricsWriter, progress_line
 
-log = logging.getLogger("flamingo_jax.train")
+log = logging.getLogger("flamingo_jax.trainers.flamingo.train")
 
 
 # --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import IO, Mapping, Optional
 
 from etils import epath
 
-log = logging.getLogger("flamingo_jax.train")
+log = logging.getLogger("flamingo_jax.trainers.flamingo.train")
 
 
 def _fmt_duration(seconds: float) -> str:

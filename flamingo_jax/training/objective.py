@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flamingo_jax.models.layers import dtype_of
 from flamingo_jax.models.xattn import tanh_gates
 from flamingo_jax.training.optim import merge_params
-from flamingo_jax.training.sharding import BATCH_AXES, batch_shards, batch_spec
+from flamingo_jax.runtime.sharding import BATCH_AXES, batch_shards, batch_spec
 
 MODEL_INPUTS = ("images", "visual_features", "next_image", "attention_mask", "image_count")
 BATCH_KEYS = ("tokens", "targets", "loss_mask") + MODEL_INPUTS

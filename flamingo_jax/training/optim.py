@@ -20,7 +20,8 @@ import optax
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from flamingo_jax.config import FlamingoConfig, from_config_dict
+from flamingo_jax.config import from_config_dict
+from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.errors import ConfigError
 from flamingo_jax.models.labels import FROZEN, TRAINABLE, TRAINABLE_NO_DECAY, param_labels
 

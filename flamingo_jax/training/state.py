@@ -20,9 +20,10 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.errors import CheckpointError
-from flamingo_jax.training import objective, optim, sharding
+from flamingo_jax.training import objective, optim
+from flamingo_jax.runtime import sharding
 
-log = logging.getLogger("flamingo_jax.train")
+log = logging.getLogger("flamingo_jax.trainers.flamingo.train")
 
 
 @dataclasses.dataclass(frozen=True)

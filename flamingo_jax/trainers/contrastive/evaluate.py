@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from flamingo_jax.training import sharding
+from flamingo_jax.runtime import sharding
 from flamingo_jax.config import from_config_dict
 from flamingo_jax.errors import ConfigError, DataError
 from flamingo_jax.data import images as images_lib
@@ -44,7 +44,7 @@ from flamingo_jax.data.config import DataConfig, DatasetConfig
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.models.dual_encoder import DualEncoder
 
-log = logging.getLogger("flamingo_jax.contrastive")
+log = logging.getLogger("flamingo_jax.trainers.contrastive.train")
 
 
 # --------------------------------------------------------------------------
@@ -364,6 +364,6 @@ class Evaluator:
 
 
 if __name__ == "__main__":  # the evaluation CLI lives with the trainer's config parsing
-  from flamingo_jax.contrastive import main as _main
+  from flamingo_jax.trainers.contrastive.train import main as _main
   from flamingo_jax.errors import run_cli
   sys.exit(run_cli(lambda argv: _main(["--eval_only", *(sys.argv[1:] if argv is None else argv)])))

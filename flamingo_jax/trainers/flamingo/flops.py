@@ -28,7 +28,7 @@ import math
 import time
 from typing import Optional, Sequence
 
-from flamingo_jax.config import FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig
+from flamingo_jax.models.config import FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig
 
 
 @dataclasses.dataclass(frozen=True)

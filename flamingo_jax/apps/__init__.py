@@ -1,0 +1,1 @@
+"""Programs built on the trainers and the library: generate, the demo, the ablations, tools."""

@@ -1,0 +1,1 @@
+"""The trainers, one package each, built on the model-agnostic library in flamingo_jax/training."""

@@ -1,0 +1,1 @@
+"""The Flamingo trainer: frozen vision and LM, trained resampler and gated cross-attention."""
