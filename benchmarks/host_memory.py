@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 
 def one_run(workdir: str, steps: int, mode: str) -> dict:
   """This process trains `steps` demo updates; -> its figures."""
-  from flamingo_jax.runtime import host_memory
+  from flamingo_jax.process import host_memory
   applied = host_memory.keep_freed_memory() if mode == "keep" else False
   import jax
   from flamingo_jax.apps.demo import stages as demo

@@ -72,7 +72,7 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
-from flamingo_jax.runtime import host_memory
+from flamingo_jax.process import host_memory
 from flamingo_jax.trainers.flamingo import train  # noqa: E402
 from flamingo_jax.config import apply_overrides, load_config
 from flamingo_jax.models.config import model_config  # noqa: E402

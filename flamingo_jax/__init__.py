@@ -1,6 +1,6 @@
 """flamingo_jax: Flamingo-style visual language models in JAX/Flax (linen)."""
 
-from flamingo_jax.runtime import process_watch as _process_watch
+from flamingo_jax.process import process_watch as _process_watch
 
 __version__ = "0.1.0"
 

@@ -124,7 +124,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
   (flamingo_jax/host_memory.py); in-process callers (tests) pass argv and are left alone.
   """
   if argv is None:
-    from flamingo_jax.runtime import host_memory  # pylint: disable=import-outside-toplevel
+    from flamingo_jax.process import host_memory  # pylint: disable=import-outside-toplevel
     host_memory.keep_freed_memory()
   traceback = show_tracebacks(argv)
   try:

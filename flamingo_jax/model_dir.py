@@ -151,9 +151,9 @@ def load_tokenizer(directory: str, config: FlamingoConfig, override: Optional[st
 def write_model_dir(out_dir: str, params: Any, model_section: dict) -> str:
   """DIR/params + DIR/model_config.json (a `model` section as a plain dict); the
   converters' writer. Returns out_dir."""
-  from flamingo_jax.training import checkpoint
+  from flamingo_jax.runtime import params_io
   os.makedirs(out_dir, exist_ok=True)
-  checkpoint.save_params(os.path.join(out_dir, PARAMS), params)
+  params_io.save_params(os.path.join(out_dir, PARAMS), params)
   with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
     json.dump(model_section, f, indent=1, default=list)
   return out_dir
@@ -219,7 +219,7 @@ def read_model_section(directory: str) -> dict:
 def load_params(directory: str, config: FlamingoConfig, mesh=None, mesh_cfg=None) -> Any:
   """DIR/params restored into their shardings (first device, or `mesh`); missing or
   misshapen tensors are named."""
-  from flamingo_jax.training.checkpoint import params_exist, restore_params
+  from flamingo_jax.runtime.params_io import params_exist, restore_params
   params_dir = os.path.join(directory, PARAMS)
   if not params_exist(params_dir):
     raise CheckpointError(f"model directory {directory!r} lacks {PARAMS}/ (the orbax params "

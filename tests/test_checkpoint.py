@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from flamingo_jax.trainers.flamingo import components
+from flamingo_jax.runtime import params_io
 from flamingo_jax.training import checkpoint as ckpt_lib
 from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.training import optim
@@ -85,46 +87,46 @@ def test_params_restore_into_shardings_and_dtype(tmp_path):
   mesh = sharding.make_mesh(sharding.mesh_config({"data": 2, "tensor": 4}))
   tree = {"blocks_0": {"kernel": np.arange(32, dtype=np.float32).reshape(8, 4)},
           "embedding": np.ones((16, 4), np.float32), "classifier": np.zeros((4, 3), np.float32)}
-  ckpt_lib.save_params(str(tmp_path / "lm"), tree)
+  params_io.save_params(str(tmp_path / "lm"), tree)
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tensor", None))
   target = {"blocks_0": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.bfloat16, sharding=sh)},
             "embedding": jax.ShapeDtypeStruct((16, 4), jnp.bfloat16, sharding=sh)}
-  got = ckpt_lib.restore_params(str(tmp_path / "lm"), target)  # 'classifier' is skipped
+  got = params_io.restore_params(str(tmp_path / "lm"), target)  # 'classifier' is skipped
   assert got["blocks_0"]["kernel"].dtype == jnp.bfloat16
   assert got["blocks_0"]["kernel"].sharding == sh
   np.testing.assert_array_equal(np.asarray(got["blocks_0"]["kernel"], np.float32),
                                 tree["blocks_0"]["kernel"])
   missing = dict(target, final_norm={"scale": jax.ShapeDtypeStruct((4,), jnp.float32)})
   with pytest.raises(ValueError, match="missing.*final_norm/scale"):
-    ckpt_lib.restore_params(str(tmp_path / "lm"), missing)
+    params_io.restore_params(str(tmp_path / "lm"), missing)
   wrong = dict(target, embedding=jax.ShapeDtypeStruct((17, 4), jnp.float32))
   with pytest.raises(ValueError, match=r"embedding: checkpoint \(16, 4\) vs model \(17, 4\)"):
-    ckpt_lib.restore_params(str(tmp_path / "lm"), wrong)
+    params_io.restore_params(str(tmp_path / "lm"), wrong)
   with pytest.raises(ValueError, match="does not exist"):
-    ckpt_lib.restore_params(str(tmp_path / "nowhere"), target)
+    params_io.restore_params(str(tmp_path / "nowhere"), target)
 
 
 def test_components_restore_from_own_or_whole_trees(tmp_path):
   lm = {"embedding": np.ones((16, 4), np.float32), "blocks_0": {"kernel": np.zeros((4, 4))}}
   whole = {"lm": lm, "vision": {"conv": np.ones((3, 3), np.float32)},
            "xattn_block_0": {"gate": np.full((1,), 0.5, np.float32)}}
-  ckpt_lib.save_params(str(tmp_path / "own"), lm)
-  ckpt_lib.save_params(str(tmp_path / "whole"), whole)
+  params_io.save_params(str(tmp_path / "own"), lm)
+  params_io.save_params(str(tmp_path / "whole"), whole)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), lm)
   for d in ("own", "whole"):
-    got = ckpt_lib.restore_component(str(tmp_path / d), "lm", target)
+    got = components.restore_component(str(tmp_path / d), "lm", target)
     assert set(got) == {"embedding", "blocks_0"} and got["embedding"].dtype == jnp.bfloat16
   xattn = {"xattn_block_0": {"gate": jax.ShapeDtypeStruct((1,), jnp.float32)}}
-  got = ckpt_lib.restore_component(str(tmp_path / "whole"), "xattn", xattn)
+  got = components.restore_component(str(tmp_path / "whole"), "xattn", xattn)
   np.testing.assert_array_equal(got["xattn_block_0"]["gate"], [0.5])
 
 
 def test_component_trees_round_trip(tiny_config):
   from flamingo_jax.apps.count_params import abstract_params
   params = abstract_params(tiny_config)
-  xattn = ckpt_lib.component_tree(params, "xattn")
+  xattn = components.component_tree(params, "xattn")
   assert set(xattn) == {"xattn_block_0", "xattn_block_1"}
-  assert ckpt_lib.component_tree(params, "lm") is params["lm"]
-  back = ckpt_lib.with_component({k: v for k, v in params.items() if k != "lm"}, "lm",
+  assert components.component_tree(params, "lm") is params["lm"]
+  back = components.with_component({k: v for k, v in params.items() if k != "lm"}, "lm",
                               params["lm"])
   assert traverse_util.flatten_dict(back).keys() == traverse_util.flatten_dict(params).keys()

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flamingo_jax.trainers.flamingo import components
+from flamingo_jax.runtime import params_io
 from flamingo_jax.errors import CheckpointError
 from flamingo_jax.training import checkpoint as ckpt_lib
 
@@ -112,21 +114,21 @@ def test_a_config_that_does_not_fit_is_not_a_corrupt_checkpoint(tmp_path):
 
 def test_corrupt_frozen_weights_are_one_line(tmp_path):
   directory = str(tmp_path / "frozen" / "lm")
-  ckpt_lib.save_params(directory, {"embed": jnp.ones((16, 4))}, {"component": "lm"})
+  params_io.save_params(directory, {"embed": jnp.ones((16, 4))}, {"component": "lm"})
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = {"embed": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=device)}
-  ckpt_lib.check_params(directory, abstract)  # intact
+  params_io.check_params(directory, abstract)  # intact
   with pytest.raises(CheckpointError, match=r"shape mismatch .* embed: checkpoint \(16, 4\) "
                      r"vs model \(32, 4\)"):
-    ckpt_lib.check_params(directory, {"embed": jax.ShapeDtypeStruct((32, 4), jnp.float32)},
+    params_io.check_params(directory, {"embed": jax.ShapeDtypeStruct((32, 4), jnp.float32)},
                           "model_init.lm")
   _garbage_arrays(directory)
   with pytest.raises(CheckpointError) as e:
-    ckpt_lib.restore_component(directory, "lm", abstract)
+    components.restore_component(directory, "lm", abstract)
   assert f"{directory} is corrupt or partial: " in str(e.value) and "\n" not in str(e.value)
   with open(os.path.join(directory, "_METADATA"), "w") as fh:
     fh.write("{not json")
   with pytest.raises(CheckpointError, match=r"model_init\.lm: .* is corrupt or partial: cannot "
                      "read its metadata"):
-    ckpt_lib.check_component(directory, "lm", abstract, "model_init.lm")
+    components.check_component(directory, "lm", abstract, "model_init.lm")
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from flamingo_jax.runtime import params_io
 from flamingo_jax import errors
 from flamingo_jax.data import convert, synthetic, train_tokenizer
 from flamingo_jax.training import checkpoint as ckpt_lib
@@ -162,7 +163,7 @@ def train_files(tmp_path_factory):
   lm = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                     init_params(model_config(load_config(TINY)), abstract=True)["lm"])
   lm["embedding"] = jnp.zeros((512, 32))
-  ckpt_lib.save_params(str(d / "narrow_lm"), lm, {"component": "lm"})
+  params_io.save_params(str(d / "narrow_lm"), lm, {"component": "lm"})
   # A committed step checkpoint whose state/ is gone.
   refuse = ckpt_lib.CheckpointConfig(async_save=False, on_corrupt="refuse")
   c = ckpt_lib.Checkpointer(str(d / "run_no_state" / "checkpoints"), refuse)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from flamingo_jax.runtime import params_io
 from flamingo_jax.training import checkpoint as ckpt_lib
 from flamingo_jax.trainers.contrastive import train as contrastive
 from flamingo_jax.trainers.contrastive import evaluate as contrastive_eval
@@ -304,7 +305,7 @@ def test_exported_vision_tower_loads_into_flamingo(tiny_run):
   target = sharding.with_shardings(
       target, jax.tree.map(lambda _: sharding.replicated(mesh), target))
   export = os.path.join(tiny_run["workdir"], "export", "vision")
-  loaded = ckpt_lib.restore_params(export, target, "vision")
+  loaded = params_io.restore_params(export, target, "vision")
   assert jax.tree.structure(loaded) == jax.tree.structure(shapes["vision"])
   assert jax.tree.map(lambda x: x.shape, loaded) == \
       jax.tree.map(lambda x: x.shape, shapes["vision"])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 STEP_FAULTS = """
 import json, resource, sys
 from flamingo_jax import errors
-from flamingo_jax.runtime import host_memory
+from flamingo_jax.process import host_memory
 applied = None
 if sys.argv[1] == "apply":
   applied = host_memory.keep_freed_memory()
@@ -65,7 +65,7 @@ def test_the_step_temporary_stays_mapped():
 WHEN = """
 import json, sys
 import jax
-from flamingo_jax.runtime import host_memory
+from flamingo_jax.process import host_memory
 if sys.argv[1] == "started":
   jax.devices()
 print(json.dumps({"applied": host_memory.keep_freed_memory()}))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.trainers.lm import train as lm_pretrain
-from flamingo_jax.training.checkpoint import restore_component
+from flamingo_jax.trainers.flamingo.components import restore_component
 from flamingo_jax.config import apply_overrides, to_config_dict
 from flamingo_jax.models.config import FlamingoConfig, lm_preset
 from flamingo_jax.evaluate.runner import init_params

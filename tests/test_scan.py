@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flamingo_jax.trainers.flamingo import components
 from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.models import layer_stack
 from flamingo_jax.models.flamingo import Flamingo, xattn_layer_indices
@@ -184,7 +185,7 @@ def test_converted_hf_lm_loads_into_both_layouts(tmp_path):
     shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           shapes)
-    params = ckpt_lib.restore_component(str(out / "params"), "lm", target)
+    params = components.restore_component(str(out / "params"), "lm", target)
     assert ("blocks" in params) == scan and ("blocks_0" in params) == (not scan)
     got = model.apply({"params": params}, jnp.asarray(tokens))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

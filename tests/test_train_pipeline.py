@@ -65,7 +65,7 @@ def _never_compile(monkeypatch):
 
 def test_mismatches_fail_before_compiling(shapes_data, tmp_path, monkeypatch):
   from flamingo_jax.errors import CheckpointError, DataError
-  from flamingo_jax.training.checkpoint import save_params
+  from flamingo_jax.runtime.params_io import save_params
   manifest, out = shapes_data
   tok = manifest["tokenizer"]
   _never_compile(monkeypatch)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest_data import pair_members, train_small_tokenizer, write_tar
-from flamingo_jax.runtime import process_watch
+from flamingo_jax.process import process_watch
 
 READER = textwrap.dedent("""
     import os, sys, time

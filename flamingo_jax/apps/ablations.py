@@ -92,7 +92,7 @@ def pretrain_extra_vision(workdir: str, config: ml_collections.ConfigDict, scale
   """Pretrains a vision tower an ablation loads but the demo did not train
   (the encoder swap), contrastively on the same pairs, into model_init.vision."""
   from flamingo_jax.trainers.contrastive import train as contrastive
-  from flamingo_jax.training.checkpoint import params_exist
+  from flamingo_jax.runtime.params_io import params_exist
   from flamingo_jax.apps.demo.stages import vision_config
   target = config.model_init.get("vision", "")
   if not target or params_exist(target) or "ablation_vision" not in config:

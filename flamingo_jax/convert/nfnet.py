@@ -452,18 +452,18 @@ def config_overrides(config: NFNetConfig) -> dict:
 def save_params(params: Mapping, out: str, config: NFNetConfig, source: str,
                 force: bool = False) -> None:
   """Writes params with orbax StandardCheckpointer; the config goes in its metadata."""
-  from flamingo_jax.training import checkpoint
+  from flamingo_jax.runtime import params_io
 
   out = os.path.abspath(out)
   if os.path.exists(out) and not force:
     raise ValueError(f"output directory {out!r} exists; pass --force to overwrite")
-  checkpoint.save_params(out, params, {"nfnet_config": dataclasses.asdict(config),
+  params_io.save_params(out, params, {"nfnet_config": dataclasses.asdict(config),
                                        "source": source})
 
 
 def load_converted(path: str) -> tuple[dict, NFNetConfig]:
   """(params, config) of a directory written by `save_params` / the CLI."""
-  from flamingo_jax.training.checkpoint import read_params
+  from flamingo_jax.runtime.params_io import read_params
 
   path = os.path.abspath(path)
   if not os.path.isdir(path):

@@ -20,7 +20,7 @@ import functools
 import os
 from typing import Callable
 
-from flamingo_jax.runtime.process_watch import watch_parent
+from flamingo_jax.process.process_watch import watch_parent
 
 
 def _init_worker(parent_pid: int, worker_index: int = 0, worker_count: int = 1) -> None:

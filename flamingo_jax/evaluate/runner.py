@@ -934,7 +934,7 @@ init_params = model_dir.init_params
 
 def load_params(config: FlamingoConfig, directory: str, mesh=None, mesh_cfg=None):
   """Params from an orbax params directory, restored into their shardings."""
-  from flamingo_jax.training.checkpoint import restore_params
+  from flamingo_jax.runtime.params_io import restore_params
   return restore_params(directory, model_dir.abstract_params(config, mesh, mesh_cfg),
                         what=f"checkpoint {directory}")
 

@@ -1,2 +1,2 @@
-"""What every command runs on: the device mesh and sharding rules, jax.distributed start,
-parameter I/O and the process hooks (host memory, grain workers that die with their parent)."""
+"""What every command runs on, trainers and apps alike: the device mesh and its sharding rules,
+the jax.distributed start, and parameter-tree I/O (orbax) into target shardings."""

@@ -40,8 +40,7 @@ from flax import traverse_util
 
 from flamingo_jax.config import from_config_dict
 from flamingo_jax.errors import CheckpointError, ConfigError, one_line
-from flamingo_jax.models import layer_stack
-from flamingo_jax.models.labels import component_of
+from flamingo_jax.runtime.params_io import check_ocdbt, plain_tree
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +201,7 @@ class Checkpointer:
         except (ValueError, UnicodeDecodeError) as e:
           raise CheckpointError(f"{path} is not JSON: {one_line(e)}") from None
     try:
-      _check_ocdbt(root / "state")
+      check_ocdbt(root / "state")
     except Exception as e:  # noqa: BLE001 - tensorstore's errors of damaged files
       raise CheckpointError(f"{root / 'state'}: {one_line(e)}") from None
 
@@ -215,7 +214,7 @@ class Checkpointer:
       stored = stored.item_metadata.tree
     except Exception:  # noqa: BLE001 - unreadable metadata: left to restore() to report
       return
-    stored = _plain(stored) if stored is not None else {}
+    stored = plain_tree(stored) if stored is not None else {}
     if not (isinstance(stored, dict) and isinstance(stored.get("params"), dict)
             and isinstance(abstract_state, Mapping)
             and "params" in abstract_state):
@@ -281,191 +280,3 @@ class Checkpointer:
 
 class _ConfigMismatch(Exception):
   """A readable checkpoint whose shapes are not the config's (never a fallback)."""
-
-
-# --------------------------------------------------------------------------
-# Parameter trees (frozen base weights, pretrained components)
-
-
-def save_params(directory: str, params: Any, metadata: Optional[dict] = None) -> None:
-  """Writes a parameter tree (e.g. one component's weights) synchronously."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(directory), params, force=True,
-               custom_metadata=metadata or {})
-
-
-def params_exist(directory: str) -> bool:
-  return os.path.isdir(directory) and bool(os.listdir(directory))
-
-
-def check_params(directory: str, abstract: Any, what: str = "parameters") -> list[str]:
-  """The checkpoint holds every tensor of `abstract` in its shape (metadata only, no
-  array read): else a CheckpointError naming the tensors, both shapes and the
-  directory. Returns the tensors it has beyond `abstract`."""
-  directory = os.path.abspath(directory)
-  if not params_exist(directory):
-    raise CheckpointError(f"{what}: checkpoint directory {directory!r} does not exist or is "
-                          "empty")
-  stored = _stored_tree(directory, what)
-  # either layer layout loads into both (model.scan_layers): compare in the stored one
-  abstract = layer_stack.adapt_target(abstract, _plain(stored))[0]
-  have = traverse_util.flatten_dict(_plain(stored), sep="/")
-  want = traverse_util.flatten_dict(abstract, sep="/")
-  missing = sorted(set(want) - set(have))
-  if missing:
-    raise CheckpointError(f"{what}: {len(missing)} tensors missing from {directory}: "
-                          f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; it holds "
-                          f"{sorted(have)[:8]}")
-  bad = [f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
-         for k in want if tuple(have[k].shape) != tuple(want[k].shape)]
-  if bad:
-    raise CheckpointError(f"{what}: shape mismatch in {directory}: {'; '.join(bad[:8])}")
-  return sorted(set(have) - set(want))
-
-
-def restore_params(directory: str, abstract: Any, what: str = "parameters",
-                   quiet_extra: bool = False) -> Any:
-  """Restores a parameter tree into abstract's shardings and dtypes.
-
-  abstract: tree of jax.ShapeDtypeStruct with .sharding. Tensors the checkpoint
-  has beyond `abstract` (say an NFNet classifier head) are skipped with a
-  warning; missing or misshapen ones are a CheckpointError naming them.
-  """
-  directory = os.path.abspath(directory)
-  extra = check_params(directory, abstract, what)
-  # a checkpoint of the other layer layout (scanned / unrolled) is converted once, here
-  abstract, to_target_layout = layer_stack.adapt_target(
-      abstract, _plain(_stored_tree(directory, what)))
-  if extra and not quiet_extra:
-    log.warning("%s: ignoring %d tensors of %s the model does not use: %s", what, len(extra),
-                directory, extra[:8])
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=restore_args, partial_restore=bool(extra)))
-  except Exception as e:  # noqa: BLE001 - tensorstore / orbax errors of unreadable arrays
-    raise CheckpointError(f"{what}: {directory} is corrupt or partial: {one_line(e)}") from None
-  return to_target_layout(restored)
-
-
-def _check_ocdbt(directory) -> None:
-  """Lists an OCDBT checkpoint's keys with tensorstore directly (reads every b-tree
-  node): damaged index files fail here, synchronously, instead of inside orbax's
-  event loop, which fails again at interpreter exit with a cascade of tracebacks."""
-  directory = epath.Path(directory)
-  if not (directory / "manifest.ocdbt").exists() or "://" in str(directory):
-    return
-  import tensorstore as ts
-  kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{directory}/"}).result()
-  for key in kv.list().result():
-    if key.endswith(b".zarray"):
-      json.loads(kv.read(key).result().value)
-
-
-def _stored_tree(directory: str, what: str) -> Any:
-  """The metadata tree of a parameter checkpoint (shapes, no arrays), or a one-line
-  CheckpointError (the JSON is parsed first: orbax fed garbage fails again at exit)."""
-  path = epath.Path(directory) / "_METADATA"
-  try:
-    if path.exists():
-      json.loads(path.read_text())
-    _check_ocdbt(directory)
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(os.path.abspath(directory))
-    cause = "orbax finds no item metadata"
-    tree = getattr(getattr(meta, "item_metadata", None), "tree", None)
-  except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable metadata
-    tree, cause = None, one_line(e)
-  if tree is None:
-    raise CheckpointError(f"{what}: {os.path.abspath(directory)} is corrupt or partial: "
-                          f"cannot read its metadata ({cause})")
-  return tree
-
-
-def read_params(directory: str) -> tuple[Any, dict]:
-  """(parameter tree as saved, on the host; its custom metadata) of a save_params
-  directory, for readers that have no target layout (the NFNet converter's loader)."""
-  directory = os.path.abspath(directory)
-  _stored_tree(directory, "parameter checkpoint")  # one-line errors for damaged files
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(directory).custom_metadata or {}
-    return ckptr.restore(directory), dict(meta)
-
-
-def stored_top_keys(directory: str, what: str = "parameter checkpoint") -> list[str]:
-  """Top-level keys of a parameter checkpoint (without reading any array)."""
-  return sorted(_plain(_stored_tree(directory, what)))
-
-
-# --------------------------------------------------------------------------
-# Components of the Flamingo parameter tree
-
-# Components spread over several top-level keys (xattn_block_{i}, new_token_*).
-MULTI_KEY_COMPONENTS = ("xattn", "new_tokens")
-
-
-def top_keys_of(params: Mapping, components) -> list[str]:
-  """Top-level param keys belonging to `components` (see models.labels.component_of)."""
-  return [k for k in params if component_of(k) in components]
-
-
-def component_tree(params: Mapping, component: str) -> Any:
-  """A component's own checkpoint tree: params[component], or {top key: subtree}
-  for the components spread over several keys (xattn, new_tokens)."""
-  if component in MULTI_KEY_COMPONENTS:
-    return {k: params[k] for k in top_keys_of(params, [component])}
-  return params[component]
-
-
-def with_component(params: Mapping, component: str, tree: Any) -> dict:
-  """params with `component` set to `tree` (the inverse of component_tree)."""
-  params = dict(params)
-  if component in MULTI_KEY_COMPONENTS:
-    params.update(tree)
-  else:
-    params[component] = tree
-  return params
-
-
-def _component_target(directory: str, component: str, abstract: Any, what: str):
-  """(target tree, whole Flamingo tree?) for either checkpoint layout of a component."""
-  if not params_exist(directory):
-    raise CheckpointError(f"{what}: checkpoint directory {os.path.abspath(directory)!r} does "
-                          "not exist or is empty")
-  stored = stored_top_keys(directory, what)
-  if component in MULTI_KEY_COMPONENTS:
-    whole_tree = any(component_of(k) != component for k in stored)
-  else:
-    whole_tree = component in stored
-  if whole_tree and component not in MULTI_KEY_COMPONENTS:
-    return {component: abstract}, True
-  return abstract, whole_tree
-
-
-def check_component(directory: str, component: str, abstract: Any, what: str = "") -> None:
-  """restore_component's checks (tensors and shapes, from metadata) without reading arrays."""
-  what = what or f"model_init / frozen weights of {component!r}"
-  check_params(directory, _component_target(directory, component, abstract, what)[0], what)
-
-
-def restore_component(directory: str, component: str, abstract: Any) -> Any:
-  """One component's weights, from either checkpoint layout:
-    * the component's own tree (`python -m flamingo_jax.convert nfnet`, the
-      trainer's workdir/frozen/<component>), or
-    * a whole Flamingo parameter tree (the converters' OUT/params), from which
-      only this component is read.
-  abstract: component_tree of ShapeDtypeStructs with target shardings/dtypes.
-  """
-  what = f"model_init / frozen weights of {component!r}"
-  target, whole_tree = _component_target(directory, component, abstract, what)
-  restored = restore_params(directory, target, what, quiet_extra=whole_tree)
-  return restored[component] if whole_tree and component not in MULTI_KEY_COMPONENTS \
-      else restored
-
-
-def _plain(tree):
-  """Orbax metadata tree -> nested dicts with leaves that have .shape."""
-  if hasattr(tree, "items"):
-    return {k: _plain(v) for k, v in tree.items()}
-  return tree

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from flamingo_jax.runtime import params_io
 from flamingo_jax.trainers.contrastive import evaluate as contrastive_eval
 from flamingo_jax.config import from_config_dict, to_config_dict, with_defaults
 from flamingo_jax.trainers.contrastive.evaluate import batch_from_pairs
@@ -345,7 +346,7 @@ def export_vision(directory: str, params: Mapping, model: DualEncoderConfig, ste
   meta = {"component": "vision", "step": int(step),
           "vision_config": to_config_dict(model.vision).to_dict(),
           "source": "flamingo_jax.trainers.contrastive.train"}
-  ckpt_lib.save_params(directory, params["vision"], json.loads(json.dumps(meta)))
+  params_io.save_params(directory, params["vision"], json.loads(json.dumps(meta)))
 
 
 # --------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
     loaded = {}
     for comp, path in s.model_init.items():
       log.info("%s tower: initialising from %s", comp, path)
-      loaded[comp] = ckpt_lib.restore_params(path, ts.target()["params"][comp],
+      loaded[comp] = params_io.restore_params(path, ts.target()["params"][comp],
                                              f"model_init.{comp}")
     state = state_lib.fresh_state(lambda rng: nn.unbox(model.init(rng, *init_args)["params"]),
                                   tx, s.train.seed, mesh, s.mesh.rules, ts.shardings, loaded)

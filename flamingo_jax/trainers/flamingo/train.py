@@ -29,6 +29,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from flamingo_jax.trainers.flamingo import components
+from flamingo_jax.runtime import params_io
 from flamingo_jax.config import from_config_dict, with_defaults
 from flamingo_jax.models.config import COMPONENTS, FlamingoConfig, model_config
 from flamingo_jax.data import in_memory
@@ -282,12 +284,12 @@ def check_weights(s: Setup, workdir: epath.Path, lay: StateLayout) -> None:
   in its shapes (from the checkpoint metadata; no array is read)."""
   for comp, directory in sorted(s.model_init.items()):
     abstract = lay.frozen_abs if comp in s.model.frozen else lay.train_abs
-    ckpt_lib.check_component(directory, comp, ckpt_lib.component_tree(abstract, comp),
+    components.check_component(directory, comp, components.component_tree(abstract, comp),
                              f"model_init / frozen weights of {comp!r} (model_init.{comp})")
   for comp in sorted({component_of(k) for k in lay.frozen_abs} - set(s.model_init)):
     directory = str(workdir / "frozen" / comp)
-    if s.checkpoint.enabled and ckpt_lib.params_exist(directory):
-      ckpt_lib.check_component(directory, comp, ckpt_lib.component_tree(lay.frozen_abs, comp),
+    if s.checkpoint.enabled and params_io.params_exist(directory):
+      components.check_component(directory, comp, components.component_tree(lay.frozen_abs, comp),
                                f"model_init / frozen weights of {comp!r}")
 
 
@@ -300,12 +302,12 @@ def frozen_weights(s: Setup, workdir: epath.Path, lay: StateLayout, mesh,
   components = sorted({component_of(k) for k in lay.frozen_abs})
   dirs = {c: s.model_init.get(c) or str(workdir / "frozen" / c) for c in components}
   to_init = [c for c in components if c not in s.model_init and not (
-      s.checkpoint.enabled and ckpt_lib.params_exist(dirs[c]))]
+      s.checkpoint.enabled and params_io.params_exist(dirs[c]))]
   if resuming and to_init:
     raise CheckpointError(f"workdir {workdir} has step checkpoints but no weights for the "
                           f"frozen components {to_init}: set model_init.<component> or "
                           f"restore {workdir}/frozen/")
-  needed = ckpt_lib.top_keys_of(lay.frozen_abs, to_init)
+  needed = components.top_keys_of(lay.frozen_abs, to_init)
   frozen = {}
   if needed:  # the init key of state_lib.fresh_state: trainable and frozen from one init
     frozen = dict(state_lib.init_once(
@@ -315,12 +317,12 @@ def frozen_weights(s: Setup, workdir: epath.Path, lay: StateLayout, mesh,
     if c in to_init:
       log.info("frozen %s: random init (no model_init.%s)", c, c)
       if s.checkpoint.enabled:
-        ckpt_lib.save_params(dirs[c], ckpt_lib.component_tree(frozen, c), {"component": c})
+        params_io.save_params(dirs[c], components.component_tree(frozen, c), {"component": c})
       continue
     log.info("frozen %s: loading %s", c, dirs[c])
-    target = sharding.with_shardings(ckpt_lib.component_tree(lay.frozen_abs, c),
-                                     ckpt_lib.component_tree(lay.frozen_sh, c))
-    frozen = ckpt_lib.with_component(frozen, c, ckpt_lib.restore_component(dirs[c], c, target))
+    target = sharding.with_shardings(components.component_tree(lay.frozen_abs, c),
+                                     components.component_tree(lay.frozen_sh, c))
+    frozen = components.with_component(frozen, c, components.restore_component(dirs[c], c, target))
   return frozen
 
 
@@ -330,9 +332,9 @@ def initial_state(s: Setup, lay: StateLayout, tx, mesh, init_params: Callable) -
   train_components = sorted({component_of(k) for k in lay.train_abs})
   for c in [c for c in train_components if c in s.model_init]:
     log.info("trainable %s: initialising from %s", c, s.model_init[c])
-    target = sharding.with_shardings(ckpt_lib.component_tree(lay.train_abs, c),
-                                     ckpt_lib.component_tree(lay.state_sh["params"], c))
-    loaded = ckpt_lib.with_component(loaded, c, ckpt_lib.restore_component(
+    target = sharding.with_shardings(components.component_tree(lay.train_abs, c),
+                                     components.component_tree(lay.state_sh["params"], c))
+    loaded = components.with_component(loaded, c, components.restore_component(
         s.model_init[c], c, target))
   # The same key split as the frozen init: trainable and frozen come from one init.
   return state_lib.fresh_state(lambda rng: init_params(rng)[0], tx, s.train.seed, mesh,

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from flamingo_jax.runtime import params_io
 from flamingo_jax.config import from_config_dict, to_config_dict, with_defaults
 from flamingo_jax.models.config import LMConfig
 from flamingo_jax.errors import ConfigError, DataError, run_cli
@@ -346,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool =
   summary["val_loss"] = validation_loss(model, state["params"], ts.shardings["params"],
                                         val_rows, batch_abs, batch_sh, mesh, s.mesh.rules)
   export = str(workdir / "export" / "lm")
-  ckpt_lib.save_params(export, state["params"], {
+  params_io.save_params(export, state["params"], {
       "component": "lm", "step": step, "val_loss": summary["val_loss"],
       "lm_config": to_config_dict(s.model).to_dict(), "source": "flamingo_jax.trainers.lm.train"})
   summary["export"] = export
