@@ -7,6 +7,7 @@ lives with the code that reads it.
 from __future__ import annotations
 
 import ast
+import collections.abc
 import copy
 import dataclasses
 import importlib.util
@@ -44,12 +45,19 @@ def to_config_dict(obj) -> ml_collections.ConfigDict:
   out = {}
   for name in _fields(type(obj)):
     value = getattr(obj, name)
+    if isinstance(value, typing.Mapping):  # a dict of sections (data.datasets, eval.tasks)
+      value = {k: to_config_dict(v) if dataclasses.is_dataclass(v) else v
+               for k, v in value.items()}
     out[name] = to_config_dict(value) if dataclasses.is_dataclass(value) else value
   return ml_collections.ConfigDict(out)
 
 
 def from_config_dict(cls, cfg: Any, prefix: str = "model"):
-  """Builds dataclass `cls` from a ConfigDict/dict, rejecting unknown keys."""
+  """Builds dataclass `cls` from a ConfigDict/dict, rejecting unknown keys.
+
+  Nested dataclass fields are sections, `Mapping[str, Section]` fields dicts of sections
+  (`data.datasets.NAME`, `eval.tasks.NAME`), each key's errors naming its full path.
+  """
   if dataclasses.is_dataclass(cfg):
     cfg = to_config_dict(cfg)
   items = cfg.items() if hasattr(cfg, "items") else None
@@ -80,6 +88,15 @@ def _coerce(value, hint, path):
       return None
     (hint,) = [a for a in args if a is not type(None)]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (dict, typing.Mapping, collections.abc.Mapping) or hint in (dict, typing.Mapping):
+    if not args:  # a bare dict / Mapping: any values
+      args = (str, typing.Any)
+    if not hasattr(value, "items"):
+      raise ConfigError(f"config key {path!r} must map names to "
+                        f"{getattr(args[1], '__name__', args[1])}, got {value!r}")
+    return {str(k): (from_config_dict(args[1], v, f"{path}.{k}")
+                     if dataclasses.is_dataclass(args[1]) else _coerce(v, args[1], f"{path}.{k}"))
+            for k, v in value.items()}
   if origin is tuple:
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"config key {path!r} must be a sequence, got {value!r}")
