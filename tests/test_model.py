@@ -9,7 +9,8 @@ import pytest
 
 from flamingo_jax.models.config import model_config
 from flamingo_jax.models import labels as labels_lib
-from flamingo_jax.models.flamingo import Flamingo, merged_lm_params, xattn_layer_indices
+from flamingo_jax.models.config import xattn_layer_indices
+from flamingo_jax.models.flamingo import Flamingo, merged_lm_params
 from flamingo_jax.models.lm import DecoderLM
 from flamingo_jax.models.resampler import interpolate_temporal
 from flamingo_jax.models.xattn import tanh_gates

@@ -192,8 +192,8 @@ def test_shapes_and_feature_dim():
 
 
 def test_registered_vision_encoder():
-  from flamingo_jax.models import vision
-  assert vision._REGISTRY["nfnet"] is nfnet.make_nfnet
+  from flamingo_jax.models import vision, vision_registry
+  assert vision_registry.REGISTRY["nfnet"] is nfnet.make_nfnet
   vc = VisionConfig(name="nfnet", nfnet=tiny_nfnet_config())
   encoder = vision.build_vision_encoder(vc)
   assert isinstance(encoder, nfnet.NFNetEncoder)

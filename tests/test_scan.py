@@ -17,7 +17,8 @@ import pytest
 from flamingo_jax.trainers.flamingo import components
 from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.models import layer_stack
-from flamingo_jax.models.flamingo import Flamingo, xattn_layer_indices
+from flamingo_jax.models.config import xattn_layer_indices
+from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.lm import DecoderLM
 from flamingo_jax.models.xattn import tanh_gates
 

@@ -16,9 +16,10 @@ from typing import Mapping
 
 import numpy as np
 
-from flamingo_jax.models.config import LMConfig, lm_preset
+from flamingo_jax.config import to_config_dict
 from flamingo_jax.convert import weights_io
-from flamingo_jax.convert.openflamingo import StateDict
+from flamingo_jax.convert.weights_io import StateDict
+from flamingo_jax.models.config import LMConfig, lm_preset
 
 
 def lm_config_from_hf(hf: Mapping) -> LMConfig:
@@ -439,7 +440,6 @@ def copy_tokenizer(src: str, out: str) -> list[str]:
 
 
 def main(args) -> int:
-  from flamingo_jax.config import to_config_dict
   config, params = load_hf_lm(args.input)
   write_converted(args.out, params, {"lm": to_config_dict(config).to_dict()})
   copied = copy_tokenizer(args.input, args.out)

@@ -40,8 +40,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, ViTConfig, VisionConfig, XAttnConfig, lm_preset, validate
-from flamingo_jax.convert.openflamingo import StateDict
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.convert import hf_lm
+from flamingo_jax.convert.weights_io import StateDict
+from flamingo_jax.models.config import (FlamingoConfig, ResamplerConfig, ViTConfig, VisionConfig,
+                                        XAttnConfig, lm_preset, validate, xattn_layer_indices)
 
 TOKEN_IDS = ("idefics", "flamingo")
 # transformers' ACT2FN names -> ours (the vision tower's MLP).
@@ -307,7 +310,6 @@ def convert_idefics(tensors: Mapping[str, np.ndarray], hf: Mapping, *,
   vocab_size + 1 and vocab_size, as IDEFICS's tokenizer adds them).
   source: the directory, named in tensor errors.
   """
-  from flamingo_jax.convert import hf_lm
   config = flamingo_config(hf, token_ids=token_ids, image_token_id=image_token_id,
                            eoc_token_id=eoc_token_id)
   _, _, order = _token_ids(hf, token_ids, image_token_id, eoc_token_id)
@@ -337,7 +339,6 @@ def convert_idefics(tensors: Mapping[str, np.ndarray], hf: Mapping, *,
     params["new_token_unembeddings"] = lm_params["unembed"]["kernel"][:, ids].T
   params["vision"] = convert_vision(sd, config.vision.vit, config.vision.image_size)
   params["resampler"] = convert_resampler(sd, config.resampler)
-  from flamingo_jax.models.flamingo import xattn_layer_indices
   indices = xattn_layer_indices(lm.num_layers, x.every, x.placement)
   for j, i in enumerate(indices):
     params[f"xattn_block_{i}"] = convert_gated_xattn(sd, j, x, lm.width, config.resampler.width)
@@ -347,7 +348,6 @@ def convert_idefics(tensors: Mapping[str, np.ndarray], hf: Mapping, *,
 
 def load_idefics(path: str, **kwargs) -> tuple[FlamingoConfig, dict]:
   """(FlamingoConfig, params) of a local IDEFICS directory (config.json + safetensors)."""
-  from flamingo_jax.convert import hf_lm
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise ValueError(f"{path!r} has no config.json")
@@ -376,12 +376,10 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-  from flamingo_jax.config import to_config_dict
-  from flamingo_jax.convert.hf_lm import write_converted
   config, params = load_idefics(args.input, token_ids=args.token_ids,
                                 image_token_id=args.image_token_id,
                                 eoc_token_id=args.eoc_token_id)
-  write_converted(args.out, params, to_config_dict(config).to_dict())
+  hf_lm.write_converted(args.out, params, to_config_dict(config).to_dict())
   print(f"wrote the IDEFICS model to {args.out}/params and its model config to "
         f"{args.out}/model_config.json (<image> = {config.image_token_id}, <EOC> = "
         f"{config.eoc_token_id}; load it with configs/from_checkpoint.py:{args.out})")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from flamingo_jax.convert import weights_io
 from flamingo_jax.models.config import NFNetConfig
 
 HAIKU_PREFIX = "NFNet/~/"
@@ -353,7 +354,6 @@ def load_timm_state_dict(path: str) -> dict[str, np.ndarray]:
   """A timm state dict from .safetensors (bfloat16 included), or a torch file (torch
   imported lazily; "state_dict_ema" / "state_dict" / "model" wrappers unwrapped).
   Truncated or foreign files are CheckpointErrors naming the file (weights_io)."""
-  from flamingo_jax.convert import weights_io
   if not os.path.isfile(path):
     raise ValueError(f"timm checkpoint {path!r} does not exist")
   return weights_io.read_weights(path, ("state_dict_ema", "state_dict", "model"))

@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from flamingo_jax.models.config import ViTConfig
-from flamingo_jax.convert.openflamingo import StateDict
+from flamingo_jax.convert.weights_io import StateDict
 
 
 def _ln(sd: StateDict, name: str, d: int) -> dict:

@@ -26,47 +26,24 @@ attention). Arrays come in as numpy; torch is imported only to read .pt files.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import re
 from typing import Mapping
 
 import numpy as np
 
+from flamingo_jax.config import to_config_dict
+from flamingo_jax.convert import hf_lm, weights_io
+from flamingo_jax.convert.openclip import convert_vit
+from flamingo_jax.convert.weights_io import StateDict
 from flamingo_jax.errors import CheckpointError, DataError, UserError
+from flamingo_jax.models.config import (FlamingoConfig, ResamplerConfig, ViTConfig, VisionConfig,
+                                        XAttnConfig)
 
 log = logging.getLogger(__name__)
-
-
-class StateDict:
-  """A name -> array mapping that reports missing, unused and misshapen tensors."""
-
-  def __init__(self, tensors: Mapping[str, np.ndarray], prefix: str = "", source: str = ""):
-    """source: the file the tensors came from, named in every error."""
-    self.tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-    self.prefix = prefix
-    self.source = f"{source}: " if source else ""
-    self.used: set[str] = set()
-
-  def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    key = self.prefix + name
-    if key not in self.tensors:
-      raise CheckpointError(f"{self.source}missing tensor {key!r} in the source checkpoint"
-                            + (f" (expected shape {shape})" if shape else ""))
-    value = self.tensors[key]
-    if shape is not None and tuple(value.shape) != tuple(shape):
-      raise CheckpointError(f"{self.source}tensor {key!r} has shape {tuple(value.shape)}, "
-                            f"expected {tuple(shape)}")
-    self.used.add(key)
-    return value
-
-  def has(self, name: str) -> bool:
-    return self.prefix + name in self.tensors
-
-  def check_all_used(self, what: str) -> None:
-    unused = sorted(k for k in self.tensors if k.startswith(self.prefix) and k not in self.used)
-    if unused:
-      raise CheckpointError(f"{self.source}{len(unused)} tensors of the {what} were not "
-                            f"converted: {unused[:8]}")
 
 
 def _layernorm(sd: StateDict, name: str, d: int) -> dict:
@@ -169,7 +146,6 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """An OpenFlamingo checkpoint.pt (a raw state dict, or the train script's
   {"model_state_dict": ..., "optimizer_state_dict": ...}) as float32 arrays;
   loaded with weights_only=True (never unpickles objects)."""
-  from flamingo_jax.convert import weights_io
   return weights_io.torch_state_dict(path, ("model_state_dict",))
 
 
@@ -231,7 +207,6 @@ def _output_embedding(checkpoint, lm_params: dict, lm_config, vocab: int, source
 def _vit_config_from_weights(vision: Mapping[str, np.ndarray], activation: str,
                              num_heads: int | None, source: str):
   """Shapes from the weights; heads default to open_clip's width // 64 (not in the weights)."""
-  from flamingo_jax.models.config import ViTConfig
   prefix = "visual." if any(k.startswith("visual.") for k in vision) else ""
   needed = ("conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight")
   for name in needed:
@@ -274,13 +249,6 @@ def convert_openflamingo(checkpoint: Mapping[str, np.ndarray], lm_dir: str,
   no K/V LayerNorm, zeroed attention for text before any image, the `<image>`
   token seeing its own image. *_source name the files in errors.
   """
-  import dataclasses
-  import json
-  import os
-
-  from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig
-  from flamingo_jax.convert import hf_lm
-  from flamingo_jax.convert.openclip import convert_vit
 
   cfg_path = os.path.join(lm_dir, "config.json")
   if not os.path.isfile(cfg_path):
@@ -326,8 +294,8 @@ def convert_openflamingo(checkpoint: Mapping[str, np.ndarray], lm_dir: str,
       {k: v for k, v in checkpoint.items() if k.startswith("perceiver.")}, resampler,
       prefix="perceiver.", source=src)
   xattn = XAttnConfig(every=cross_attn_every_n_layers, placement="openflamingo",
-                      num_heads=OPENFLAMINGO_HEADS, head_dim=OPENFLAMINGO_HEAD_DIM, activation="gelu",
-                      kv_layernorm=False, no_image="zero_attention")
+                      num_heads=OPENFLAMINGO_HEADS, head_dim=OPENFLAMINGO_HEAD_DIM,
+                      activation="gelu", kv_layernorm=False, no_image="zero_attention")
   blocks = gated_xattn_layers(checkpoint, src)
   beyond = sorted(i for i in blocks if i >= lm_config.num_layers)
   if beyond:
@@ -363,8 +331,8 @@ OPENFLAMINGO_PAD = "<PAD>"  # added when the tokenizer has no pad token
 
 
 def openflamingo_tokenizer(path: str):
-  """(HFTokenizer, tokenizer_config.json dict) of the tokenizer OpenFlamingo runs, from `path` (a tokenizer.json or a directory holding one): OpenFlamingo's
-  own, or its base LM's, to which the tokens it lacks are added as OpenFlamingo's
+  """(HFTokenizer, tokenizer_config.json dict) of the tokenizer OpenFlamingo runs, from
+  `path` (a tokenizer.json or a directory holding one): OpenFlamingo's own, or its base LM's, to which the tokens it lacks are added as OpenFlamingo's
   factory adds them (`<|endofchunk|>`, `<image>`, then `<PAD>` if there is no pad
   token). `add_bos_token` records whether OpenFlamingo feeds BOS: the source's
   `add_bos_token`, else whether its post-processor puts BOS before a text
@@ -397,8 +365,6 @@ def openflamingo_tokenizer(path: str):
 
 def write_tokenizer(out: str, tokenizer_json: str, tokenizer_config: dict) -> None:
   """OUT/tokenizer.json + OUT/tokenizer_config.json (what `Tokenizer.load(OUT)` reads)."""
-  import json
-  import os
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "tokenizer.json"), "w") as f:
     f.write(tokenizer_json)
@@ -451,9 +417,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-  from flamingo_jax.config import to_config_dict
-  from flamingo_jax.convert import weights_io
-  from flamingo_jax.convert.hf_lm import write_converted
   media, eoc, tokenizer = _token_ids(args)
   checkpoint = load_torch_state_dict(args.checkpoint)
   vision = weights_io.read_weights(args.vision, ("state_dict", "model_state_dict"))
@@ -461,7 +424,7 @@ def main(args) -> int:
       checkpoint, args.lm, vision, cross_attn_every_n_layers=args.cross_attn_every_n_layers,
       media_token_id=media, eoc_token_id=eoc, vision_activation=args.vision_activation,
       checkpoint_source=args.checkpoint, vision_source=args.vision)
-  write_converted(args.out, params, to_config_dict(config).to_dict())
+  hf_lm.write_converted(args.out, params, to_config_dict(config).to_dict())
   if tokenizer is not None:
     write_tokenizer(args.out, *tokenizer)
   print(f"wrote the OpenFlamingo model to {args.out}/params and its model config to "

@@ -164,13 +164,33 @@ def load_hf_weights_dir(path: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-def require_prefix(tensors: Mapping[str, np.ndarray], prefix: str, path: str, what: str,
-                   expect: str) -> None:
-  """CheckpointError unless some tensor starts with `prefix` (e.g. an OpenCLIP state dict
-  saved without its "visual." prefix); `expect` names one tensor that should be there."""
-  if any(k.startswith(prefix) for k in tensors):
-    return
-  sample = sorted(tensors)[:3]
-  raise CheckpointError(f"{path}: no tensor of the {what} starts with {prefix!r} (expected "
-                        f"e.g. {prefix + expect!r}; the file holds {len(tensors)} tensors such "
-                        f"as {sample})")
+class StateDict:
+  """A name -> array mapping that reports missing, unused and misshapen tensors."""
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], prefix: str = "", source: str = ""):
+    """source: the file the tensors came from, named in every error."""
+    self.tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    self.prefix = prefix
+    self.source = f"{source}: " if source else ""
+    self.used: set[str] = set()
+
+  def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    key = self.prefix + name
+    if key not in self.tensors:
+      raise CheckpointError(f"{self.source}missing tensor {key!r} in the source checkpoint"
+                            + (f" (expected shape {shape})" if shape else ""))
+    value = self.tensors[key]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+      raise CheckpointError(f"{self.source}tensor {key!r} has shape {tuple(value.shape)}, "
+                            f"expected {tuple(shape)}")
+    self.used.add(key)
+    return value
+
+  def has(self, name: str) -> bool:
+    return self.prefix + name in self.tensors
+
+  def check_all_used(self, what: str) -> None:
+    unused = sorted(k for k in self.tensors if k.startswith(self.prefix) and k not in self.used)
+    if unused:
+      raise CheckpointError(f"{self.source}{len(unused)} tensors of the {what} were not "
+                            f"converted: {unused[:8]}")

@@ -164,6 +164,22 @@ class XAttnConfig:
   gate_init_std: float = 0.0
 
 
+def xattn_layer_indices(num_layers: int, every: int, placement: str) -> list[int]:
+  """LM block indices that get a GATED XATTN-DENSE block *before* them.
+
+  paper:        0, N, 2N, ...        (9B: 0, 4, ..., 36; 80B: 0, 7, ..., 77; IDEFICS)
+  openflamingo: i with (i + 1) % N == 0  (N-1, 2N-1, ...)
+  middle:       one block before num_layers // 2 (Table 3 "single in middle")
+  """
+  if placement == "paper":
+    return list(range(0, num_layers, every))
+  if placement == "openflamingo":
+    return [i for i in range(num_layers) if (i + 1) % every == 0]
+  if placement == "middle":
+    return [num_layers // 2]
+  raise ValueError(f"unknown model.xattn.placement {placement!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   """Decoder-only LM. `lm_preset(family, ...)` fills a family's defaults."""

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flamingo_jax.models.config import xattn_layer_indices
+
 # The logical name of the stacked axis (sharding rules map it, by default to no mesh axis).
 LAYERS_AXIS = "layers"
 LM_STACK = "blocks"  # under the `lm` component
@@ -271,6 +273,5 @@ def adapt_target(target: Any, stored: Any) -> tuple[Any, Callable[[Any], Any]]:
 
 def to_layout(params: Any, config) -> Any:
   """params (either layout) in the layout of FlamingoConfig `config` (`model.scan_layers`)."""
-  from flamingo_jax.models.flamingo import xattn_layer_indices  # noqa: PLC0415 (cycle)
   idx = xattn_layer_indices(config.lm.num_layers, config.xattn.every, config.xattn.placement)
   return to_scanned(params, idx) if config.scan_layers else to_unrolled(params, idx)

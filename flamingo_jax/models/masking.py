@@ -105,7 +105,3 @@ def visual_attention_mask(phi_: jax.Array, num_images: int, tokens_per_image: in
     return rhs <= lhs
   raise ValueError(f"attend_previous must be 'last' or 'all', got {attend_previous!r}")
 
-
-def count_images(tokens, image_token_id: int):
-  """[B] number of `<image>` tokens per example."""
-  return jnp.sum(tokens == image_token_id, axis=-1)

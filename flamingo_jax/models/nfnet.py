@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.models.config import NFNetConfig
-from flamingo_jax.models.vision import register_vision_encoder
+from flamingo_jax.models.vision_registry import register_vision_encoder
 
 Dtype = Any
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from flamingo_jax.models.config import PatchEncoderConfig
 from flamingo_jax.models import layers
-from flamingo_jax.models.vision import register_vision_encoder
+from flamingo_jax.models.vision_registry import register_vision_encoder
 
 
 class PatchEncoder(nn.Module):

@@ -28,7 +28,8 @@ import math
 import time
 from typing import Optional, Sequence
 
-from flamingo_jax.models.config import FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig
+from flamingo_jax.models.config import (FlamingoConfig, LMConfig, ResamplerConfig, XAttnConfig,
+                                        xattn_layer_indices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,6 @@ def feature_grid(config: FlamingoConfig, shape: BatchShape) -> tuple[int, int]:
 
 
 def _xattn_indices(config: FlamingoConfig) -> list[int]:
-  from flamingo_jax.models.flamingo import xattn_layer_indices
   x = config.xattn
   return xattn_layer_indices(config.lm.num_layers, x.every, x.placement)
 

@@ -32,12 +32,13 @@ from jax.experimental import multihost_utils
 from flamingo_jax.trainers.flamingo import components
 from flamingo_jax.runtime import params_io
 from flamingo_jax.config import from_config_dict, with_defaults
-from flamingo_jax.models.config import COMPONENTS, FlamingoConfig, model_config
+from flamingo_jax.models.config import (COMPONENTS, FlamingoConfig, model_config,
+                                        xattn_layer_indices)
 from flamingo_jax.data import in_memory
 from flamingo_jax.data.config import DataConfig, DatasetConfig, data_config
 from flamingo_jax.errors import CheckpointError, ConfigError, DataError, one_line, run_cli
 from flamingo_jax.model_dir import check_tokenizer, export_model_dir, init_inputs
-from flamingo_jax.models.flamingo import Flamingo, xattn_layer_indices
+from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.models.labels import component_of
 from flamingo_jax.training import checkpoint as ckpt_lib
 from flamingo_jax.training import cli, objective, optim
