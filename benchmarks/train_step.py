@@ -6,8 +6,8 @@ For each config, runs the real trainer (flamingo_jax.trainers.flamingo.train.run
 made once and reused, checkpoints off) and prints one JSON object per config:
 step time and CPU seconds per step, host time per step and its share of the
 step, tokens/s, FLOPs per step (frozen-aware, all-3x and 6N, see
-flamingo_jax/training/flops.py), MFU against the peak of a large matmul measured
-on the same device, compiled and peak memory.
+flamingo_jax/trainers/flamingo/flops.py), MFU against the peak of a large matmul
+measured on the same device (flamingo_jax/training/mfu.py), compiled and peak memory.
 
 With --openflamingo, configs on precomputed features with a Llama or
 Chinchilla-style LM (bench, bench_3b) also run in OpenFlamingo's
@@ -78,6 +78,7 @@ from flamingo_jax.config import apply_overrides, load_config
 from flamingo_jax.models.config import model_config  # noqa: E402
 from flamingo_jax.data import in_memory  # noqa: E402
 from flamingo_jax.trainers.flamingo import flops  # noqa: E402
+from flamingo_jax.training import mfu  # noqa: E402
 
 def machine() -> str:
   cpu = platform.processor() or platform.machine()
@@ -419,7 +420,7 @@ def worker_openflamingo(ch: Channel, a: dict) -> None:
 
 
 def worker_peak(ch: Channel, a: dict) -> None:
-  peak = flops.measure_peak_flops(a["dtype"], size=a["size"], min_seconds=a["seconds"])
+  peak = mfu.measure_peak_flops(a["dtype"], size=a["size"], min_seconds=a["seconds"])
   ch.send(peak=peak, device=machine(),
           devices=jax.device_count(), jax=jax.__version__)
 

@@ -11,7 +11,7 @@ from flax import traverse_util
 from flamingo_jax.trainers.flamingo import components
 from flamingo_jax.runtime import params_io
 from flamingo_jax.training import checkpoint as ckpt_lib
-from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.trainers.flamingo import layout
 from flamingo_jax.training import optim
 from flamingo_jax.runtime import sharding
 from flamingo_jax.models.flamingo import Flamingo
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 def _layout(config, mesh_cfg, devices):
   mesh_cfg = sharding.mesh_config(mesh_cfg)
   mesh = sharding.make_mesh(mesh_cfg, devices)
-  tx = optim.make_optimizer(optim.optim_config({}), config, 100)
-  return mesh, train.state_layout(Flamingo(config), config, tx, mesh, mesh_cfg)
+  tx = layout.make_optimizer(optim.optim_config({}), config, 100)
+  return mesh, layout.state_layout(Flamingo(config), config, tx, mesh, mesh_cfg)
 
 
 def _filled(abstract, shardings):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.trainers.flamingo import layout
 from flamingo_jax.models.config import FlamingoConfig, ResamplerConfig, VisionConfig, XAttnConfig, lm_preset, model_config
 from flamingo_jax.models.flamingo import Flamingo
 from flamingo_jax.training import optim, state as state_lib
@@ -99,11 +99,11 @@ def test_state_layout_traces_init_once(monkeypatch):
                                                                     call(self, *a, **k))[1])
   mesh = sharding.make_mesh(sharding.mesh_config({}), jax.devices()[:1])
   optim_cfg = optim.optim_config({})
-  tx = optim.make_optimizer(optim_cfg, config, 10)
-  lay = train.state_layout(Flamingo(config), config, tx, mesh, sharding.mesh_config({}))
+  tx = layout.make_optimizer(optim_cfg, config, 10)
+  lay = layout.state_layout(Flamingo(config), config, tx, mesh, sharding.mesh_config({}))
   assert len(calls) == 1
   # the same shapes and dtypes as the init the trainer runs (trainable f32, frozen bf16)
-  want = jax.eval_shape(train.make_init_params(Flamingo(config), config, jnp.bfloat16),
+  want = jax.eval_shape(layout.make_init_params(Flamingo(config), config, jnp.bfloat16),
                         jax.random.key(0))
   got = (lay.train_abs, lay.frozen_abs)
   assert jax.tree.structure(got) == jax.tree.structure(want)

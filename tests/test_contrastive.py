@@ -25,6 +25,7 @@ from flamingo_jax.models.config import PatchEncoderConfig, VisionConfig, model_c
 from flamingo_jax.models.dual_encoder import (DualEncoder, DualEncoderConfig, clip_temperature,
                                               contrastive_loss)
 from flamingo_jax.models.flamingo import Flamingo
+from flamingo_jax.models.labels import param_labels
 from flamingo_jax.models.text_encoder import TextEncoder, TextEncoderConfig, masked_mean
 from flamingo_jax.models.vision import build_vision_encoder
 
@@ -299,7 +300,7 @@ def test_exported_vision_tower_loads_into_flamingo(tiny_run):
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(
       jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
       images=jnp.zeros((1, 1, 1, 32, 32, 3))))["params"])
-  _, frozen = optim.split_params(shapes, flamingo_config)
+  _, frozen = optim.split_params(shapes, param_labels(shapes, flamingo_config))
   target = optim.cast_tree(frozen["vision"], jnp.bfloat16)  # as train.py stores it
   mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
   target = sharding.with_shardings(

@@ -219,7 +219,7 @@ def test_random_windows_without_bos_are_well_formed():
 
 
 def test_lm_rows_honour_add_bos():
-  from flamingo_jax.trainers.lm import train as lm_pretrain
+  from flamingo_jax.trainers.lm import corpus as lm_pretrain
 
   class Tok:
     def __init__(self, info):

@@ -16,7 +16,10 @@ from flamingo_jax.config import load_config
 from flamingo_jax.models.config import model_config
 from flamingo_jax.data import in_memory as train_data
 from flamingo_jax.models.flamingo import Flamingo
-from flamingo_jax.training import objective, optim
+from flamingo_jax.models.labels import param_labels
+from flamingo_jax.trainers.flamingo import objective
+from flamingo_jax.training import optim
+from flamingo_jax.training.objective import token_nll
 from flamingo_jax.runtime.sharding import MESH_AXES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +42,7 @@ def _setup(frozen):
   params = nn.unbox(init(jax.random.key(0), batches["video"]["tokens"],
                          images=batches["video"]["images"]))["params"]
   params = jax.tree.map(lambda p: p + 0.01, params)  # gates off zero: every path has gradient
-  trainable, frozen_params = optim.split_params(params, c)
+  trainable, frozen_params = optim.split_params(params, param_labels(params, c))
   return model, batches, trainable, frozen_params
 
 
@@ -60,7 +63,7 @@ def _reference(model, batches, trainable, frozen):
   def loss(p, batch, weight):
     logits, _ = model.apply({"params": optim.merge_params(p, frozen)}, batch["tokens"],
                             images=batch["images"], next_image=batch["next_image"])
-    total, count = objective.token_nll(logits, batch["targets"], batch["loss_mask"])
+    total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
     return weight * total / count, total / count
 
   grads, losses = None, {}

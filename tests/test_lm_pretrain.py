@@ -7,11 +7,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flamingo_jax.trainers.lm import corpus
 from flamingo_jax.trainers.lm import train as lm_pretrain
 from flamingo_jax.trainers.flamingo.components import restore_component
 from flamingo_jax.config import apply_overrides, to_config_dict
 from flamingo_jax.models.config import FlamingoConfig, lm_preset
-from flamingo_jax.evaluate.runner import init_params
+from flamingo_jax.model_dir import init_params
 
 synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
 
@@ -43,16 +44,16 @@ def small(tok, **lm_overrides):
 
 def test_rows_and_batches(corpus_and_tokenizer):
   lines, tok = corpus_and_tokenizer
-  rows = lm_pretrain.token_rows(lines, tok, 16)
+  rows = corpus.token_rows(lines, tok, 16)
   assert rows.shape[1] == 17 and rows.dtype == np.int32
   assert rows[0, 0] == tok.info.bos_id
-  train, val = lm_pretrain.split_rows(rows, 0.1, 0)
+  train, val = corpus.split_rows(rows, 0.1, 0)
   assert len(train) + len(val) == len(rows) and len(val) == round(0.1 * len(rows))
-  a = lm_pretrain.batch_at(train, 5, 8, 0)
-  np.testing.assert_array_equal(a, lm_pretrain.batch_at(train, 5, 8, 0))
-  assert not np.array_equal(a, lm_pretrain.batch_at(train, 6, 8, 0))
+  a = corpus.batch_at(train, 5, 8, 0)
+  np.testing.assert_array_equal(a, corpus.batch_at(train, 5, 8, 0))
+  assert not np.array_equal(a, corpus.batch_at(train, 6, 8, 0))
   with pytest.raises(ValueError, match="fewer than two rows"):
-    lm_pretrain.token_rows(lines[:1], tok, 16)
+    corpus.token_rows(lines[:1], tok, 16)
   _, config = small(tok)
   with pytest.raises(ValueError, match=r"'train\.batch_size' must be a positive int"):
     lm_pretrain.setup(apply_overrides(config, ["train.batch_size=0"]))

@@ -8,8 +8,9 @@ import pytest
 from flax import traverse_util
 
 from flamingo_jax.training import objective, optim
-from flamingo_jax.models.labels import FROZEN, param_labels
+from flamingo_jax.models.labels import FROZEN, TRAINABLE, param_labels
 from flamingo_jax.apps.count_params import abstract_params
+from flamingo_jax.trainers.flamingo.layout import make_optimizer
 
 
 def test_schedule_warmup_then_constant_and_decays():
@@ -35,7 +36,7 @@ def test_bad_optim_config_names_the_key():
 def test_frozen_leaves_have_no_optimizer_state(tiny_config):
   """Over the full tree: moments exist for trainable leaves only (set_to_zero has no state)."""
   params = abstract_params(tiny_config)
-  tx = optim.make_optimizer(optim.optim_config({}), tiny_config, 100)
+  tx = make_optimizer(optim.optim_config({}), tiny_config, 100)
   state = jax.eval_shape(tx.init, params)
   labels = traverse_util.flatten_dict(param_labels(params, tiny_config), sep="/")
   n_trainable = sum(1 for v in labels.values() if v != FROZEN)
@@ -61,8 +62,8 @@ def test_frozen_leaves_have_no_optimizer_state(tiny_config):
 
 def test_frozen_get_no_update_and_decay_follows_labels(tiny_config):
   params = jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32), abstract_params(tiny_config))
-  tx = optim.make_optimizer(optim.optim_config({"warmup_steps": 0, "learning_rate": 0.1,
-                                                "weight_decay": 0.5}), tiny_config, 10)
+  tx = make_optimizer(optim.optim_config({"warmup_steps": 0, "learning_rate": 0.1,
+                                          "weight_decay": 0.5}), tiny_config, 10)
   state = jax.jit(tx.init)(params)
   update = jax.jit(tx.update)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -83,7 +84,7 @@ def test_frozen_get_no_update_and_decay_follows_labels(tiny_config):
 
 def test_split_and_merge_params(tiny_config):
   params = abstract_params(tiny_config)
-  trainable, frozen = optim.split_params(params, tiny_config)
+  trainable, frozen = optim.split_params(params, param_labels(params, tiny_config))
   assert set(frozen) == {"vision", "lm"}
   assert "resampler" in trainable and "xattn_block_0" in trainable
   merged = optim.merge_params(trainable, frozen)
@@ -97,10 +98,9 @@ def test_split_and_merge_params(tiny_config):
 def _toy_step(grads_per_dataset, clip_norm=1.0, lr=0.1):
   """make_train_step around a grad_fn that sums fixed per-dataset gradients."""
   params = {"xattn_block_0": {"w": jnp.zeros((3,))}}
-  from flamingo_jax.models.config import FlamingoConfig
   c = optim.optim_config({"warmup_steps": 0, "learning_rate": lr, "clip_norm": clip_norm,
                           "weight_decay": 0.0})
-  tx = optim.make_optimizer(c, FlamingoConfig(), 10)
+  tx = optim.make_optimizer(c, 10, lambda p: jax.tree.map(lambda _: TRAINABLE, p))
 
   def grad_fn(p, frozen, batches, rng):
     grads = {"xattn_block_0": {"w": sum(grads_per_dataset[n] * batches[n]
@@ -143,3 +143,21 @@ def test_non_finite_gradient_skips_the_update_and_counts():
   state, metrics = step(state, {}, {"a": jnp.float32(1.0)})
   assert int(state["nonfinite_consecutive"]) == 0 and int(state["nonfinite_total"]) == 2
   assert int(state["opt_step"]) == 2
+
+
+def test_extra_metrics_see_the_updated_params():
+  """A trainer's own metrics (Flamingo's gates) come from its hook; the step adds none."""
+  params = {"w": jnp.zeros((3,))}
+  c = optim.optim_config({"warmup_steps": 0, "learning_rate": 0.5, "clip_norm": 0.0,
+                          "weight_decay": 0.0})
+  tx = optim.make_optimizer(c, 10, lambda p: jax.tree.map(lambda _: TRAINABLE, p))
+  grad_fn = lambda p, frozen, batches, rng: ({"w": jnp.ones((3,))}, {"loss": jnp.float32(1.0)})
+  state = objective.init_state(params, tx, jax.random.key(0))
+  plain = jax.jit(objective.make_train_step(grad_fn, tx, optim.learning_rate_schedule(c, 10)))
+  hooked = jax.jit(objective.make_train_step(grad_fn, tx, optim.learning_rate_schedule(c, 10),
+                                             extra_metrics=lambda p: {"w0": p["w"][0]}))
+  _, metrics = plain(state, {}, {})
+  assert "w0" not in metrics and not any(k.startswith("gates/") for k in metrics)
+  new_state, metrics = hooked(state, {}, {})
+  np.testing.assert_allclose(metrics["w0"], new_state["params"]["w"][0])
+  assert float(metrics["w0"]) == pytest.approx(-0.5, rel=1e-4)  # Adam's first step: -lr

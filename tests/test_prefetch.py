@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.trainers.flamingo import layout
 from flamingo_jax.data import in_memory
 from flamingo_jax.errors import DataError
 from flamingo_jax.runtime import sharding
@@ -153,7 +153,7 @@ def test_put_batch_on_the_producer_thread_gives_sharded_device_batches(tiny_conf
   spec = in_memory.DatasetSpec("interleaved", "interleaved", batch_size=8, seq_len=16,
                                max_images=2)
   mesh = sharding.make_mesh(sharding.MeshConfig())  # 8 fake devices, data-parallel
-  abstract = train.abstract_batch(spec, tiny_config, tiny_config.vision.image_size, 4)
+  abstract = layout.abstract_batch(spec, tiny_config, tiny_config.vision.image_size, 4)
   shardings = {k: NamedSharding(mesh, sharding.batch_spec(len(a.shape)))
                for k, a in abstract.items()}
   rows = process_rows(mesh, spec.batch_size)

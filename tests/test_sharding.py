@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from flamingo_jax.trainers.flamingo import train
+from flamingo_jax.trainers.flamingo import layout
 from flamingo_jax.training import optim
 from flamingo_jax.runtime import sharding
 from flamingo_jax.models.flamingo import Flamingo
@@ -38,8 +38,8 @@ def test_mesh_sizes_and_errors():
 def _specs(config, **mesh):
   cfg = sharding.mesh_config(mesh)
   m = sharding.make_mesh(cfg)
-  tx = optim.make_optimizer(optim.optim_config({}), config, 10)
-  lay = train.state_layout(Flamingo(config), config, tx, m, cfg)
+  tx = layout.make_optimizer(optim.optim_config({}), config, 10)
+  lay = layout.state_layout(Flamingo(config), config, tx, m, cfg)
   return m, lay, traverse_util.flatten_dict(lay.param_specs, sep="/")
 
 

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.training import objective, optim
+from flamingo_jax.models.labels import param_labels
+from flamingo_jax.trainers.flamingo import objective
+from flamingo_jax.training import optim
+from flamingo_jax.training.objective import split_micro_batches, token_nll
 from flamingo_jax.data import in_memory as train_data
 from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
@@ -22,24 +25,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_token_nll_masks_and_never_divides_by_zero():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
   targets = jnp.array([[0, 1]])
-  total, count = objective.token_nll(logits, targets, jnp.array([[1.0, 1.0]]))
+  total, count = token_nll(logits, targets, jnp.array([[1.0, 1.0]]))
   np.testing.assert_allclose(total, -np.log(0.5) - np.log(0.8), rtol=1e-6)
   assert count == 2
-  total, count = objective.token_nll(logits, targets, jnp.array([[0.0, 1.0]]))
+  total, count = token_nll(logits, targets, jnp.array([[0.0, 1.0]]))
   np.testing.assert_allclose(total, -np.log(0.8), rtol=1e-6)
   bad = logits.at[0, 0].set(jnp.nan)  # a masked position cannot poison the sum
-  total, count = objective.token_nll(bad, targets, jnp.array([[0.0, 1.0]]))
+  total, count = token_nll(bad, targets, jnp.array([[0.0, 1.0]]))
   np.testing.assert_allclose(total, -np.log(0.8), rtol=1e-6)
-  total, count = objective.token_nll(logits, targets, jnp.zeros((1, 2)))
+  total, count = token_nll(logits, targets, jnp.zeros((1, 2)))
   assert float(total) == 0.0 and float(count) == 0.0
 
 
 def test_strided_micro_batches():
   batch = {"x": jnp.arange(8)}
-  micro = objective.split_micro_batches(batch, 2)["x"]
+  micro = split_micro_batches(batch, 2)["x"]
   np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])
   with pytest.raises(ValueError, match="cannot be split into 3"):
-    objective.split_micro_batches(batch, 3)
+    split_micro_batches(batch, 3)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def setup():
                          visual_features=batches["pairs"]["visual_features"]))
   params = params["params"]
   params = jax.tree.map(lambda p: p + 0.01, params)  # gates off zero: every path has gradient
-  trainable, frozen = optim.split_params(params, c)
+  trainable, frozen = optim.split_params(params, param_labels(params, c))
   return model, c, batches, trainable, frozen
 
 
@@ -70,7 +73,7 @@ def _reference_grads(model, batch, trainable, frozen, weight):
     logits, _ = model.apply({"params": optim.merge_params(p, frozen)}, batch["tokens"],
                             visual_features=batch["visual_features"],
                             next_image=batch["next_image"])
-    total, count = objective.token_nll(logits, batch["targets"], batch["loss_mask"])
+    total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
     return weight * total / count
 
   return jax.grad(loss)(trainable)

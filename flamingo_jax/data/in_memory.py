@@ -10,9 +10,10 @@ by tests, the tiny config and benchmarks):
   state = iterator.get_state()  # JSON-serialisable dict, saved in checkpoints
   iterator.set_state(state)
 
-Batch keys: see objective.py. Each process produces the rows of the global
-batch that its devices hold (`rows=(start, stop)`), so N processes feed
-exactly the global batch that one process would.
+Batch keys: see trainers/flamingo/objective.py. Each process produces the rows of
+the global batch that its devices hold (`rows=(start, stop)`), so N processes feed
+exactly the global batch that one process would. A pipeline dataset's shape is its
+DatasetConfig's fields of the same names (`DatasetSpec.of`).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from typing import Any, Iterator, Mapping, Optional, Protocol
 import numpy as np
 
 from flamingo_jax.config import from_config_dict
-from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.data.config import DatasetConfig
 from flamingo_jax.errors import ConfigError
+from flamingo_jax.models.config import FlamingoConfig
 
 PAD, BOS, EOS = 0, 1, 2
 KINDS = ("pairs", "interleaved")
@@ -45,6 +47,11 @@ class DatasetSpec:
   max_images: int = 1  # N image slots per example
   num_frames: int = 1  # T frames per slot
   weight: float = 1.0
+
+  @classmethod
+  def of(cls, name: str, dataset: DatasetConfig) -> "DatasetSpec":
+    """The batch shape and weight of a pipeline dataset (its DatasetConfig's same fields)."""
+    return cls(name, **{key: getattr(dataset, key) for key in SYNTHETIC_KEYS})
 
 
 SYNTHETIC_KEYS = tuple(f.name for f in dataclasses.fields(DatasetSpec) if f.name != "name")
@@ -91,11 +98,6 @@ def synthetic_config(cfg: Any) -> SyntheticConfig:
     validate_spec(spec, prefix)
     specs[str(name)] = spec
   return dataclasses.replace(c, datasets=specs)
-
-
-def synthetic_specs(cfg: Any) -> list[DatasetSpec]:
-  """The DatasetSpecs of a `synthetic` section (ConfigDict or SyntheticConfig)."""
-  return list(synthetic_config(cfg).datasets.values())
 
 
 def validate_spec(spec: DatasetSpec, prefix: str) -> None:

@@ -12,7 +12,7 @@ layer hurts), by a regex on the parameter path 'a/b/c'.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp

@@ -1,29 +1,72 @@
-"""The command line every trainer shares: --config FILE[:arg] --workdir DIR [overrides].
+"""The command line and config sections every trainer shares.
 
-Defaults are filled in before the `--config.a.b=value` overrides are applied,
-so every trainer accepts an override of any key its schema knows (also when
-the config file leaves the section out), rejects a typo naming it, and adds
-keys to dict-valued fields (`--config.model_init.lm=PATH`).
+--config FILE[:arg] --workdir DIR [overrides]: `load` is the one place a trainer's
+config gets its defaults, filled in before the `--config.a.b=value` overrides are
+applied, so every trainer accepts an override of any key its schema knows (also when
+the config file leaves the section out), rejects a typo naming it, and adds keys to
+dict-valued fields (`--config.model_init.lm=PATH`). A trainer's `run` takes the loaded
+config (a config without defaults parses the same; only config.json shows less).
+The mesh, checkpoint and distributed sections and the loop's part of `train` are
+parsed here, once for every trainer.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
 
-from flamingo_jax.config import apply_overrides, load_config, split_config_args
+from flamingo_jax.config import (apply_overrides, from_config_dict, load_config,
+                                 split_config_args, with_defaults)
 from flamingo_jax.errors import ArgumentParser
-from flamingo_jax.training.checkpoint import CheckpointConfig
-from flamingo_jax.runtime.distributed import DistributedConfig
-from flamingo_jax.runtime.sharding import MeshConfig
+from flamingo_jax.runtime.distributed import DistributedConfig, distributed_config
+from flamingo_jax.runtime.sharding import MeshConfig, mesh_config
+from flamingo_jax.training.checkpoint import CheckpointConfig, checkpoint_config
+from flamingo_jax.training.loop import LoopConfig, check_loop_config
 
 # The sections every trainer has beside its own `train` and `optim` (their schemas).
 RUN_SECTIONS = {"mesh": MeshConfig, "checkpoint": CheckpointConfig,
                 "distributed": DistributedConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """The RUN_SECTIONS of a config, validated; each trainer's Setup extends it."""
+  mesh: MeshConfig
+  checkpoint: CheckpointConfig
+  distributed: DistributedConfig
+
+
+def section(config: Any, name: str) -> Any:
+  """config's section `name`, or None where the config leaves it out (all defaults)."""
+  return config.get(name) if name in config else None
+
+
+def run_sections(config: Any) -> dict[str, Any]:
+  """RunSetup's fields (mesh, checkpoint, distributed), parsed; errors name the key."""
+  return {"mesh": mesh_config(section(config, "mesh")),
+          "checkpoint": checkpoint_config(section(config, "checkpoint")),
+          "distributed": distributed_config(section(config, "distributed"))}
+
+
+def train_section(config: Any, cls: type[LoopConfig]) -> LoopConfig:
+  """The `train` section as cls (a LoopConfig subclass), the loop's fields checked."""
+  c = from_config_dict(cls, section(config, "train") or {}, "train")
+  check_loop_config(c)
+  return c
+
+
+def with_default_sections(config: ml_collections.ConfigDict, sections: Mapping[str, type],
+                          extra: Optional[Mapping[str, Any]] = None
+                          ) -> ml_collections.ConfigDict:
+  """config with the trainer's `sections` (name -> schema) and RUN_SECTIONS present and
+  every key they leave out at its default; `extra`: other sections' defaults (dicts)."""
+  defaults = {name: cls() for name, cls in {**sections, **RUN_SECTIONS}.items()}
+  return with_defaults(config, {**defaults, **(extra or {})})
 
 
 def setup_logging() -> None:
@@ -68,5 +111,6 @@ def parse_args(argv: Optional[Sequence[str]], doc: str, workdir_help: str,
 def load(spec: str, overrides: Sequence[str],
          with_default_sections: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
          open_keys: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The config file, its defaults filled, then the overrides."""
+  """The config file, its defaults filled (by the trainer's with_default_sections), then
+  the overrides."""
   return apply_overrides(with_default_sections(load_config(spec)), overrides, open_keys)

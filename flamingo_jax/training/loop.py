@@ -34,7 +34,7 @@ from flamingo_jax.runtime import distributed
 from flamingo_jax.runtime import sharding
 from flamingo_jax.training.metrics import MetricsWriter, progress_line
 
-log = logging.getLogger("flamingo_jax.trainers.flamingo.train")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------
@@ -250,6 +250,7 @@ class StepHandler:
     metrics = {k: float(v) for k, v in metrics.items()}
     self.history.append(metrics)
     metrics["step"] = done_step
+    self.writer.write_step(done_step, metrics)  # history.jsonl, when the trainer keeps one
     if self.on_step is not None:  # progress bars (the demo), per-step logs
       self.on_step(done_step, metrics)
     if metrics["nonfinite_consecutive"] >= self.max_nonfinite:

@@ -3,6 +3,8 @@
 Only process 0 writes (every process computes the same global metrics).
   workdir/metrics.jsonl   one JSON object per logged step: {"step": s, name: value, ...}
   workdir/tensorboard/    tensorboardX event files, one scalar per metric name
+  workdir/history.jsonl   with history_from: one object per step, every step of the run
+                          (resumed runs included), for plots and exact-resume checks
 The progress line carries step, the loss of every dataset, learning rate,
 gradient norm, tokens/s, MFU and ETA. Progress is the bar (or, off a terminal, the
 few plain lines) that the demo's stages and evaluation show.
@@ -18,7 +20,7 @@ from typing import IO, Mapping, Optional
 
 from etils import epath
 
-log = logging.getLogger("flamingo_jax.trainers.flamingo.train")
+log = logging.getLogger(__name__)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -31,12 +33,17 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """Writes scalar metrics of the run in `workdir` (no-op when not enabled)."""
+  """Writes scalar metrics of the run in `workdir` (no-op when not enabled).
 
-  def __init__(self, workdir, enabled: bool = True):
+  history_from (the step the run starts from): also keep every step's metrics, in
+  `history` and workdir/history.jsonl; rows past that step (logged by a killed run
+  after its last checkpoint, replayed now) are dropped first.
+  """
+
+  def __init__(self, workdir, enabled: bool = True, history_from: Optional[int] = None):
     self.enabled = enabled
-    self.jsonl = None
-    self.tb = None
+    self.jsonl = self.tb = self.history_file = None
+    self.history: Optional[list[dict]] = None if history_from is None else []
     if not enabled:
       return
     workdir = epath.Path(workdir)  # local paths and gs:// alike
@@ -44,6 +51,23 @@ class MetricsWriter:
     self.jsonl = (workdir / "metrics.jsonl").open("a")
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    if history_from is not None:
+      path = workdir / "history.jsonl"
+      rows = [json.loads(line) for line in path.read_text().splitlines()
+              if line.strip()] if path.exists() else []
+      self.history = [r for r in rows if r["step"] <= history_from]
+      path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+      self.history_file = path.open("a")
+
+  def write_step(self, step: int, metrics: Mapping[str, float]) -> None:
+    """One step's metrics into the history (every step; no-op without history_from)."""
+    if self.history is None:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items() if k != "step"}}
+    self.history.append(row)
+    if self.history_file is not None:
+      self.history_file.write(json.dumps(row) + "\n")
+      self.history_file.flush()
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -68,6 +92,9 @@ class MetricsWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+      if self.history_file is not None:
+        self.history_file.close()
+        self.history_file = None
       self.enabled = False
 
 

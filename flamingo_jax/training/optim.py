@@ -1,18 +1,18 @@
-"""The optimizer: AdamW on trainable leaves, nothing (not even state) on frozen ones.
+"""The optimizer every trainer uses: AdamW by label, schedules, the trainable/frozen split.
 
-Paper appendix B.1.2: AdamW, global-norm clipping at 1.0 once per update (after
-the gradients of every dataset are accumulated), weight decay 0.1 except on the
-Perceiver Resampler, learning rate warmed up linearly from 0 to 1e-4 over 5,000
-steps and then constant. Which leaf is frozen / decayed comes from
-models.labels.param_labels; frozen leaves map to optax.set_to_zero, whose state
-is empty, so an optimizer built here over the full parameter tree holds moments
-for trainable leaves only. The trainer goes further and hands the optimizer the
-trainable subtree alone (`split_params`), so frozen weights never get gradients.
+A trainer names each parameter leaf with a label (models.labels): `frozen` leaves map to
+optax.set_to_zero, whose state is empty, so an optimizer built here over a full
+parameter tree holds moments for trainable leaves only; `trainable` leaves get AdamW
+with weight decay, `trainable_no_decay` leaves AdamW without. Global-norm clipping
+happens once per update, on the accumulated gradient (paper appendix B.1.2), and a
+trainer may clip groups of leaves their own way in between (the contrastive towers).
+Trainers go further and hand the optimizer the trainable subtree alone
+(`split_params`), so frozen weights never get gradients.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,8 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.config import from_config_dict
-from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.errors import ConfigError
-from flamingo_jax.models.labels import FROZEN, TRAINABLE, TRAINABLE_NO_DECAY, param_labels
+from flamingo_jax.models.labels import FROZEN, TRAINABLE, TRAINABLE_NO_DECAY
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -75,35 +74,38 @@ def learning_rate_schedule(c: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [c.warmup_steps])
 
 
-def make_optimizer(c: OptimConfig, model_config: FlamingoConfig,
-                   total_steps: int) -> optax.GradientTransformation:
-  """clip(global norm) -> {trainable: AdamW(wd), trainable_no_decay: AdamW(0), frozen: 0}.
+def make_optimizer(c: OptimConfig, total_steps: int, labels: Callable[[Any], Any],
+                   group_clip: Optional[optax.GradientTransformation] = None
+                   ) -> optax.GradientTransformation:
+  """clip(global norm) -> group_clip -> {trainable: AdamW(wd), trainable_no_decay: AdamW(0),
+  frozen: 0}.
 
-  Works on the full parameter tree or any subtree of it (labels are computed
-  from the paths of whatever tree it is given).
+  labels(params) -> a tree like params with FROZEN, TRAINABLE or TRAINABLE_NO_DECAY per
+  leaf, computed from whatever tree the optimizer is given (the full tree or a subtree).
+  group_clip: clipping of the trainer's own leaf groups, after the global clip (e.g.
+  AGC on one tower, a global norm on another).
   """
   lr = learning_rate_schedule(c, total_steps)
   adam = dict(learning_rate=lr, b1=c.b1, b2=c.b2, eps=c.eps)
   labelled = optax.multi_transform(
       {TRAINABLE: optax.adamw(weight_decay=c.weight_decay, **adam),
        TRAINABLE_NO_DECAY: optax.adamw(weight_decay=0.0, **adam),
-       FROZEN: optax.set_to_zero()},
-      lambda params: param_labels(params, model_config))
-  if c.clip_norm:
-    return optax.chain(optax.clip_by_global_norm(c.clip_norm), labelled)
-  return labelled
+       FROZEN: optax.set_to_zero()}, labels)
+  chain = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm else []
+  chain += [group_clip] if group_clip is not None else []
+  return optax.chain(*chain, labelled) if chain else labelled
 
 
 # --------------------------------------------------------------------------
 # Trainable / frozen split
 
 
-def split_params(params: Any, model_config: FlamingoConfig) -> tuple[dict, dict]:
-  """params -> (trainable, frozen): two nested dicts holding disjoint leaves."""
-  labels = traverse_util.flatten_dict(param_labels(params, model_config), sep="/")
+def split_params(params: Any, labels: Any) -> tuple[dict, dict]:
+  """params, their label tree -> (trainable, frozen): two nested dicts of disjoint leaves."""
+  flat_labels = traverse_util.flatten_dict(labels, sep="/")
   flat = traverse_util.flatten_dict(params, sep="/")
-  trainable = {k: v for k, v in flat.items() if labels[k] != FROZEN}
-  frozen = {k: v for k, v in flat.items() if labels[k] == FROZEN}
+  trainable = {k: v for k, v in flat.items() if flat_labels[k] != FROZEN}
+  frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
   return (traverse_util.unflatten_dict(trainable, sep="/"),
           traverse_util.unflatten_dict(frozen, sep="/"))
 

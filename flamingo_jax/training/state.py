@@ -23,7 +23,7 @@ from flamingo_jax.errors import CheckpointError
 from flamingo_jax.training import objective, optim
 from flamingo_jax.runtime import sharding
 
-log = logging.getLogger("flamingo_jax.trainers.flamingo.train")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@
       --workdir /tmp/contrastive_tiny --eval_only [--step N]
 
 The trainer evaluates during and after training (eval.every) and, with
---eval_only, a run's checkpoint; this module is the evaluator it calls and
+--eval_only, a run's checkpoint (the command above: the evaluation CLI is the
+trainer's, which parses the config); this module is the evaluator it calls and
 imports no trainer.
 
 Zero-shot classification (CLIP's protocol): every class name is put into each
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -44,7 +44,7 @@ from flamingo_jax.data.config import DataConfig, DatasetConfig
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.models.dual_encoder import DualEncoder
 
-log = logging.getLogger("flamingo_jax.trainers.contrastive.train")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------
@@ -362,8 +362,3 @@ class Evaluator:
       out["zero_shot/classes"] = float(c["num_classes"])
     return out
 
-
-if __name__ == "__main__":  # the evaluation CLI lives with the trainer's config parsing
-  from flamingo_jax.trainers.contrastive.train import main as _main
-  from flamingo_jax.errors import run_cli
-  sys.exit(run_cli(lambda argv: _main(["--eval_only", *(sys.argv[1:] if argv is None else argv)])))

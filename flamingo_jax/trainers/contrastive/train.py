@@ -21,7 +21,7 @@ Built on the training library (flamingo_jax/training/): mesh and sharding
 rules, the state and update step (the non-finite skip included), step
 checkpoints with the data-iterator state and resume, the loop with its
 SIGTERM checkpoint, metrics; the grain input pipeline (flamingo_jax.data) and
-the evaluator (contrastive_eval.py). What is specific here: the loss, the
+the evaluator (evaluate.py). What is specific here: the loss, the
 per-tower optimizer, the temperature clip, the export.
 Resume order: this workdir's latest checkpoint, else `model_init` (towers
 from parameter checkpoints), else random init. docs/contrastive.md has every
@@ -44,25 +44,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from flamingo_jax.runtime import params_io
-from flamingo_jax.trainers.contrastive import evaluate as contrastive_eval
-from flamingo_jax.config import from_config_dict, to_config_dict, with_defaults
-from flamingo_jax.trainers.contrastive.evaluate import batch_from_pairs
+from flamingo_jax.config import check, from_config_dict, to_config_dict
 from flamingo_jax.data.config import DataConfig, data_config
 from flamingo_jax.errors import CheckpointError, ConfigError, DataError, run_cli
 from flamingo_jax.models.dual_encoder import (TEMPERATURE, DualEncoder, DualEncoderConfig,
                                               clip_temperature, contrastive_loss,
                                               validate_dual_encoder_config)
+from flamingo_jax.models.labels import TRAINABLE, TRAINABLE_NO_DECAY
+from flamingo_jax.runtime import distributed, params_io, sharding
+from flamingo_jax.trainers.contrastive import evaluate as contrastive_eval
+from flamingo_jax.trainers.contrastive.evaluate import batch_from_pairs
 from flamingo_jax.training import checkpoint as ckpt_lib
 from flamingo_jax.training import cli, objective, optim
-from flamingo_jax.runtime import distributed
-from flamingo_jax.runtime import sharding
 from flamingo_jax.training import state as state_lib
 from flamingo_jax.training.agc import adaptive_grad_clip
 from flamingo_jax.training.loop import (LoopConfig, StepHandler, batch_shardings,
-                                        check_batch_sizes, check_loop_config, pipeline_stats,
-                                        prepare_workdir, process_rows, put_batch, run_loop,
-                                        workdir_path)
+                                        check_batch_sizes, pipeline_stats, prepare_workdir,
+                                        process_rows, put_batch, run_loop, workdir_path)
 from flamingo_jax.training.metrics import MetricsWriter
 
 log = logging.getLogger("flamingo_jax.trainers.contrastive.train")
@@ -100,33 +98,21 @@ class TowerOptimConfig(optim.OptimConfig):
   text_clip_norm: float = 10.0  # global norm over the text tower; 0 disables
 
 
-SECTIONS = {"train": TrainConfig, "optim": TowerOptimConfig, "eval": contrastive_eval.EvalConfig,
-            **cli.RUN_SECTIONS}
+# This trainer's sections beside cli.RUN_SECTIONS (defaults filled before overrides).
+SECTIONS = {"train": TrainConfig, "optim": TowerOptimConfig, "eval": contrastive_eval.EvalConfig}
 OPEN_KEYS = ("model_init", "export")
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
+class Setup(cli.RunSetup):
   """Every section of a config, validated once, before anything touches a device."""
   model: DualEncoderConfig
   train: TrainConfig
   optim: TowerOptimConfig
-  mesh: sharding.MeshConfig
-  checkpoint: ckpt_lib.CheckpointConfig
-  distributed: distributed.DistributedConfig
   data: DataConfig
   eval: contrastive_eval.EvalConfig
   model_init: Mapping[str, str]
   export: Mapping[str, str]
-
-
-def _section(config, name):
-  return config.get(name) if name in config else None
-
-
-def _check(cond: bool, msg: str) -> None:
-  if not cond:
-    raise ConfigError(msg)
 
 
 def model_config(cfg) -> DualEncoderConfig:
@@ -140,10 +126,9 @@ def model_config(cfg) -> DualEncoderConfig:
   return c
 
 
-def train_config(cfg) -> TrainConfig:
-  c = from_config_dict(TrainConfig, cfg or {}, "train")
-  check_loop_config(c)
-  _check(0.0 <= c.label_smoothing < 1.0, f"config key 'train.label_smoothing' must be in "
+def train_config(config) -> TrainConfig:
+  c = cli.traincli.section(config, TrainConfig)
+  check(0.0 <= c.label_smoothing < 1.0, f"config key 'train.label_smoothing' must be in "
          f"[0, 1), got {c.label_smoothing}")
   return c
 
@@ -151,10 +136,10 @@ def train_config(cfg) -> TrainConfig:
 def optim_config(cfg) -> TowerOptimConfig:
   c = optim.optim_config(cfg, TowerOptimConfig)
   for key in ("vision_agc", "text_clip_norm"):
-    _check(getattr(c, key) >= 0, f"config key 'optim.{key}' must be >= 0, got "
-           f"{getattr(c, key)}")
-  _check(c.vision_agc_eps > 0, f"config key 'optim.vision_agc_eps' must be positive, got "
-         f"{c.vision_agc_eps}")
+    check(getattr(c, key) >= 0, f"config key 'optim.{key}' must be >= 0, got "
+          f"{getattr(c, key)}")
+  check(c.vision_agc_eps > 0, f"config key 'optim.vision_agc_eps' must be positive, got "
+        f"{c.vision_agc_eps}")
   try:
     re.compile(c.vision_agc_exclude)
   except re.error as e:
@@ -164,47 +149,41 @@ def optim_config(cfg) -> TowerOptimConfig:
 
 def with_default_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The sections and keys a config leaves out, with their defaults (before overrides)."""
-  defaults = {name: cls() for name, cls in SECTIONS.items()}
-  defaults.update(model_init={}, export={"vision": ""})
-  return with_defaults(config, defaults)
+  return cli.with_default_sections(config, SECTIONS, {"model_init": {}, "export": {"vision": ""}})
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Parses and cross-checks every section once; errors name the offending key."""
   model = model_config(config)
-  data = data_config(_section(config, "data") or {})
+  data = data_config(cli.section(config, "data") or {})
   for name, d in data.datasets.items():
-    _check(d.kind == "pairs", f"config key 'data.datasets.{name}.kind' is {d.kind!r}; "
+    check(d.kind == "pairs", f"config key 'data.datasets.{name}.kind' is {d.kind!r}; "
            "contrastive pretraining reads image-text pairs ('pairs')")
-    _check(d.seq_len <= model.text.max_length,
+    check(d.seq_len <= model.text.max_length,
            f"config key 'data.datasets.{name}.seq_len' ({d.seq_len}) exceeds "
            f"model.text.max_length ({model.text.max_length})")
-  _check(data.image.size == model.vision.image_size,
+  check(data.image.size == model.vision.image_size,
          f"config key 'data.image.size' ({data.image.size}) differs from "
          f"model.vision.image_size ({model.vision.image_size}); train at the model's size")
-  model_init = dict(_section(config, "model_init") or {})
+  model_init = dict(cli.section(config, "model_init") or {})
   for comp, path in model_init.items():
-    _check(comp in INIT_COMPONENTS, f"config key 'model_init.{comp}' is not a tower; expected "
+    check(comp in INIT_COMPONENTS, f"config key 'model_init.{comp}' is not a tower; expected "
            f"one of {list(INIT_COMPONENTS)}")
-    _check(isinstance(path, str) and bool(path),
+    check(isinstance(path, str) and bool(path),
            f"config key 'model_init.{comp}' must be a checkpoint directory")
-  export = dict(_section(config, "export") or {})
+  export = dict(cli.section(config, "export") or {})
   for key, value in export.items():
-    _check(key == "vision", f"config key 'export.{key}' is unknown; only 'export.vision' "
+    check(key == "vision", f"config key 'export.{key}' is unknown; only 'export.vision' "
            "(directory of the exported vision tower; '' = workdir/export/vision)")
-    _check(isinstance(value, str), "config key 'export.vision' must be a string path")
+    check(isinstance(value, str), "config key 'export.vision' must be a string path")
   return Setup(
-      model=model, train=train_config(_section(config, "train")),
-      optim=optim_config(_section(config, "optim")),
-      mesh=sharding.mesh_config(_section(config, "mesh")),
-      checkpoint=ckpt_lib.checkpoint_config(_section(config, "checkpoint")),
-      distributed=distributed.distributed_config(_section(config, "distributed")),
-      data=data, eval=contrastive_eval.eval_config(_section(config, "eval")),
-      model_init=model_init, export=export)
+      model=model, train=train_config(config), optim=optim_config(cli.section(config, "optim")),
+      data=data, eval=contrastive_eval.eval_config(cli.section(config, "eval")),
+      model_init=model_init, export=export, **cli.run_sections(config))
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`configs/X.py[:arg]`, defaults filled, then `--config.a.b=v` overrides."""
+  """`configs/X.py[:arg]`, defaults filled, then `--config.a.b=v` overrides: run's input."""
   return cli.load(spec, overrides, with_default_sections, OPEN_KEYS)
 
 
@@ -227,24 +206,24 @@ def tower_labels(params: Mapping) -> Any:
 
 
 def make_optimizer(c: TowerOptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """Per tower: vision AGC -> Adam; text global-norm clip -> Adam; temperature Adam.
+  """The library's optimizer with per-tower clipping: vision AGC, text global-norm clip,
+  then Adam(W) on both towers and Adam without decay on the temperature.
 
   Clipping happens on each tower's own gradient (the sum over datasets), so
   one tower's large gradient never shrinks the other's step.
   """
-  lr = optim.learning_rate_schedule(c, total_steps)
-  adam = lambda wd: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps,  # noqa: E731
-                                weight_decay=wd)
-  vision = [adam(c.weight_decay)]
-  if c.vision_agc:
-    vision.insert(0, adaptive_grad_clip(c.vision_agc, c.vision_agc_eps, c.vision_agc_exclude))
-  text = [adam(c.weight_decay)]
-  if c.text_clip_norm:
-    text.insert(0, optax.clip_by_global_norm(c.text_clip_norm))
+  vision = (adaptive_grad_clip(c.vision_agc, c.vision_agc_eps, c.vision_agc_exclude)
+            if c.vision_agc else optax.identity())
+  text = optax.clip_by_global_norm(c.text_clip_norm) if c.text_clip_norm else optax.identity()
   towers = optax.multi_transform(
-      {"vision": optax.chain(*vision), "text": optax.chain(*text), "temperature": adam(0.0)},
-      tower_labels)
-  return optax.chain(optax.clip_by_global_norm(c.clip_norm), towers) if c.clip_norm else towers
+      {"vision": vision, "text": text, "temperature": optax.identity()}, tower_labels)
+  return optim.make_optimizer(c, total_steps, decay_labels, group_clip=towers)
+
+
+def decay_labels(params: Mapping) -> Any:
+  """The optimizer's label per leaf: the towers decay, the temperature does not."""
+  return jax.tree.map(lambda t: TRAINABLE_NO_DECAY if t == "temperature" else TRAINABLE,
+                      tower_labels(params))
 
 
 # --------------------------------------------------------------------------
@@ -356,13 +335,12 @@ def export_vision(directory: str, params: Mapping, model: DualEncoderConfig, ste
 def run(config: ml_collections.ConfigDict, workdir: str, *, compile_only: bool = False,
         stop_at: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None,
         on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
-  """Trains (or only compiles) and returns a summary.
+  """Trains (or only compiles) the config `load` returns, and returns a summary.
 
   Returns {'step', 'stopped', 'history': [metrics per step], 'eval': {...},
   'export': directory or None, 'memory': bytes per device}.
   """
   # ------------------------------------------------------------------ Config, workdir, mesh
-  config = with_default_sections(config)
   s = setup(config)
   distributed.initialize(s.distributed)
   is_main = jax.process_index() == 0
@@ -485,7 +463,7 @@ def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
                         devices: Optional[Sequence[jax.Device]] = None) -> dict:
   """Restores `workdir/checkpoints/<step>` (default: latest) and evaluates it
   on a mesh of `devices` (default: all)."""
-  s = setup(with_default_sections(config))
+  s = setup(config)
   mesh = sharding.make_mesh(s.mesh, devices)
   model, _, ts, _ = abstract_state(s, mesh)
   directory = workdir_path(workdir) / "checkpoints"
@@ -531,7 +509,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli_main() -> int:
-  """`python -m flamingo_jax.contrastive`: exit status 0, or 2 with one `error:` line for bad input."""
+  """`python -m flamingo_jax.contrastive`: exit status 0, or 2 with one `error:` line for bad
+  input."""
   return run_cli(main)
 
 

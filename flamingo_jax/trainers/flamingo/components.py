@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 from flamingo_jax.errors import CheckpointError
 from flamingo_jax.models.labels import component_of
-from flamingo_jax.runtime.params_io import check_params, params_exist, restore_params, stored_top_keys
+from flamingo_jax.runtime.params_io import (check_params, params_exist, restore_params,
+                                            stored_top_keys)
 # Components spread over several top-level keys (xattn_block_{i}, new_token_*).
 MULTI_KEY_COMPONENTS = ("xattn", "new_tokens")
 
