@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flamingo_jax.models.config import model_config  # noqa: E402
 from flamingo_jax.config import load_config  # noqa: E402
 from flamingo_jax.evaluate.decode import DecodeConfig, compiled_generate, left_pad  # noqa: E402
-from flamingo_jax.evaluate.runner import init_params  # noqa: E402
+from flamingo_jax.model_dir import init_params  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {

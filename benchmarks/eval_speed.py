@@ -11,7 +11,7 @@ tower of tests/fixtures/openflamingo_tiny in front), so both sides run the same
 weights on the same images and prompts:
 
 * captioning, 4 shots, beam 3, at most 20 new tokens, batch 8 (OpenFlamingo's
-  evaluate_captioning protocol): ours is `runner.evaluate` on a Karpathy file;
+  evaluate_captioning protocol): ours is `run.evaluate` on a Karpathy file;
   OpenFlamingo's side builds each batch's prompts as its evaluate.py does and
   calls its `Flamingo.generate` (its EvalModel.get_outputs);
 * classification over `--classes` class names, 4 shots, batch 8: ours scores
@@ -147,13 +147,13 @@ def eval_section(root: str, feature_cache: str = "") -> dict:
 
 
 def run_ours(m, ec, task: str, out: str, code=None) -> float:
-  """One `runner.evaluate`; code: (Generator, Scorer) to run it with (`--before`)."""
-  from flamingo_jax.evaluate import decode, features, runner, scoring
-  runner.Generator, runner.Scorer = code or (decode.Generator, scoring.Scorer)
+  """One `run.evaluate`; code: (Generator, Scorer) to run it with (`--before`)."""
+  from flamingo_jax.evaluate import decode, features, run, scoring
+  run.Generator, run.Scorer = code or (decode.Generator, scoring.Scorer)
   # code from before the latent cache takes the features
-  runner.latents_supported = (lambda config: False) if code else features.latents_supported
+  run.latents_supported = (lambda config: False) if code else features.latents_supported
   t0 = time.perf_counter()
-  runner.evaluate(m.config, ec, m.params, m.tokenizer, tasks=[task], shots=[4], out_dir=out,
+  run.evaluate(m.config, ec, m.params, m.tokenizer, tasks=[task], shots=[4], out_dir=out,
                   progress=False, model_id="bench")
   return time.perf_counter() - t0
 
@@ -183,10 +183,10 @@ class OpenFlamingoSide:
   """OpenFlamingo's model driven as its evaluate.py / EvalModel drive it."""
 
   def __init__(self, model, tok, eoc, media, m, ec, task_name):
-    from flamingo_jax.evaluate import runner
     from flamingo_jax.evaluate.features import FeatureCache
+    from flamingo_jax.evaluate.run import Task
     self.model, self.tok, self.eoc = model, tok, eoc
-    self.task = runner._Task(task_name, ec.tasks[task_name], ec, m.config)
+    self.task = Task(task_name, ec.tasks[task_name], ec, m.config)
     self.task.reseed(ec.seed)
     self.queries = np.arange(len(self.task.test))
     self.shots = self.task.shots(self.queries, 4, False)
@@ -271,15 +271,15 @@ def main(argv=None):
   import torch
   torch.set_num_threads(len(cpus))
   from flamingo_jax import model_dir
-  from flamingo_jax.evaluate import runner
+  from flamingo_jax.evaluate.config import eval_config
   root = tempfile.mkdtemp(prefix="eval_speed_")
   model, tok, eoc, media, names = build(root, a.classes, a.queries)
-  m = model_dir.load_model_dir(os.path.join(root, "model"))
+  m = model_dir.load(os.path.join(root, "model"))
   shared = os.path.join(root, "feature_cache") if a.warm_cache else ""
-  ec = runner.eval_config(eval_section(root, shared))
+  ec = eval_config(eval_section(root, shared))
   before = code_at(a.before) if a.before else None
   if before:
-    ec_before = runner.eval_config(dict(eval_section(root, shared), prompt_buckets=before[2]))
+    ec_before = eval_config(dict(eval_section(root, shared), prompt_buckets=before[2]))
   out = {"queries": a.queries, "classes": len(names), "shots": 4, "batch": 8,
          "cpus": cpus, "torch_threads": torch.get_num_threads(),
          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "warm_cache": a.warm_cache,

@@ -6,10 +6,10 @@
 
 The converters (`flamingo_jax/convert`), the trainer's export and the demo
 write it; `python -m flamingo_jax.generate` and `python -m flamingo_jax.evaluate`
-read it (`--checkpoint DIR` in every CLI). Params are restored straight into
-their target shardings: one device by default, or a mesh's tensor / FSDP
-layout (`abstract_params(config, mesh, mesh_cfg)`), so no host ever needs the
-whole tree on one device. Orbax is only used through `flamingo_jax.training.checkpoint`.
+read it with `load` (`--checkpoint DIR` in every CLI). Params are restored
+straight into their target shardings: one device by default, or a mesh's tensor /
+FSDP layout (`abstract_params(config, mesh, mesh_cfg)`), so no host ever needs the
+whole tree on one device. Orbax is only used through `flamingo_jax.runtime.params_io`.
 """
 from __future__ import annotations
 
@@ -18,13 +18,20 @@ import json
 import logging
 import os
 import time
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
 
-from flamingo_jax.models.config import FlamingoConfig, model_config
+from flamingo_jax.config import apply_overrides, with_defaults
+from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.errors import CheckpointError, DataError
+from flamingo_jax.models.config import FlamingoConfig, model_config
+from flamingo_jax.models.flamingo import Flamingo
+from flamingo_jax.runtime import params_io, sharding
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,7 @@ HF_TOKENIZER = "tokenizer.json"
 class Model(NamedTuple):
   config: FlamingoConfig
   params: Any  # the unboxed Flamingo param tree
-  tokenizer: Any  # data.tokenizer.Tokenizer
+  tokenizer: Tokenizer
 
 
 # ------------------------------------------------------------------------------ init
@@ -60,8 +67,6 @@ def init_inputs(config: FlamingoConfig, abstract: bool = False) -> dict:
 
 
 def _init_fn(config: FlamingoConfig, boxed: bool = False):
-  import flax.linen as nn
-  from flamingo_jax.models.flamingo import Flamingo
   model = Flamingo(dataclasses.replace(config, remat="none"))
   inputs = init_inputs(config)
   tokens = inputs.pop("tokens")
@@ -81,24 +86,20 @@ def init_params(config: FlamingoConfig, seed: int = 0, abstract: bool = False):
   return jax.jit(init)(jax.random.key(seed))
 
 
-def param_shardings(config: FlamingoConfig, mesh=None, mesh_cfg=None):
-  """NamedSharding per parameter on `mesh` (the trainer's rules: tensor / FSDP /
-  fallback, `sharding.param_specs`); without a mesh, the first local device."""
+def abstract_params(config: FlamingoConfig, mesh: Optional[Mesh] = None,
+                    mesh_cfg: Optional[sharding.MeshConfig] = None):
+  """ShapeDtypeStructs of the unboxed param tree carrying their target shardings (restore
+  targets): the first local device, or `mesh` by the trainer's rules (tensor / FSDP /
+  fallback, `sharding.param_specs` under mesh_cfg, default MeshConfig()). One abstract
+  trace of the init: its boxes give the layout, their values the shapes."""
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda _: device, init_params(config, abstract=True))
-  from flamingo_jax.runtime import sharding
-  mesh_cfg = sharding.mesh_config(mesh_cfg)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        init_params(config, abstract=True))
   with jax.set_mesh(mesh):
     boxed = jax.eval_shape(_init_fn(config, boxed=True), jax.random.key(0))
-  return sharding.named(mesh, sharding.param_specs(boxed, mesh, mesh_cfg))
-
-
-def abstract_params(config: FlamingoConfig, mesh=None, mesh_cfg=None):
-  """ShapeDtypeStructs of the param tree carrying their target shardings (restore targets)."""
-  shardings = param_shardings(config, mesh, mesh_cfg)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      init_params(config, abstract=True), shardings)
+  specs = sharding.param_specs(boxed, mesh, mesh_cfg or sharding.MeshConfig())
+  return sharding.with_shardings(nn.unbox(boxed), sharding.named(mesh, specs))
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -133,7 +134,6 @@ def tokenizer_path(directory: str, override: Optional[str] = None) -> str:
 
 def load_tokenizer(directory: str, config: FlamingoConfig, override: Optional[str] = None):
   """The directory's tokenizer (or `override`), checked against the model config."""
-  from flamingo_jax.data.tokenizer import Tokenizer
   path = tokenizer_path(directory, override)
   if not os.path.isfile(path):
     raise DataError(f"tokenizer {path!r} does not exist" + (
@@ -151,7 +151,6 @@ def load_tokenizer(directory: str, config: FlamingoConfig, override: Optional[st
 def write_model_dir(out_dir: str, params: Any, model_section: dict) -> str:
   """DIR/params + DIR/model_config.json (a `model` section as a plain dict); the
   converters' writer. Returns out_dir."""
-  from flamingo_jax.runtime import params_io
   os.makedirs(out_dir, exist_ok=True)
   params_io.save_params(os.path.join(out_dir, PARAMS), params)
   with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
@@ -168,7 +167,6 @@ def export_model_dir(out_dir: str, config: Any, params: Any,
   a Tokenizer, copied to DIR/tokenizer.model (None: pass --tokenizer when
   loading). The tokenizer is checked against the config before anything is written.
   """
-  from flamingo_jax.data.tokenizer import Tokenizer
   config = model_config(config)
   tok = Tokenizer.load(tokenizer) if isinstance(tokenizer, str) else tokenizer
   if tok is not None:
@@ -190,8 +188,12 @@ def export_model_dir(out_dir: str, config: Any, params: Any,
 # ------------------------------------------------------------------------------ read
 
 
-def read_model_config(directory: str) -> FlamingoConfig:
-  """DIR/model_config.json -> the validated FlamingoConfig (unknown keys are errors)."""
+def read_model_config(directory: str, overrides: Sequence[str] = ()) -> FlamingoConfig:
+  """DIR/model_config.json -> the validated FlamingoConfig (unknown keys are errors).
+
+  overrides: `--config.model.KEY=VALUE` strings, applied to the file's dict (the keys
+  it leaves out at their defaults) before it is parsed, e.g. model.dtype=bfloat16.
+  """
   if not os.path.isdir(directory):
     raise CheckpointError(f"model directory {directory!r} does not exist")
   path = os.path.join(directory, MODEL_CONFIG)
@@ -203,38 +205,69 @@ def read_model_config(directory: str) -> FlamingoConfig:
                           + hint)
   try:
     with open(path) as f:
-      cfg = json.load(f)
+      section = json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-  return model_config(cfg)
+  return with_overrides(section, overrides)
 
 
-def read_model_section(directory: str) -> dict:
-  """DIR/model_config.json as the plain dict (for configs that add sections to it)."""
-  read_model_config(directory)  # the errors
-  with open(os.path.join(directory, MODEL_CONFIG)) as f:
-    return json.load(f)
+def with_overrides(section: Any, overrides: Sequence[str] = ()) -> FlamingoConfig:
+  """A `model` section (dict / ConfigDict) with `--config.model.KEY=VALUE` overrides
+  applied to it, the keys it leaves out at their defaults; validated."""
+  if not overrides:
+    return model_config(section)
+  cfg = with_defaults(ml_collections.ConfigDict({"model": section}), {"model": FlamingoConfig()})
+  return model_config(apply_overrides(cfg, overrides))
 
 
-def load_params(directory: str, config: FlamingoConfig, mesh=None, mesh_cfg=None) -> Any:
-  """DIR/params restored into their shardings (first device, or `mesh`); missing or
-  misshapen tensors are named."""
-  from flamingo_jax.runtime.params_io import params_exist, restore_params
+def load(directory: str, *, mesh: Optional[Mesh] = None,
+         mesh_cfg: Optional[sharding.MeshConfig] = None,
+         tokenizer: Union[str, Tokenizer, None] = None,
+         config: Optional[FlamingoConfig] = None) -> Model:
+  """A model directory's config, tokenizer and params, the params restored straight into
+  their shardings (the first device, or `mesh` by mesh_cfg's rules); missing or misshapen
+  tensors are named. The cheap checks (config, tokenizer) come before the params are read.
+
+  tokenizer: a path or a Tokenizer (default DIR's), checked against the config;
+  config: the model's config when the caller has read it already (read_model_config,
+  e.g. with overrides; default DIR's).
+  """
+  if config is None:
+    config = read_model_config(directory)
+  if tokenizer is None or isinstance(tokenizer, str):
+    tokenizer = load_tokenizer(directory, config, tokenizer)
+  else:
+    check_tokenizer(config, tokenizer, f"the tokenizer does not fit the model of {directory}")
   params_dir = os.path.join(directory, PARAMS)
-  if not params_exist(params_dir):
+  if not params_io.params_exist(params_dir):
     raise CheckpointError(f"model directory {directory!r} lacks {PARAMS}/ (the orbax params "
                           "checkpoint); export_model_dir and the converters write it")
   t0 = time.time()
-  params = restore_params(params_dir, abstract_params(config, mesh, mesh_cfg),
-                          what=f"checkpoint {params_dir}")
+  params = params_io.restore_params(params_dir, abstract_params(config, mesh, mesh_cfg),
+                                    what=f"checkpoint {params_dir}")
   log.info("loaded %s in %.1f s", params_dir, time.time() - t0)
-  return params
+  return Model(config, params, tokenizer)
 
 
-def load_model_dir(directory: str, tokenizer: Optional[str] = None, mesh=None,
-                   mesh_cfg=None) -> Model:
-  """Config, tokenizer (DIR's unless `tokenizer`) and params of a model directory;
-  the cheap checks come before the params are read."""
-  config = read_model_config(directory)
-  tok = load_tokenizer(directory, config, tokenizer)
-  return Model(config, load_params(directory, config, mesh, mesh_cfg), tok)
+# ------------------------------------------------------------------------------ devices
+
+
+def mesh_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """argv without its `--mesh.AXIS=N` flags, and those as `--config.mesh.AXIS=N` overrides:
+  the shorthand of the CLIs that load a model directory onto a mesh."""
+  rest, overrides = [], []
+  for a in argv:
+    if a.startswith("--mesh."):
+      overrides.append("--config." + a[2:])
+    else:
+      rest.append(a)
+  return rest, overrides
+
+
+def device_mesh(section: Any) -> tuple[Optional[Mesh], Optional[sharding.MeshConfig]]:
+  """(None, None) for an empty `mesh` section: one device. Else the mesh it describes and
+  the section parsed (once: `load` and the placement take both)."""
+  if not section:
+    return None, None
+  mesh_cfg = sharding.mesh_config(section)
+  return sharding.make_mesh(mesh_cfg), mesh_cfg

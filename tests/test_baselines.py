@@ -8,7 +8,8 @@ import pytest
 
 from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
-from flamingo_jax.evaluate import baselines, runner
+from flamingo_jax.evaluate import baselines
+from flamingo_jax.model_dir import init_params
 from flamingo_jax.models.flamingo import Flamingo, merged_lm_params
 from flamingo_jax.models.lm import DecoderLM
 
@@ -16,7 +17,7 @@ from flamingo_jax.models.lm import DecoderLM
 def test_zero_gates_gives_the_lm_alone():
   config = model_config(load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
                                                  "tiny.py")))
-  params = runner.init_params(config, seed=1)
+  params = init_params(config, seed=1)
   # Open every gate so the images matter, then close them again.
   opened = {k: ({g: jnp.full_like(v, 0.7) if g in baselines.GATES else v
                  for g, v in p.items()} if k.startswith("xattn_block_") else p)

@@ -10,9 +10,8 @@ import tempfile
 
 import pytest
 
-from flamingo_jax.evaluate import runner
-from test_eval_video import make_msrvtt_qa
-from test_evaluate_cli import CAPTIONS, QUESTIONS, export_tiny_model, make_vqa
+from flamingo_jax.evaluate import cli
+from eval_files import make_msrvtt_qa, make_vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(REPO, "configs", "eval")
@@ -31,13 +30,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_model_dir):
   root = tmp_path_factory.mktemp("eval_mp")
   data = root / "data"
   make_vqa(str(data / "vqav2"), "v2_OpenEnded_mscoco_{}_questions.json",
            "v2_mscoco_{}_annotations.json")
   make_msrvtt_qa(str(data / "msrvtt_qa"))
-  directory, _ = export_tiny_model(root, CAPTIONS, QUESTIONS, seed=5)
+  directory, _ = tiny_model_dir
   evals = [a for t in TASKS for a in ("--eval", f"{EVAL}/{t}.py:{data / t}")]
   return dict(model=directory, evals=evals)
 
@@ -71,8 +70,8 @@ def test_two_processes_give_the_one_process_results(world, tmp_path):
   multi = json.loads((tmp_path / "multi" / "results.json").read_text())
   assert (multi["processes"], multi["devices"]) == (2, 2)
 
-  one = runner.main(["--checkpoint", world["model"], *world["evals"], *ARGS,
-                     "--out", str(tmp_path / "one")])
+  one = cli.main(["--checkpoint", world["model"], *world["evals"], *ARGS,
+                  "--out", str(tmp_path / "one")])
   assert one["processes"] == 1
   for task in TASKS:
     a, b = _predictions(tmp_path / "multi", task), _predictions(tmp_path / "one", task)

@@ -10,101 +10,18 @@ import pytest
 from PIL import Image
 
 from flamingo_jax.errors import run_cli
-from flamingo_jax.evaluate import datasets, runner, video
-from test_evaluate_cli import export_tiny_model  # configs/tiny.py: resampler max_frames 4
+from flamingo_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
+from flamingo_jax.evaluate import cli, datasets, video
+from flamingo_jax.evaluate.config import compose, eval_config
+from flamingo_jax.evaluate.inputs import load_task_data
+from eval_files import (VIDEO_CAPTIONS, VIDEO_FPS, VIDEO_FRAMES, VIDEO_QA, export_tiny_model,
+                        make_msrvtt_qa, make_msvd_qa, make_vatex, write_frames, write_video)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(REPO, "configs", "eval")
-QA = [("what is the man doing", "cooking"), ("who is riding a bike", "woman"),
-      ("what is the dog chasing", "ball"), ("how many cats are there", "two"),
-      ("what colour is the car", "red"), ("what is the girl eating", "apple")]
-CAPTIONS = ["a man is slicing a tomato", "a woman rides a bike down a hill",
-            "a dog runs after a ball", "two cats sleep on a sofa",
-            "a red car drives along a road", "a girl eats an apple in a park"]
-# Frames: 4 new frames per second at 8 FPS for 2.5 s; frame k is a flat grey of 10 * k.
-VIDEO_FPS, VIDEO_FRAMES = 8, 20
 CLIP = ["--config.eval.tasks.{}.num_frames=6", "--config.eval.tasks.{}.fps=2"]
 GREEDY = ["--config.eval.decode_method=greedy", "--config.eval.batch_size=2",
           "--config.eval.prompt_buckets=(128,)", "--no_progress"]
-
-
-def write_video(path, seed, codec, size=(24, 40), frames=VIDEO_FRAMES, fps=VIDEO_FPS):
-  """A real video file: frame k is grey level 10 * k plus a seeded pattern in one corner."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rng = np.random.default_rng(seed)
-  corner = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-  with av.open(path, "w") as container:
-    stream = container.add_stream(codec, rate=fps)
-    stream.height, stream.width = size
-    stream.pix_fmt = "yuv420p"
-    for k in range(frames):
-      img = np.full(size + (3,), 10 * k, np.uint8)
-      img[:8, :8] = corner
-      for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-
-
-def write_frames(folder, seed, size=(24, 40), frames=VIDEO_FRAMES):
-  """The same clip as extracted frames (one JPEG per frame, at VIDEO_FPS)."""
-  os.makedirs(folder, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  corner = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-  for k in range(frames):
-    img = np.full(size + (3,), 10 * k, np.uint8)
-    img[:8, :8] = corner
-    Image.fromarray(img).save(os.path.join(folder, f"{k + 1:05d}.jpg"), quality=95)
-
-
-def _json(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(data, f)
-
-
-def make_msvd_qa(root):
-  """{train,val,test}_qa.json, youtube_mapping.txt and YouTubeClips/<clip>.avi."""
-  clips = [f"clip{i}_{5 * i}_{5 * i + 10}" for i in range(6)]
-  with open(os.path.join(_mkdir(root), "youtube_mapping.txt"), "w") as f:
-    f.write("".join(f"{c} vid{i + 1}\n" for i, c in enumerate(clips)))
-  for split, ids in (("train", range(4)), ("val", range(4, 5)), ("test", range(4, 6))):
-    _json(os.path.join(root, f"{split}_qa.json"),
-          [{"answer": QA[i][1], "id": 100 + i, "question": QA[i][0] + "?",
-            "video_id": i + 1} for i in ids])
-  for i, c in enumerate(clips):
-    write_video(os.path.join(root, "YouTubeClips", c + ".avi"), i, "mpeg4")
-
-
-def make_msrvtt_qa(root):
-  """{train,val,test}_qa.json; TrainValVideo/video<N>.mp4 and TestVideo/video<N>.mp4."""
-  vids = [0, 1, 2, 3, 7010, 7011]
-  for split, ids in (("train", range(4)), ("val", range(3, 4)), ("test", range(4, 6))):
-    _json(os.path.join(root, f"{split}_qa.json"),
-          [{"answer": QA[i][1], "category_id": i % 3, "id": 10 * i, "question": QA[i][0],
-            "video_id": vids[i]} for i in ids])
-  for i, v in enumerate(vids):
-    folder = "TestVideo" if v >= 7010 else "TrainValVideo"
-    write_video(os.path.join(root, folder, f"video{v}.mp4"), 10 + i, "h264")
-
-
-def make_vatex(root):
-  """vatex_{training,validation}_v1.0.json and videos/<videoID>.mp4 (one as frames)."""
-  ids = [f"Yt{i:09d}_{10 * i:06d}_{10 * i + 10:06d}" for i in range(6)]
-  for split, idx in (("training", range(4)), ("validation", range(4, 6))):
-    _json(os.path.join(root, f"vatex_{split}_v1.0.json"),
-          [{"videoID": ids[i], "enCap": [CAPTIONS[i], CAPTIONS[(i + 1) % 6]],
-            "chCap": ["一个人"] * 2} for i in idx])
-  for i, v in enumerate(ids):
-    if i == 5:  # a folder of extracted frames stands for the video
-      write_frames(os.path.join(root, "videos", v), 20 + i)
-    else:
-      write_video(os.path.join(root, "videos", v + ".mp4"), 20 + i, "h264")
-
-
-def _mkdir(path):
-  os.makedirs(path, exist_ok=True)
-  return path
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +32,7 @@ def world(tmp_path_factory):
   make_msvd_qa(str(data / "msvd_qa"))
   make_msrvtt_qa(str(data / "msrvtt_qa"))
   make_vatex(str(data / "vatex"))
-  directory, config = export_tiny_model(root, CAPTIONS, QA, seed=3)
+  directory, config = export_tiny_model(root, VIDEO_CAPTIONS, VIDEO_QA, seed=3)
   return dict(root=root, data=data, model=directory, config=config)
 
 
@@ -128,7 +45,7 @@ def _clip(*tasks):
 
 
 def _run(world, out, *args):
-  return runner.main(["--checkpoint", world["model"], "--out", str(out), *args])
+  return cli.main(["--checkpoint", world["model"], "--out", str(out), *args])
 
 
 def test_clips_are_sampled_at_fps_from_files_and_frame_folders(tmp_path):
@@ -145,8 +62,8 @@ def test_clips_are_sampled_at_fps_from_files_and_frame_folders(tmp_path):
   write_frames(str(tmp_path / "frames"), 0)
   folder = video.read_frames(str(tmp_path / "frames"), 7, 3.0, frames_fps=VIDEO_FPS)
   assert [int(round(float(f[8:, 8:].mean()) / 10)) for f in folder] == want
-  clip = video.load_clip(str(tmp_path / "a.mp4"), 32, 4, 1.0, 0.0, runner.IMAGENET_MEAN,
-                         runner.IMAGENET_STD)
+  clip = video.load_clip(str(tmp_path / "a.mp4"), 32, 4, 1.0, 0.0, IMAGENET_MEAN,
+                         IMAGENET_STD)
   assert clip.shape == (4, 32, 32, 3) and clip.dtype == np.float32
   assert not np.allclose(clip[0], clip[1])  # the frames really differ along T
   (tmp_path / "bad.mp4").write_bytes(b"\x00\x01 not a video")
@@ -171,7 +88,7 @@ def test_readers_in_the_released_layouts(tmp_path):
   root = str(tmp_path / "vatex" / "videos")
   exs = datasets.read_vatex(str(tmp_path / "vatex" / "vatex_validation_v1.0.json"), root)
   assert exs[0].image_path.endswith("_000040_000050.mp4") and exs[0].captions == (
-      CAPTIONS[4], CAPTIONS[5])
+      VIDEO_CAPTIONS[4], VIDEO_CAPTIONS[5])
   assert os.path.isdir(exs[1].image_path)  # only extracted frames exist for it
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps([{"id": 1, "question": "q", "video_id": 3}]))
@@ -188,26 +105,26 @@ def test_readers_in_the_released_layouts(tmp_path):
 def test_video_configs_follow_the_protocol(world):
   """The paper's inference clips (30 frames at 3 FPS), shots, beam 3, token limits;
   every file of the released layouts is where the configs look."""
-  cfg, order = runner.compose({}, eval_files=[_eval(n, world) for n in (
-      "msvd_qa", "msrvtt_qa", "vatex")])
-  ec = runner.eval_config(cfg)
+  cfg, order = compose(eval_files=[_eval(n, world) for n in ("msvd_qa", "msrvtt_qa",
+                                                             "vatex")])
+  ec = eval_config(cfg)
   assert order == ["msvd_qa", "msrvtt_qa", "vatex"]
   assert (ec.decode_method, ec.num_beams) == ("beam", 3)
   for name, t in ec.tasks.items():
     assert (t.num_frames, t.fps, t.shots, t.num_trials) == (30, 3.0, (0, 4, 32), 1)
     assert t.max_new_tokens == (20 if name == "vatex" else 5)
     assert t.kind == ("captioning" if name == "vatex" else "video_qa")
-    train, test, _ = runner.load_task_data(t)
+    train, test, _ = load_task_data(t)
     assert len(train) == 4 and len(test) == 2
     assert all(os.path.exists(ex.image_path) for ex in train + test)
   with pytest.raises(ValueError, match="'eval.tasks.v.num_frames' must be >= 1"):
-    runner.eval_config({"tasks": {"v": {"kind": "captioning", "format": "vatex",
-                                        "train": "a", "test": "b"}}})
+    eval_config({"tasks": {"v": {"kind": "captioning", "format": "vatex",
+                                 "train": "a", "test": "b"}}})
   with pytest.raises(ValueError, match="'eval.tasks.c.num_frames' is for the video formats"):
-    runner.eval_config({"tasks": {"c": {"kind": "captioning", "train": "a", "num_frames": 8}}})
+    eval_config({"tasks": {"c": {"kind": "captioning", "train": "a", "num_frames": 8}}})
   with pytest.raises(ValueError, match="'eval.tasks.m.video_mapping' is empty"):
-    runner.eval_config({"tasks": {"m": {"kind": "video_qa", "format": "msvd_qa", "train": "a",
-                                        "test": "b", "num_frames": 8, "fps": 1.0}}})
+    eval_config({"tasks": {"m": {"kind": "video_qa", "format": "msvd_qa", "train": "a",
+                                 "test": "b", "num_frames": 8, "fps": 1.0}}})
 
 
 @pytest.mark.slow
@@ -233,7 +150,7 @@ def test_video_benchmarks_end_to_end(world, tmp_path):
   msvd = json.loads((out / "predictions" / "msvd_qa_1shot.json").read_text())
   assert [(r["id"], r["answers"]) for r in msvd] == [(104, ["red"]), (105, ["apple"])]
   vatex = json.loads((out / "predictions" / "vatex_1shot.json").read_text())
-  assert vatex[1]["references"] == [CAPTIONS[5], CAPTIONS[0]]
+  assert vatex[1]["references"] == [VIDEO_CAPTIONS[5], VIDEO_CAPTIONS[0]]
   assert "| msvd_qa | top-1 |" in (out / "results.md").read_text()
   # One cached feature file per clip of each benchmark used, each [T = 6, S, C].
   clips = 0
@@ -259,9 +176,9 @@ def test_unreadable_video_is_one_error_line(world, tmp_path, capsys):
   root = tmp_path / "msrvtt_qa"
   make_msrvtt_qa(str(root))
   (root / "TestVideo" / "video7011.mp4").write_bytes(b"truncated download")
-  status = run_cli(runner.main, ["--checkpoint", world["model"], "--eval",
-                                 f"{EVAL}/msrvtt_qa.py:{root}", "--shots", "0",
-                                 *_clip("msrvtt_qa"), *GREEDY, "--out", str(tmp_path / "out")])
+  status = run_cli(cli.main, ["--checkpoint", world["model"], "--eval",
+                              f"{EVAL}/msrvtt_qa.py:{root}", "--shots", "0",
+                              *_clip("msrvtt_qa"), *GREEDY, "--out", str(tmp_path / "out")])
   assert status == 2
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert last.startswith("error: video ") and "video7011.mp4" in last, last

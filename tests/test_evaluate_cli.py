@@ -8,18 +8,17 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from flamingo_jax import model_dir
-from flamingo_jax.evaluate import runner
+from flamingo_jax.evaluate import cli
+from flamingo_jax.evaluate.config import (EvalConfig, EvalTaskConfig, compose, eval_config,
+                                          protocol, validate_task)
+from flamingo_jax.evaluate.inputs import load_task_data
+from eval_files import (CAPTIONS, QUESTIONS, make_coco, make_hateful_memes, make_imagenet,
+                        make_textvqa, make_vizwiz, make_vqa)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(REPO, "configs", "eval")
-CAPTIONS = ["a red square on a blue field", "two green circles", "a small yellow triangle",
-            "a big red circle", "three blue squares", "a green square and a red circle"]
-QUESTIONS = [("what colour is the square", "red"), ("how many circles are there", "two"),
-             ("what shape is yellow", "triangle"), ("is the circle big", "yes"),
-             ("what colour are the squares", "blue"), ("how many shapes", "2")]
 GREEDY = ["--config.eval.decode_method=greedy", "--config.eval.batch_size=2",
           "--config.eval.prompt_buckets=(128,)", "--no_progress"]
 
@@ -29,126 +28,9 @@ def _short(*tasks):
   return [f"--config.eval.tasks.{t}.max_new_tokens=5" for t in tasks]
 
 
-def _png(path, seed, size=(24, 40)):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rng = np.random.default_rng(seed)
-  Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(path, format="PNG")
-
-
-def _json(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(data, f)
-
-
-def make_coco(root):
-  """dataset_coco.json (Karpathy) + train2014/ and val2014/ COCO-named images."""
-  split = ["train", "restval", "train", "val", "test", "test"]
-  images = []
-  for i in range(6):
-    folder = "val2014" if split[i] in ("val", "test", "restval") else "train2014"
-    name = f"COCO_{folder}_{i + 1:012d}.jpg"
-    _png(os.path.join(root, folder, name), i, (24 + 4 * i, 40))
-    images.append({"filepath": folder, "filename": name, "cocoid": i + 1, "imgid": i,
-                   "split": split[i], "sentids": [2 * i, 2 * i + 1],
-                   "sentences": [{"raw": CAPTIONS[i], "tokens": CAPTIONS[i].split(),
-                                  "imgid": i, "sentid": 2 * i},
-                                 {"raw": CAPTIONS[(i + 1) % 6], "imgid": i,
-                                  "tokens": CAPTIONS[(i + 1) % 6].split(),
-                                  "sentid": 2 * i + 1}]})
-  _json(os.path.join(root, "dataset_coco.json"), {"images": images, "dataset": "coco"})
-
-
-def make_vqa(root, questions_name, annotations_name, subtypes=("train2014", "val2014")):
-  """The VQAv2 (and OK-VQA) pair per split, COCO-named images under train2014/, val2014/."""
-  for subtype, ids in zip(subtypes, (range(4), range(4, 6))):
-    qs = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
-          "data_subtype": subtype, "license": {},
-          "questions": [{"question_id": 100 + i, "image_id": i + 1,
-                         "question": QUESTIONS[i][0] + "?"} for i in ids]}
-    anns = {"info": {}, "data_subtype": subtype, "annotations": [
-        {"question_id": 100 + i, "image_id": i + 1, "question_type": "what",
-         "answer_type": "other", "multiple_choice_answer": QUESTIONS[i][1],
-         "answers": [{"answer": QUESTIONS[i][1], "answer_confidence": "yes",
-                      "answer_id": j + 1} for j in range(10)]} for i in ids]}
-    _json(os.path.join(root, questions_name.format(subtype)), qs)
-    _json(os.path.join(root, annotations_name.format(subtype)), anns)
-    for i in ids:
-      _png(os.path.join(root, subtype, f"COCO_{subtype}_{i + 1:012d}.jpg"), i)
-
-
-def make_textvqa(root):
-  for split, ids in (("train", range(4)), ("val", range(4, 6))):
-    _json(os.path.join(root, f"TextVQA_0.5.1_{split}.json"), {
-        "dataset_type": split, "dataset_name": "textvqa", "dataset_version": "0.5.1",
-        "data": [{"question": QUESTIONS[i][0], "image_id": f"{i:016x}",
-                  "image_classes": ["Sign"], "flickr_original_url": "", "flickr_300k_url": "",
-                  "image_width": 40, "image_height": 24, "answers": [QUESTIONS[i][1]] * 10,
-                  "question_tokens": QUESTIONS[i][0].split(), "question_id": 30000 + i,
-                  "set_name": split} for i in ids]})
-    for i in ids:
-      _png(os.path.join(root, "train_images", f"{i:016x}.jpg"), i)
-
-
-def make_vizwiz(root):
-  for split, ids in (("train", range(4)), ("val", range(4, 6))):
-    entries = []
-    for i in ids:
-      name = f"VizWiz_{split}_{i:08d}.jpg"
-      _png(os.path.join(root, split, name), i)
-      entries.append({"image": name, "question": QUESTIONS[i][0], "answerable": 1,
-                      "answer_type": "other",
-                      "answers": [{"answer": QUESTIONS[i][1], "answer_confidence": "yes"}] * 10})
-    _json(os.path.join(root, "Annotations", f"{split}.json"), entries)
-
-
-def make_hateful_memes(root):
-  for split, ids in (("train", range(4)), ("test_seen", range(4, 8))):
-    with _open_new(os.path.join(root, f"{split}.jsonl")) as f:
-      for i in ids:
-        f.write(json.dumps({"id": 42950 + i, "img": f"img/{42950 + i}.png", "label": i % 2,
-                            "text": CAPTIONS[i % 6]}) + "\n")
-        _png(os.path.join(root, "img", f"{42950 + i}.png"), i)
-
-
-def _open_new(path):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  return open(path, "w")
-
-
-def make_imagenet(root):
-  wnids = ["n01440764", "n01443537", "n01484850"]
-  for split, per in (("train", 2), ("val", 1)):
-    for c, wnid in enumerate(wnids):
-      for k in range(per):
-        _png(os.path.join(root, split, wnid, f"ILSVRC2012_{split}_{c}{k}.JPEG"), 10 * c + k)
-  with open(os.path.join(root, "classnames.txt"), "w") as f:
-    f.write("tench\ngoldfish\ngreat white shark\n")
-
-
-def export_tiny_model(root, captions, questions, seed):
-  """configs/tiny.py with random weights and a BPE tokenizer trained on the prompts'
-  words, exported as a model directory -> (directory, config)."""
-  from flamingo_jax.config import load_config
-  from flamingo_jax.models.config import model_config
-  from flamingo_jax.data.train_tokenizer import train_tokenizer
-  corpus = root / "corpus.txt"
-  corpus.write_text("\n".join([f"Output: {c}" for c in captions] +
-                              [f"Question: {q} Answer: {a}" for q, a in questions]) * 3)
-  tok = train_tokenizer([str(corpus)], 96, str(root / "tokenizer"), model_type="bpe")
-  tiny = load_config(os.path.join(REPO, "configs", "tiny.py"))
-  tiny.model.image_token_id = tok.info.image_token_id
-  tiny.model.eoc_token_id = tok.info.eoc_token_id
-  config = model_config(tiny)
-  directory = model_dir.export_model_dir(str(root / "model"), config,
-                                         runner.init_params(config, seed=seed),
-                                         str(root / "tokenizer" / "tokenizer.model"))
-  return directory, config
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """Every benchmark's files in its released layout, and an exported tiny model."""
+def world(tmp_path_factory, tiny_model_dir):
+  """Every benchmark's files in its released layout, and the exported tiny model."""
   root = tmp_path_factory.mktemp("eval")
   data = root / "data"
   make_coco(str(data / "coco"))
@@ -160,7 +42,7 @@ def world(tmp_path_factory):
   make_vizwiz(str(data / "vizwiz"))
   make_hateful_memes(str(data / "hateful_memes"))
   make_imagenet(str(data / "imagenet"))
-  directory, config = export_tiny_model(root, CAPTIONS, QUESTIONS, seed=1)
+  directory, config = tiny_model_dir
   return dict(root=root, data=data, model=directory, config=config)
 
 
@@ -169,7 +51,7 @@ def _eval(name, world):
 
 
 def _run(world, out, *args):
-  return runner.main(["--checkpoint", world["model"], "--out", str(out), *args])
+  return cli.main(["--checkpoint", world["model"], "--out", str(out), *args])
 
 
 def test_every_benchmark_in_one_command(world, tmp_path):
@@ -211,10 +93,10 @@ def test_every_benchmark_in_one_command(world, tmp_path):
 def test_benchmark_configs_follow_the_protocol(world):
   """Each configs/eval file: the paper's shots, beam 3, OpenFlamingo's token limits and
   answer post-processing, every path under the one data root."""
-  cfg, order = runner.compose({}, eval_files=[_eval(n, world) for n in (
+  cfg, order = compose(eval_files=[_eval(n, world) for n in (
       "coco", "flickr30", "vqav2", "ok_vqa", "textvqa", "vizwiz", "hateful_memes",
       "imagenet")])
-  ec = runner.eval_config(cfg)
+  ec = eval_config(cfg)
   assert order == ["coco", "flickr30", "vqav2", "ok_vqa", "textvqa", "vizwiz",
                    "hateful_memes", "imagenet"]
   assert (ec.decode_method, ec.num_beams, ec.length_penalty) == ("beam", 3, 0.0)
@@ -228,7 +110,7 @@ def test_benchmark_configs_follow_the_protocol(world):
   assert ec.tasks["vqav2"].answer_postprocess == "vqa"
   # Every file of the released layouts is where the configs look (flickr30: not made here).
   for name in limits.keys() - {"flickr30"} | {"hateful_memes", "imagenet"}:
-    train, test, _ = runner.load_task_data(ec.tasks[name])
+    train, test, _ = load_task_data(ec.tasks[name])
     assert train and test and all(os.path.exists(ex.image_path) for ex in train + test)
 
 
@@ -307,8 +189,9 @@ def test_mesh_gives_the_one_device_predictions(world, tmp_path):
   assert len(a) == 2
   # The sharded restore really lays the params out over the mesh.
   from flamingo_jax.runtime import sharding
-  mesh = sharding.make_mesh(sharding.mesh_config({"data": 4, "tensor": 2}))
-  params = model_dir.load_params(world["model"], world["config"], mesh, {"data": 4, "tensor": 2})
+  mesh_cfg = sharding.mesh_config({"data": 4, "tensor": 2})
+  params = model_dir.load(world["model"], mesh=sharding.make_mesh(mesh_cfg),
+                          mesh_cfg=mesh_cfg).params
   specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)}
   assert any("tensor" in s for s in specs)
 
@@ -337,22 +220,20 @@ def test_user_errors_are_one_line(world, tmp_path):
 
 def test_bad_configs(world):
   with pytest.raises(ValueError, match="eval.tasks.x.kind"):
-    runner.eval_config({"tasks": {"x": {"kind": "retrieval", "train": "a"}}})
+    eval_config({"tasks": {"x": {"kind": "retrieval", "train": "a"}}})
   with pytest.raises(ValueError, match="unknown config key 'eval.batchsize'"):
-    runner.eval_config({"batchsize": 3})
+    eval_config({"batchsize": 3})
   with pytest.raises(ValueError, match="no 'eval' section: pass one or more --eval"):
     from flamingo_jax.config import load_config
-    runner.eval_config(load_config(os.path.join(REPO, "configs", "tiny.py")))
+    eval_config(load_config(os.path.join(REPO, "configs", "tiny.py")))
   with pytest.raises(ValueError, match="answer_postprocess"):
-    runner.eval_config({"tasks": {"v": {"kind": "vqa", "format": "textvqa", "train": "a",
-                                        "test": "b", "answer_postprocess": "lemmas"}}})
+    eval_config({"tasks": {"v": {"kind": "vqa", "format": "textvqa", "train": "a",
+                                 "test": "b", "answer_postprocess": "lemmas"}}})
   with pytest.raises(ValueError, match="3 trials but only 2 trial seeds"):
-    runner.protocol(runner.EvalConfig(), runner.EvalTaskConfig(), num_trials=3,
-                    trial_seeds=(1, 2))
+    protocol(EvalConfig(), EvalTaskConfig(), num_trials=3, trial_seeds=(1, 2))
   # Paths resolve under data_root; absolute ones stay.
-  t = runner.validate_task(runner.EvalTaskConfig(kind="vqa", format="textvqa", data_root="/d",
-                                                 train="a.json", test="/abs/b.json",
-                                                 image_root="imgs"), "t")
+  t = validate_task(EvalTaskConfig(kind="vqa", format="textvqa", data_root="/d",
+                                   train="a.json", test="/abs/b.json", image_root="imgs"), "t")
   assert (t.train, t.test, t.train_image_root) == ("/d/a.json", "/abs/b.json", "/d/imgs")
 
 
@@ -365,8 +246,8 @@ def test_demo_style_config_with_eval_section(world, tmp_path):
                                 "image_root": ".", "max_new_tokens": 5}}}
   cfg.write_text("import ml_collections\n\n\ndef get_config():\n"
                  f"  return ml_collections.ConfigDict({{'eval': {section!r}}})\n")
-  report = runner.main(["--config", str(cfg), "--checkpoint", world["model"], "--shots", "0",
-                        "--out", str(tmp_path / "out"), "--no_progress"])
+  report = cli.main(["--config", str(cfg), "--checkpoint", world["model"], "--shots", "0",
+                     "--out", str(tmp_path / "out"), "--no_progress"])
   assert report["tasks"] == ["caps"] and report["results"]["caps"]["num_examples"] == 2
 
 

@@ -22,7 +22,8 @@ from flamingo_jax import model_dir
 from flamingo_jax.models.config import model_config
 from flamingo_jax.config import load_config
 from flamingo_jax.data.train_tokenizer import train_tokenizer
-from flamingo_jax.evaluate import decode, runner
+from flamingo_jax.evaluate import decode
+from flamingo_jax.evaluate.inputs import load_image
 from flamingo_jax.models.flamingo import Flamingo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def _random_params(config, seed):
         x.shape[0] ** -0.5 if len(x.shape) > 1 else 0.1)
     return (std * rng.normal(size=x.shape)).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(leaf, runner.init_params(config, abstract=True))
+  return jax.tree_util.tree_map_with_path(leaf, model_dir.init_params(config, abstract=True))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def world(tmp_path_factory):
                                          _random_params(config, 3),
                                          str(root / "tok" / "tokenizer.model"))
   # The references use the params as the CLI loads them (and share its compilations).
-  params = model_dir.load_params(directory, config)
+  params = model_dir.load(directory).params
   images = {"a": _write_png(root / "a.png", 0, (40, 28)),
             "b": _write_png(root / "b.png", 1, (32, 32))}
   (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -96,7 +97,7 @@ def _direct_fn(config, options):
 def _direct(w, ids, image_names):
   """decode.generate on unpadded ids [1, P] and images [1, N, 1, H, W, 3]; stop token cut."""
   size = w["config"].vision.image_size
-  images = np.stack([runner.load_image(w["images"][n], size) for n in image_names])[None]
+  images = np.stack([load_image(w["images"][n], size) for n in image_names])[None]
   options = _greedy_options(w["tok"])
   out = _direct_fn(w["config"], options)(w["params"], jnp.asarray([ids], jnp.int32), None,
                                          jnp.asarray(images))
@@ -159,7 +160,7 @@ def test_two_images_interleaved(world, capsys):
   _, _, images = gen.build_inputs(prompt, [w["images"]["a"], w["images"]["b"]], w["config"],
                                   w["tok"])
   assert images.shape == (2, 1, 32, 32, 3)
-  np.testing.assert_array_equal(images[1, 0], runner.load_image(w["images"]["b"], 32)[0])
+  np.testing.assert_array_equal(images[1, 0], load_image(w["images"]["b"], 32)[0])
 
 
 def test_tokenizer_override_and_top_k_1_sampling(world, tmp_path):
@@ -189,7 +190,7 @@ def _next_logits(w, params, ids, image_names, length):
   slots after `ids` do not matter), `<image>` banned as in decoding."""
   config = w["config"]
   size = config.vision.image_size
-  images = np.stack([runner.load_image(w["images"][n], size) for n in image_names])[None]
+  images = np.stack([load_image(w["images"][n], size) for n in image_names])[None]
   buf = np.zeros((1, length), np.int32)
   buf[0, :len(ids)] = ids
   logits = np.array(_forward_fn(config)(params, buf, images))[0, len(ids) - 1]

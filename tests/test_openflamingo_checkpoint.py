@@ -331,8 +331,8 @@ def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_facto
   from flamingo_jax.convert.__main__ import main
   from flamingo_jax.convert.openflamingo import openflamingo_tokenizer
   from flamingo_jax.evaluate.prompts import build_prompt, get_template
-  from flamingo_jax.evaluate.runner import encode_prompt
-  from flamingo_jax.model_dir import load_model_dir, load_tokenizer
+  from flamingo_jax.evaluate.inputs import encode_prompt
+  from flamingo_jax.model_dir import load, load_tokenizer
   raw = _bpe(bos)
   base_tok = transformers.PreTrainedTokenizerFast(
       tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
@@ -353,7 +353,7 @@ def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_facto
   assert main(["openflamingo", "--checkpoint", m["ckpt"], "--lm", m["lm"], "--vision", VISION,
                "--cross_attn_every_n_layers", "2", "--tokenizer",
                str(tmp_path / "openflamingo_tokenizer"), "--out", str(out)]) == 0
-  converted = load_model_dir(str(out))
+  converted = load(str(out))
   from_base, _ = openflamingo_tokenizer(str(tmp_path / "base_tokenizer"))
   # OpenFlamingo's own tokenizer.json passed to the loader (generate / evaluate --tokenizer)
   as_given = load_tokenizer(str(out), converted.config,

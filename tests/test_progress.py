@@ -62,13 +62,13 @@ def test_demo_lm_stage_off_a_terminal_prints_few_lines(tmp_path, capsys):
 
 @pytest.mark.slow  # ~30 s here: tokenizer, tiny model, one compiled decoder
 def test_evaluation_lines_carry_the_label(tmp_path, capsys, caplog):
-  from test_evaluate_cli import CAPTIONS, EVAL, make_coco
-
-  from flamingo_jax.config import load_config, to_config_dict
+  from flamingo_jax.config import load_config
   from flamingo_jax.models.config import model_config
   from flamingo_jax.data.train_tokenizer import train_tokenizer
   from flamingo_jax.apps.demo.stages import EVAL_LABELS
-  from flamingo_jax.evaluate import runner
+  from flamingo_jax.evaluate.config import compose, eval_config
+  from flamingo_jax.evaluate.run import evaluate
+  from flamingo_jax.model_dir import init_params
   make_coco(str(tmp_path / "coco"))
   (tmp_path / "corpus.txt").write_text("\n".join(f"Output: {c}" for c in CAPTIONS * 3))
   tok = train_tokenizer([str(tmp_path / "corpus.txt")], 96, str(tmp_path / "tok"),
@@ -77,15 +77,13 @@ def test_evaluation_lines_carry_the_label(tmp_path, capsys, caplog):
   tiny.model.image_token_id = tok.info.image_token_id
   tiny.model.eoc_token_id = tok.info.eoc_token_id
   config = model_config(tiny)
-  cfg, tasks = runner.compose(to_config_dict(config).to_dict(),
-                              eval_files=[f"{EVAL}/coco.py:{tmp_path / 'coco'}"],
-                              overrides=["eval.decode_method='greedy'", "eval.batch_size=2",
-                                         "eval.tasks.coco.max_new_tokens=3"])
+  cfg, tasks = compose(eval_files=[f"{EVAL}/coco.py:{tmp_path / 'coco'}"],
+                       overrides=["eval.decode_method='greedy'", "eval.batch_size=2",
+                                  "eval.tasks.coco.max_new_tokens=3"])
   label = EVAL_LABELS["gates_zero"]
-  with caplog.at_level(logging.INFO, logger="flamingo_jax.evaluate.runner"):
-    runner.evaluate(model_config(cfg), runner.eval_config(cfg),
-                    runner.init_params(config, seed=1), tok, tasks=tasks, shots=[0],
-                    num_samples=2, label=label)
+  with caplog.at_level(logging.INFO, logger="flamingo_jax.evaluate.run"):
+    evaluate(config, eval_config(cfg), init_params(config, seed=1), tok, tasks=tasks,
+             shots=[0], num_samples=2, label=label)
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert err and all(line.startswith(label + "coco 0-shot: ") for line in err), err
   scores = [r.getMessage() for r in caplog.records if "0-shot trial" in r.getMessage()]

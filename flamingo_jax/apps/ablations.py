@@ -295,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                       stream=sys.stderr)
   for name in ("flamingo_jax.trainers.flamingo.train", "flamingo_jax.trainers.contrastive.train", "flamingo_jax.trainers.lm.train",
-               "flamingo_jax.evaluate.runner", "absl", "orbax"):
+               "flamingo_jax.evaluate.run", "absl", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   scale = demo.SCALES[a.scale]
   available = {os.path.splitext(os.path.basename(p))[0]: p for p in ablation_paths()}

@@ -6,11 +6,12 @@
 
 DIR is a model directory (flamingo_jax/model_dir.py): DIR/params (orbax
 checkpoint of the whole unboxed Flamingo param tree), DIR/model_config.json
-(the config's `model` section) and DIR/tokenizer.model (sentencepiece). The converters write the first two
-(`flamingo_jax/convert`); `export_model_dir` writes all three from params in
-memory (the demo, a finished training run).
+(the config's `model` section) and DIR/tokenizer.model (sentencepiece). The
+converters write the first two (`flamingo_jax/convert`); `export_model_dir`
+writes all three from params in memory (the demo, a finished training run);
+`model_dir.load` reads them, the params straight into their shardings.
 
-The prompt is tokenized as the evaluation does (`evaluate.runner.encode_prompt`:
+The prompt is tokenized as the evaluation does (`evaluate.inputs.encode_prompt`:
 BOS, text pieces, `<image>` / `<EOC>` markers as their ids) and decoded with
 `evaluate.decode` (KV cache, cross-attention keys/values once per prompt).
 The completion goes to stdout; logs go to stderr.
@@ -26,24 +27,21 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from flamingo_jax import model_dir
-from flamingo_jax.models.config import FlamingoConfig
+from flamingo_jax.config import apply_overrides
+from flamingo_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from flamingo_jax.data.tokenizer import Tokenizer
 from flamingo_jax.errors import ArgumentParser, run_cli
-from flamingo_jax.evaluate import decode, prompts, runner
+from flamingo_jax.evaluate import decode, prompts
+from flamingo_jax.evaluate.inputs import encode_prompt, load_image
+from flamingo_jax.models.config import FlamingoConfig
 
 log = logging.getLogger("flamingo_jax.apps.generate")  # not "__main__" under -m
 
 IMAGE_MARKER = prompts.IMAGE_MARKER
-
-
-# ------------------------------------------------------------------------------ model dir
-# The model directory lives in flamingo_jax.model_dir; these names stay importable here.
-
-Model = model_dir.Model
-load_model_dir = model_dir.load_model_dir
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -63,12 +61,12 @@ def place_images(prompt: str, num_images: int) -> str:
 
 
 def build_inputs(prompt: str, image_paths: Sequence[str], config: FlamingoConfig,
-                 tokenizer: Tokenizer, image_mean: Sequence[float] = runner.IMAGENET_MEAN,
-                 image_std: Sequence[float] = runner.IMAGENET_STD
+                 tokenizer: Tokenizer, image_mean: Sequence[float] = IMAGENET_MEAN,
+                 image_std: Sequence[float] = IMAGENET_STD
                  ) -> tuple[str, list[int], Optional[np.ndarray]]:
   """-> (prompt with its markers, prompt ids, images [N, 1, H, W, 3] float32 or None).
 
-  Images are preprocessed as in evaluation (`runner.load_image`: longer side
+  Images are preprocessed as in evaluation (`inputs.load_image`: longer side
   to the model's size, mean padding, (x - mean) / std in 0..255 units).
   """
   text = place_images(prompt, len(image_paths))
@@ -78,9 +76,9 @@ def build_inputs(prompt: str, image_paths: Sequence[str], config: FlamingoConfig
       raise ValueError("the model has no vision encoder (model.vision.name is 'none'), so "
                        "it cannot read image files")
     size = config.vision.image_size
-    images = np.stack([runner.load_image(p, size, tuple(image_mean), tuple(image_std))
+    images = np.stack([load_image(p, size, tuple(image_mean), tuple(image_std))
                        for p in image_paths])
-  return text, runner.encode_prompt(text, tokenizer), images
+  return text, encode_prompt(text, tokenizer), images
 
 
 def decode_options(tokenizer: Tokenizer, *, max_new_tokens: int = 20, num_beams: int = 1,
@@ -151,17 +149,17 @@ def complete(params, config: FlamingoConfig, ids: Sequence[int], images: Optiona
   return out
 
 
-def generate_text(model: Model, prompt: str, image_paths: Sequence[str] = (), *,
+def generate_text(model: model_dir.Model, prompt: str, image_paths: Sequence[str] = (), *,
                   options: Optional[decode.DecodeConfig] = None, stop_at_eoc: bool = True,
-                  seed: int = 0, image_mean: Sequence[float] = runner.IMAGENET_MEAN,
-                  image_std: Sequence[float] = runner.IMAGENET_STD) -> dict:
+                  seed: int = 0, image_mean: Sequence[float] = IMAGENET_MEAN,
+                  image_std: Sequence[float] = IMAGENET_STD) -> dict:
   """-> {"prompt": the prompt with its markers, "completion": text, "tokens": new ids}."""
   inputs = build_inputs(prompt, image_paths, model.config, model.tokenizer, image_mean,
                         image_std)
   return _run(model, inputs, options or decode_options(model.tokenizer), stop_at_eoc, seed)
 
 
-def _run(model: Model, inputs, options: decode.DecodeConfig, stop_at_eoc: bool,
+def _run(model: model_dir.Model, inputs, options: decode.DecodeConfig, stop_at_eoc: bool,
          seed: int, placement: Optional[decode.Placement] = None) -> dict:
   text, ids, images = inputs
   t0 = time.time()
@@ -188,9 +186,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 def mesh_section(argv: Sequence[str]) -> tuple[list[str], dict]:
   """argv without its `--mesh.AXIS=N` flags, and those as a `mesh` section."""
-  import ml_collections
-  from flamingo_jax.config import apply_overrides
-  rest, overrides = runner.mesh_args(argv)
+  rest, overrides = model_dir.mesh_flags(argv)
   cfg = apply_overrides(ml_collections.ConfigDict({"mesh": {}}), overrides, open_keys=("mesh",))
   return rest, cfg.mesh.to_dict()
 
@@ -227,13 +223,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  help="stop at the first <EOC> (the default)")
   p.add_argument("--no_stop_at_eoc", action="store_false", dest="stop_at_eoc",
                  help="keep each <EOC> and go on to EOS or --max_new_tokens")
-  p.add_argument("--image_mean", default=",".join(map(str, runner.IMAGENET_MEAN)),
+  p.add_argument("--image_mean", default=",".join(map(str, IMAGENET_MEAN)),
                  help="RGB mean in 0..255 units (the evaluation's default: ImageNet)")
-  p.add_argument("--image_std", default=",".join(map(str, runner.IMAGENET_STD)),
+  p.add_argument("--image_std", default=",".join(map(str, IMAGENET_STD)),
                  help="RGB std in 0..255 units")
   p.add_argument("--json", action="store_true",
                  help='print {"prompt": ..., "completion": ..., "tokens": [...]} instead')
-  argv, mesh = mesh_section(list(sys.argv[1:] if argv is None else argv))
+  argv, section = mesh_section(list(sys.argv[1:] if argv is None else argv))
   a = p.parse_args(argv)
   mean, std = _floats(a.image_mean, "image_mean"), _floats(a.image_std, "image_std")
   if min(std) <= 0:
@@ -246,10 +242,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
   options.validate(config)
   inputs = build_inputs(a.prompt, a.image, config, tokenizer, mean, std)
-  placement = runner.make_placement(mesh, config)
-  model = Model(config, model_dir.load_params(a.checkpoint, config, placement.mesh,
-                                              mesh or None), tokenizer)
-  result = _run(model, inputs, options, a.stop_at_eoc, a.seed, placement)
+  mesh, mesh_cfg = model_dir.device_mesh(section)
+  model = model_dir.load(a.checkpoint, mesh=mesh, mesh_cfg=mesh_cfg, tokenizer=tokenizer,
+                         config=config)
+  result = _run(model, inputs, options, a.stop_at_eoc, a.seed,
+                decode.Placement.of(model.params, mesh, mesh_cfg))
   print(json.dumps(result) if a.json else result["completion"], flush=True)
   return result
 

@@ -4,9 +4,11 @@ scoring and the evaluation run.
 The metrics, prompts, shot selection and readers are model-independent (NumPy
 and the standard library), so scores can be recomputed from saved predictions
 and tested against the reference implementations without a model. The
-model side (`decode`, `scoring`, `runner`, the CLI in `__main__`) imports JAX,
-so its names below load on first use. docs/evaluation.md describes the
-protocol, the file layouts, the metric definitions, decoding and the CLI.
+model side imports JAX, so its names below load on first use: `decode`,
+`scoring`, the eval schema (`config`), the inputs (`inputs`), the run and its
+reports (`run`) and the CLI (`cli`, run by `__main__`). docs/evaluation.md
+describes the protocol, the file layouts, the metric definitions, decoding and
+the CLI.
 """
 from flamingo_jax.evaluate.cider import (CiderScores, cider_d, coco_tokenize,
                                          ptb_tokenize)
@@ -33,9 +35,9 @@ _LAZY = {
     "generate": "decode", "filter_logits": "decode", "left_pad": "decode",
     "Scorer": "scoring", "option_logprobs": "scoring", "encode_prompts": "scoring",
     "continuation_logprobs": "scoring",
-    "EvalConfig": "runner", "EvalTaskConfig": "runner", "eval_config": "runner",
-    "evaluate": "runner", "load_image": "runner", "encode_prompt": "runner",
-    "results_markdown": "runner",
+    "EvalConfig": "config", "EvalTaskConfig": "config", "eval_config": "config",
+    "load_image": "inputs", "encode_prompt": "inputs",
+    "evaluate": "run", "results_markdown": "run",
 }
 
 

@@ -1,9 +1,9 @@
-"""`python -m flamingo_jax.evaluate`: see flamingo_jax/evaluate/runner.py."""
+"""`python -m flamingo_jax.evaluate`: see flamingo_jax/evaluate/cli.py."""
 import logging
 import sys
 
 from flamingo_jax.errors import run_cli
-from flamingo_jax.evaluate.runner import main
+from flamingo_jax.evaluate.cli import main
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -14,8 +14,10 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.evaluate.config import METRICS, EvalConfig
+from flamingo_jax.evaluate.inputs import prompt_fields
+from flamingo_jax.evaluate.run import Task, score_predictions, select_queries
 from flamingo_jax.models.config import FlamingoConfig
-from flamingo_jax.evaluate import runner
 from flamingo_jax.models.labels import component_of
 
 GATES = ("attn_gate", "ffw_gate")
@@ -37,17 +39,17 @@ def zero_gates(params: Mapping) -> dict:
   return out
 
 
-def chance(config: FlamingoConfig, ec: runner.EvalConfig, tasks: Sequence[str],
+def chance(config: FlamingoConfig, ec: EvalConfig, tasks: Sequence[str],
            num_samples: int = 0, seeds: int = 5) -> dict[str, dict[str, Any]]:
   """{task: {'metric', 'score', 'scores'}}: image-blind random predictions on the
-  examples `runner.evaluate` scores (same subset and seed)."""
+  examples `run.evaluate` scores (same subset and seed)."""
   out = {}
   for name in tasks:
     if name not in ec.tasks:
       raise ValueError(f"chance: unknown eval task {name!r}; the config's eval.tasks has "
                        f"{sorted(ec.tasks)}")
-    task = runner._Task(name, ec.tasks[name], ec, config)
-    queries = runner.select_queries(len(task.test), num_samples, ec.seed)
+    task = Task(name, ec.tasks[name], ec, config)
+    queries = select_queries(len(task.test), num_samples, ec.seed)
     kind = task.t.kind
     scores = []
     for seed in range(seeds):
@@ -58,15 +60,15 @@ def chance(config: FlamingoConfig, ec: runner.EvalConfig, tasks: Sequence[str],
         predictions = {int(q): task.support[i].captions[0] for q, i in zip(queries, picks)}
       elif kind == "vqa":
         picks = rng.integers(0, len(task.support), len(queries))
-        predictions = {int(q): runner._fields(task.support[i], task.t)["answer"]
+        predictions = {int(q): prompt_fields(task.support[i], task.t)["answer"]
                        for q, i in zip(queries, picks)}
       else:
         option_scores = rng.random((len(queries), len(task.classes)))
         predictions = {int(q): task.classes[int(np.argmax(r))]
                        for q, r in zip(queries, option_scores)}
-      score, _ = runner._score_run(task, predictions, option_scores, queries)
+      score, _ = score_predictions(task, predictions, option_scores, queries)
       scores.append(float(score))
-    out[name] = {"metric": runner.METRICS[kind], "score": float(np.mean(scores)),
+    out[name] = {"metric": METRICS[kind], "score": float(np.mean(scores)),
                  "scores": scores, "num_examples": int(len(queries))}
   return out
 

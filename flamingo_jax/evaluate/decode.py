@@ -534,6 +534,15 @@ class Placement:
       self.data_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
       self.replicated = NamedSharding(mesh, PartitionSpec())
 
+  @classmethod
+  def of(cls, params, mesh=None, mesh_cfg=None) -> "Placement":
+    """The placement of params already laid out on `mesh` (model_dir.load): their own
+    shardings under mesh_cfg's logical-axis rules (a MeshConfig); one device without
+    a mesh."""
+    if mesh is None:
+      return cls()
+    return cls(mesh, mesh_cfg.rules, jax.tree.map(lambda p: p.sharding, params))
+
   @property
   def batch_shards(self) -> int:
     if self.mesh is None:

@@ -22,10 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
-from flamingo_jax.models.config import FlamingoConfig
 from flamingo_jax.data import shapes
-from flamingo_jax.evaluate import datasets, prompts, runner
+from flamingo_jax.evaluate import prompts
+from flamingo_jax.evaluate.config import EvalConfig
+from flamingo_jax.evaluate.inputs import (continuation_ids, encode_prompt, load_image,
+                                          load_task_data)
+from flamingo_jax.evaluate.run import select_queries
 from flamingo_jax.evaluate.scoring import Scorer
+from flamingo_jax.models.config import FlamingoConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def words_prompt(episode: dict, zero_shot: bool) -> str:
                            .rstrip(" ")])
 
 
-def evaluate_names(config: FlamingoConfig, ec: runner.EvalConfig, params, tokenizer, *,
+def evaluate_names(config: FlamingoConfig, ec: EvalConfig, params, tokenizer, *,
                    classes_task: str, shots: Sequence[int], num_samples: int,
                    label: str = "", words: bool = False) -> dict:
   """{"metric", "chance", "shots": {n: top-1 %}}: the eval section's classification
@@ -89,27 +93,27 @@ def evaluate_names(config: FlamingoConfig, ec: runner.EvalConfig, params, tokeni
   words: the same episodes with every picture given in words (`words_prompt`) and no
   image, scored by the LM alone: the binding the frozen LM can do by itself.
   """
-  support, test, _ = runner.load_task_data(ec.tasks[classes_task])
-  queries = runner.select_queries(len(test), num_samples, ec.seed)
+  support, test, _ = load_task_data(ec.tasks[classes_task])
+  queries = select_queries(len(test), num_samples, ec.seed)
   info = tokenizer.info
   scorer = Scorer(config, batch_size=ec.batch_size, prompt_buckets=ec.prompt_buckets,
                   pad_token_id=info.pad_id)
   context = TEMPLATE.text[:-len("{name}")].rstrip(" ")
-  option_ids = [runner.continuation_ids(tokenizer, context, " " + name)
+  option_ids = [continuation_ids(tokenizer, context, " " + name)
                 for name in shapes.NAMES]
   size, mean, std = config.vision.image_size, tuple(ec.image_mean), tuple(ec.image_std)
   scores = {}
   for num_shots in shots:
     eps = episodes(support, test, queries, num_shots, ec.seed)
     if words:
-      ids = [runner.encode_prompt(words_prompt(e, num_shots == 0), tokenizer) for e in eps]
+      ids = [encode_prompt(words_prompt(e, num_shots == 0), tokenizer) for e in eps]
       images = None
     else:
       built = [prompts.build_prompt(
           TEMPLATE, [{"name": e["binding"][k], "image": path} for path, k in e["shots"]],
           {"image": e["query"]}, zero_shot=num_shots == 0) for e in eps]
-      ids = [runner.encode_prompt(p.text, tokenizer) for p in built]
-      images = [np.stack([runner.load_image(path, size, mean, std) for path in p.images])
+      ids = [encode_prompt(p.text, tokenizer) for p in built]
+      images = [np.stack([load_image(path, size, mean, std) for path in p.images])
                 for p in built]
     s = scorer(params, ids, option_ids, images)  # [Q, len(NAMES)]
     allowed = np.full(s.shape, -np.inf)

@@ -228,11 +228,12 @@ def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
   names, also the name-binding task (evaluate/names.py) under the key "names"."""
   from flamingo_jax.evaluate import baselines as baselines_lib
   from flamingo_jax.evaluate import names as names_lib
-  from flamingo_jax.evaluate import runner
-  from flamingo_jax.apps.generate import load_model_dir
-  model = load_model_dir(model_dir or paths["model"])
+  from flamingo_jax import model_dir as model_dir_lib
+  from flamingo_jax.evaluate.config import METRICS, eval_config
+  from flamingo_jax.evaluate.run import evaluate
+  model = model_dir_lib.load(model_dir or paths["model"])
   config = demo_config(paths["root"], [f"eval.seed={seed}"] if seed else [])
-  ec = runner.eval_config(config)
+  ec = eval_config(config)
   tasks = list(ec.tasks)
   out_dir = out_dir or paths["eval"]
   runs = {"flamingo": model.params}
@@ -240,13 +241,13 @@ def run_eval(paths: dict, scale: Scale, model_dir: str = "", out_dir: str = "",
     runs["gates_zero"] = baselines_lib.zero_gates(model.params)
   results = {}
   for name, params in runs.items():
-    report = runner.evaluate(model.config, ec, params, model.tokenizer, tasks=tasks,
-                             shots=list(scale.shots), num_samples=scale.eval_samples,
-                             out_dir=os.path.join(out_dir, name), progress=True,
-                             label=EVAL_LABELS[name])
+    report = evaluate(model.config, ec, params, model.tokenizer, tasks=tasks,
+                      shots=list(scale.shots), num_samples=scale.eval_samples,
+                      out_dir=os.path.join(out_dir, name), progress=True,
+                      label=EVAL_LABELS[name])
     results[name] = {t: {s: r["score"] for s, r in report["results"][t]["shots"].items()}
                      for t in tasks}
-  metrics = {t: runner.METRICS[ec.tasks[t].kind] for t in tasks}
+  metrics = {t: METRICS[ec.tasks[t].kind] for t in tasks}
   out = {"results": results, "metrics": metrics, "shots": list(scale.shots),
          "num_examples": scale.eval_samples}
   if names:
