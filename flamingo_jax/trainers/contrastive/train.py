@@ -127,7 +127,7 @@ def model_config(cfg) -> DualEncoderConfig:
 
 
 def train_config(config) -> TrainConfig:
-  c = cli.traincli.section(config, TrainConfig)
+  c = cli.train_section(config, TrainConfig)
   check(0.0 <= c.label_smoothing < 1.0, f"config key 'train.label_smoothing' must be in "
          f"[0, 1), got {c.label_smoothing}")
   return c
