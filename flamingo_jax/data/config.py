@@ -1,17 +1,17 @@
 """The data configuration schema: one `DatasetConfig` per dataset of the mixture.
 
-Like the model config (flamingo_jax/config.py), users write a ConfigDict
+Like the model config (flamingo_jax/models/config.py), users write a ConfigDict
 (the `data` field of a config file) and `data_config` turns it into frozen
-dataclasses, rejecting unknown keys and inconsistent values with a ValueError
-that names the key, before any file is opened. docs/data.md explains every
-option.
+dataclasses (`data.datasets` a dict of sections), rejecting unknown keys and
+inconsistent values with a ConfigError that names the key, before any file is
+opened. docs/data.md explains every option.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from flamingo_jax.config import from_config_dict
+from flamingo_jax.config import check, choice, from_config_dict
 
 KINDS = ("pairs", "interleaved", "video")
 SOURCES = ("tar", "arrayrecord", "tfds")
@@ -89,97 +89,77 @@ class DataConfig:
   log_every: int = 10_000  # log the bad-data counts every this many examples
 
 
-def _check(cond: bool, msg: str) -> None:
-  if not cond:
-    raise ValueError(msg)
-
-
-def _choice(value, choices, key) -> None:
-  _check(value in choices, f"config key {key!r} is {value!r}; expected one of {list(choices)}")
-
-
 def with_kind_defaults(c: DatasetConfig, prefix: str = "data.datasets.?") -> DatasetConfig:
   """Fills the fields left None with the defaults of the dataset's kind."""
-  _choice(c.kind, KINDS, f"{prefix}.kind")
+  choice(c.kind, KINDS, f"{prefix}.kind")
   fill = {k: v for k, v in KIND_DEFAULTS[c.kind].items() if getattr(c, k) is None}
   return dataclasses.replace(c, **fill) if fill else c
 
 
 def validate_dataset(c: DatasetConfig, prefix: str = "data.datasets.?") -> None:
   """Checks one dataset's fields; every message names the offending key."""
-  _choice(c.kind, KINDS, f"{prefix}.kind")
+  choice(c.kind, KINDS, f"{prefix}.kind")
   for key in KIND_DEFAULTS[c.kind]:
-    _check(getattr(c, key) is not None, f"config key '{prefix}.{key}' is None; build "
-           "dataset configs with dataset_config() to fill the kind's defaults")
-  _choice(c.source, SOURCES, f"{prefix}.source")
-  _choice(c.mask_text_before_first_image, MASK_MODES,
-          f"{prefix}.mask_text_before_first_image")
-  _choice(c.overlong_text, OVERLONG, f"{prefix}.overlong_text")
+    check(getattr(c, key) is not None, f"config key '{prefix}.{key}' is None; build "
+          "dataset configs with dataset_config() to fill the kind's defaults")
+  choice(c.source, SOURCES, f"{prefix}.source")
+  choice(c.mask_text_before_first_image, MASK_MODES,
+         f"{prefix}.mask_text_before_first_image")
+  choice(c.overlong_text, OVERLONG, f"{prefix}.overlong_text")
   if c.source in ("tar", "arrayrecord"):
-    _check(len(c.paths) > 0, f"config key '{prefix}.paths' is empty; source={c.source!r} "
-           "needs glob patterns of its files")
+    check(len(c.paths) > 0, f"config key '{prefix}.paths' is empty; source={c.source!r} "
+          "needs glob patterns of its files")
   else:
-    _check(bool(c.tfds_name), f"config key '{prefix}.tfds_name' is empty; source='tfds' "
-           "needs a dataset name")
+    check(bool(c.tfds_name), f"config key '{prefix}.tfds_name' is empty; source='tfds' "
+          "needs a dataset name")
   for key in ("batch_size", "max_images", "num_frames", "max_text_chars"):
-    _check(getattr(c, key) > 0, f"config key '{prefix}.{key}' must be positive, got "
-           f"{getattr(c, key)}")
+    check(getattr(c, key) > 0, f"config key '{prefix}.{key}' must be positive, got "
+          f"{getattr(c, key)}")
   # <BOS><image> x <EOC> needs at least 4 positions to hold one target.
-  _check(c.seq_len >= 4, f"config key '{prefix}.seq_len' must be >= 4, got {c.seq_len}")
-  _check(c.fps > 0, f"config key '{prefix}.fps' must be positive, got {c.fps}")
+  check(c.seq_len >= 4, f"config key '{prefix}.seq_len' must be >= 4, got {c.seq_len}")
+  check(c.fps > 0, f"config key '{prefix}.fps' must be positive, got {c.fps}")
   for key in ("p_next", "space_prob"):
     v = getattr(c, key)
-    _check(0.0 <= v <= 1.0, f"config key '{prefix}.{key}' must be in [0, 1], got {v}")
+    check(0.0 <= v <= 1.0, f"config key '{prefix}.{key}' must be in [0, 1], got {v}")
   if c.kind in ("pairs", "video"):
-    _check(c.max_images == 1, f"config key '{prefix}.max_images' must be 1 for kind="
-           f"{c.kind!r} (one image or video per example), got {c.max_images}")
+    check(c.max_images == 1, f"config key '{prefix}.max_images' must be 1 for kind="
+          f"{c.kind!r} (one image or video per example), got {c.max_images}")
   if c.kind in ("pairs", "interleaved"):
-    _check(c.num_frames == 1, f"config key '{prefix}.num_frames' must be 1 for kind="
-           f"{c.kind!r} (still images), got {c.num_frames}")
+    check(c.num_frames == 1, f"config key '{prefix}.num_frames' must be 1 for kind="
+          f"{c.kind!r} (still images), got {c.num_frames}")
 
 
 def validate(c: DataConfig) -> None:
   """Cross-field checks of the whole data config."""
-  _check(len(c.datasets) > 0, "config key 'data.datasets' is empty; add at least one dataset")
-  for name, d in c.datasets.items():
-    validate_dataset(d, f"data.datasets.{name}")
-  _check(c.image.size > 0, f"config key 'data.image.size' must be positive, got {c.image.size}")
+  check(len(c.datasets) > 0, "config key 'data.datasets' is empty; add at least one dataset")
+  check(c.image.size > 0, f"config key 'data.image.size' must be positive, got {c.image.size}")
   for key in ("mean", "std"):
     v = getattr(c.image, key)
-    _check(len(v) == 3, f"config key 'data.image.{key}' needs 3 values (RGB), got {v}")
-  _check(all(s > 0 for s in c.image.std), f"config key 'data.image.std' must be positive, "
-         f"got {c.image.std}")
-  _check(c.image.colour_jitter >= 0, "config key 'data.image.colour_jitter' must be >= 0")
-  _check(0.0 <= c.max_skip_rate < 1.0, f"config key 'data.max_skip_rate' must be in [0, 1), "
-         f"got {c.max_skip_rate}")
+    check(len(v) == 3, f"config key 'data.image.{key}' needs 3 values (RGB), got {v}")
+  check(all(s > 0 for s in c.image.std), f"config key 'data.image.std' must be positive, "
+        f"got {c.image.std}")
+  check(c.image.colour_jitter >= 0, "config key 'data.image.colour_jitter' must be >= 0")
+  check(0.0 <= c.max_skip_rate < 1.0, f"config key 'data.max_skip_rate' must be in [0, 1), "
+        f"got {c.max_skip_rate}")
   for key in ("worker_count", "read_threads", "read_buffer_size", "num_epochs",
               "skip_check_after"):
-    _check(getattr(c, key) >= 0, f"config key 'data.{key}' must be >= 0, got "
-           f"{getattr(c, key)}")
+    check(getattr(c, key) >= 0, f"config key 'data.{key}' must be >= 0, got "
+          f"{getattr(c, key)}")
   for key in ("worker_buffer_size", "log_every"):
-    _check(getattr(c, key) > 0, f"config key 'data.{key}' must be positive")
-  _check((c.shard_index < 0) == (c.shard_count < 0),
-         "config keys 'data.shard_index' and 'data.shard_count' must both be set or both "
-         f"be -1 (from JAX), got {c.shard_index} and {c.shard_count}")
+    check(getattr(c, key) > 0, f"config key 'data.{key}' must be positive")
+  check((c.shard_index < 0) == (c.shard_count < 0),
+        "config keys 'data.shard_index' and 'data.shard_count' must both be set or both "
+        f"be -1 (from JAX), got {c.shard_index} and {c.shard_count}")
   if c.shard_count >= 0:
-    _check(0 <= c.shard_index < c.shard_count,
-           f"config key 'data.shard_index' ({c.shard_index}) must be in "
-           f"[0, data.shard_count={c.shard_count})")
+    check(0 <= c.shard_index < c.shard_count,
+          f"config key 'data.shard_index' ({c.shard_index}) must be in "
+          f"[0, data.shard_count={c.shard_count})")
 
 
 def dataset_config(cfg: Any, prefix: str = "data.datasets.?") -> DatasetConfig:
-  """A validated DatasetConfig from a ConfigDict/dict (or a DatasetConfig)."""
-  if isinstance(cfg, DatasetConfig):
-    c = cfg
-  else:
-    items = dict(cfg.items()) if hasattr(cfg, "items") else None
-    _check(items is not None, f"config {prefix!r} must be a mapping, got {type(cfg).__name__}")
-    fields = items.pop("tfds_fields", None)
-    c = from_config_dict(DatasetConfig, items, prefix)
-    if fields is not None:
-      _check(hasattr(fields, "items"), f"config key '{prefix}.tfds_fields' must map our "
-             f"field names to TFDS feature paths, got {fields!r}")
-      c = dataclasses.replace(c, tfds_fields={str(k): str(v) for k, v in fields.items()})
+  """A validated DatasetConfig, its kind's defaults filled, from a ConfigDict/dict (or a
+  DatasetConfig)."""
+  c = cfg if isinstance(cfg, DatasetConfig) else from_config_dict(DatasetConfig, cfg, prefix)
   c = with_kind_defaults(dataclasses.replace(c, paths=tuple(c.paths)), prefix)
   validate_dataset(c, prefix)
   return c
@@ -187,20 +167,11 @@ def dataset_config(cfg: Any, prefix: str = "data.datasets.?") -> DatasetConfig:
 
 def data_config(cfg: Any) -> DataConfig:
   """The validated DataConfig of a ConfigDict (its `data` field), dict or DataConfig."""
-  if isinstance(cfg, DataConfig):
-    cfg = dataclasses.replace(cfg, datasets={
-        n: dataset_config(d, f"data.datasets.{n}") for n, d in cfg.datasets.items()})
-    validate(cfg)
-    return cfg
-  if hasattr(cfg, "data") and not isinstance(cfg, dict):
-    cfg = cfg.data
-  _check(hasattr(cfg, "items"), f"config 'data' must be a mapping, got {type(cfg).__name__}")
-  items = dict(cfg.items())
-  datasets = items.pop("datasets", {})
-  _check(hasattr(datasets, "items"), "config key 'data.datasets' must map dataset names "
-         f"to dataset configs, got {type(datasets).__name__}")
-  c = from_config_dict(DataConfig, items, "data")
-  c = dataclasses.replace(c, datasets={
-      str(name): dataset_config(d, f"data.datasets.{name}") for name, d in datasets.items()})
+  if not isinstance(cfg, DataConfig):
+    if hasattr(cfg, "data") and not isinstance(cfg, dict):
+      cfg = cfg.data
+    cfg = from_config_dict(DataConfig, cfg, "data")
+  c = dataclasses.replace(cfg, datasets={
+      name: dataset_config(d, f"data.datasets.{name}") for name, d in cfg.datasets.items()})
   validate(c)
   return c
