@@ -141,11 +141,11 @@ def get_config():
 
 
 @pytest.fixture(scope="module")
-def train_files(tmp_path_factory):
-  from conftest_data import pair_members, train_small_tokenizer, write_tar
+def train_files(tmp_path_factory, small_tokenizer):
+  from data_helpers import pair_members, write_tar
   from flamingo_jax.data.tokenizer import Tokenizer
   d = tmp_path_factory.mktemp("train_cli")
-  tok = train_small_tokenizer(str(d))
+  tok = small_tokenizer
   info = Tokenizer.load(tok).info
   assert (info.image_token_id, info.eoc_token_id) == (200, 201)  # the id cases below
   tar = write_tar(d / "pairs.tar", [m for i in range(16) for m in pair_members(i)])

@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest_data import image_bytes, make_data, pair_members, train_small_tokenizer, write_tar
+from data_helpers import image_bytes, make_data, pair_members, write_tar
 from flamingo_jax.data import SkipRateError, Tokenizer, layouts, make_dataset, make_mixture
 from flamingo_jax.data.records import encode_record
 from flamingo_jax.data.tar import iter_members
 from flamingo_jax.data.transforms import ProcessExample
 from flamingo_jax.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-  return train_small_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 def noisy_jpeg() -> bytes:
@@ -29,9 +24,9 @@ def noisy_jpeg() -> bytes:
   return buf.getvalue()
 
 
-def run_epoch(data, name, tok_path):
+def run_epoch(data, name, small_tokenizer):
   """All batches of one epoch (batch size 1) and the final counters."""
-  tok = Tokenizer.load(tok_path)
+  tok = Tokenizer.load(small_tokenizer)
   it = iter(make_dataset(name, data.datasets[name], data, tok))
   batches = list(it)
   for b in batches:
@@ -40,12 +35,12 @@ def run_epoch(data, name, tok_path):
   return batches, it.stats()
 
 
-def epoch_cfg(kind, paths, tok_path, **ds):
-  return make_data({"d": {"kind": kind, "paths": paths, "batch_size": 1, **ds}}, tok_path,
+def epoch_cfg(kind, paths, small_tokenizer, **ds):
+  return make_data({"d": {"kind": kind, "paths": paths, "batch_size": 1, **ds}}, small_tokenizer,
                    train=False, num_epochs=1, max_skip_rate=0.9)
 
 
-def test_bad_pairs_each_counted(tmp_path, tok_path, caplog):
+def test_bad_pairs_each_counted(tmp_path, small_tokenizer, caplog):
   jpg = noisy_jpeg()
   members = [m for i in range(5) for m in pair_members(i)]
   members += [
@@ -60,8 +55,8 @@ def test_bad_pairs_each_counted(tmp_path, tok_path, caplog):
   ]
   path = write_tar(tmp_path / "p.tar", members)
   with caplog.at_level(logging.WARNING):
-    batches, stats = run_epoch(epoch_cfg("pairs", [path], tok_path, max_text_chars=100,
-                                         seq_len=6), "d", tok_path)
+    batches, stats = run_epoch(epoch_cfg("pairs", [path], small_tokenizer, max_text_chars=100,
+                                         seq_len=6), "d", small_tokenizer)
   assert len(batches) == 6
   assert stats == {"examples_seen": 13, "examples_kept": 6, "skipped/corrupt_image": 2,
                    "skipped/missing_field": 2, "skipped/empty_text": 1,
@@ -69,12 +64,12 @@ def test_bad_pairs_each_counted(tmp_path, tok_path, caplog):
                    "truncated_text": 1}
   assert "first 'corrupt_image' skip" in caplog.text
   # With overlong_text='skip', captions over seq_len are skipped too.
-  _, stats = run_epoch(epoch_cfg("pairs", [path], tok_path, max_text_chars=100, seq_len=6,
-                                 overlong_text="skip"), "d", tok_path)
+  _, stats = run_epoch(epoch_cfg("pairs", [path], small_tokenizer, max_text_chars=100, seq_len=6,
+                                 overlong_text="skip"), "d", small_tokenizer)
   assert stats["skipped/text_too_long"] == 2 and stats["examples_kept"] == 5
 
 
-def test_bad_documents_each_counted(tmp_path, tok_path):
+def test_bad_documents_each_counted(tmp_path, small_tokenizer):
   good = base64.b64encode(image_bytes()).decode()
   bad = base64.b64encode(b"valid base64, not an image").decode()
   docs = {
@@ -94,8 +89,8 @@ def test_bad_documents_each_counted(tmp_path, tok_path):
   members = [(f"{k}.json", json.dumps(d)) for k, d in docs.items()]
   members.append(("broken.json", "{"))
   path = write_tar(tmp_path / "d.tar", members)
-  batches, stats = run_epoch(epoch_cfg("interleaved", [path], tok_path, max_images=5,
-                                       seq_len=64, max_text_chars=200), "d", tok_path)
+  batches, stats = run_epoch(epoch_cfg("interleaved", [path], small_tokenizer, max_images=5,
+                                       seq_len=64, max_text_chars=200), "d", small_tokenizer)
   assert len(batches) == 3
   assert stats == {"examples_seen": 12, "examples_kept": 3, "skipped/no_image": 1,
                    "skipped/corrupt_image": 1, "skipped/text_too_long": 1,
@@ -105,7 +100,7 @@ def test_bad_documents_each_counted(tmp_path, tok_path):
   assert sorted(b["image_count"][0] for b in batches) == [1, 1, 2]
 
 
-def test_bad_mmc4_documents_keep_the_root_cause(tmp_path, tok_path, caplog):
+def test_bad_mmc4_documents_keep_the_root_cause(tmp_path, small_tokenizer, caplog):
   good = base64.b64encode(image_bytes()).decode()
 
   def info(i, sim=0.3, **image):
@@ -129,8 +124,8 @@ def test_bad_mmc4_documents_keep_the_root_cause(tmp_path, tok_path, caplog):
   members.append(("img.jpg", image_bytes()))
   path = write_tar(tmp_path / "m.tar", members)
   with caplog.at_level(logging.WARNING):
-    batches, stats = run_epoch(epoch_cfg("interleaved", [path], tok_path, max_images=2,
-                                         seq_len=32), "d", tok_path)
+    batches, stats = run_epoch(epoch_cfg("interleaved", [path], small_tokenizer, max_images=2,
+                                         seq_len=32), "d", small_tokenizer)
   assert len(batches) == 3
   assert stats == {"examples_seen": 11, "examples_kept": 3, "skipped/bad_text_index": 2,
                    "skipped/low_similarity": 1, "skipped/bad_base64": 1,
@@ -162,7 +157,7 @@ def test_counters_as_scalar_metrics():
                  "data/ltip/skip_rate": 0.0}
 
 
-def test_bad_videos_each_counted(tmp_path, tok_path, monkeypatch):
+def test_bad_videos_each_counted(tmp_path, small_tokenizer, monkeypatch):
   frame = image_bytes(size=(8, 8))
   members = [("ok.json", json.dumps({"caption": "a red circle moves up", "fps": 1})),
              ("ok.0000.jpg", frame), ("ok.0001.jpg", frame),
@@ -171,46 +166,46 @@ def test_bad_videos_each_counted(tmp_path, tok_path, monkeypatch):
              ("badfile.txt", "a clip"), ("badfile.mp4", b"not a video"),
              ("badfps.json", json.dumps({"caption": "x", "fps": -1})), ("badfps.0.jpg", frame)]
   path = write_tar(tmp_path / "v.tar", members)
-  cfg = epoch_cfg("video", [path], tok_path, num_frames=2)
-  batches, stats = run_epoch(cfg, "d", tok_path)
+  cfg = epoch_cfg("video", [path], small_tokenizer, num_frames=2)
+  batches, stats = run_epoch(cfg, "d", small_tokenizer)
   assert len(batches) == 1
   assert stats == {"examples_seen": 5, "examples_kept": 1, "skipped/missing_field": 1,
                    "skipped/corrupt_image": 1, "skipped/corrupt_video": 1,
                    "skipped/malformed_json": 1}
   # Without PyAV a video file is skipped as such, not a crash.
   monkeypatch.setitem(sys.modules, "av", None)
-  proc = ProcessExample(cfg.datasets["d"], cfg.image, Tokenizer.load(tok_path), train=False)
+  proc = ProcessExample(cfg.datasets["d"], cfg.image, Tokenizer.load(small_tokenizer), train=False)
   out = proc.random_map({"key": "k", "video": b"x", "text": "a clip"}, np.random.default_rng(0))
   assert out == {"_skip": "video_decoder_unavailable", "key": "k"}
 
 
-def test_unreadable_and_truncated_shards(tmp_path, tok_path):
+def test_unreadable_and_truncated_shards(tmp_path, small_tokenizer):
   good = write_tar(tmp_path / "a.tar", [m for i in range(4) for m in pair_members(i)])
   full = write_tar(tmp_path / "b.tar", [m for i in range(4, 8) for m in pair_members(i)])
   cut = list(iter_members(full))[5][1] + 10  # inside the data of sample 6's caption
   (tmp_path / "b.tar").write_bytes(open(full, "rb").read()[:cut])
   (tmp_path / "c.tar").write_bytes(b"this is not a tar file" * 50)
-  batches, stats = run_epoch(epoch_cfg("pairs", [str(tmp_path / "*.tar")], tok_path),
-                             "d", tok_path)
+  batches, stats = run_epoch(epoch_cfg("pairs", [str(tmp_path / "*.tar")], small_tokenizer),
+                             "d", small_tokenizer)
   assert stats["shards/unreadable"] == 1 and stats["shards/truncated"] == 1
   # The truncated shard keeps the samples before the break; the one it cut
   # through lost its caption.
   assert len(batches) == 6 and stats["skipped/missing_field"] == 1
   # Too many bad shards is an error, not a quiet run on a fraction of the data.
-  data = make_data({"d": {"kind": "pairs", "paths": [str(tmp_path / "*.tar")]}}, tok_path,
+  data = make_data({"d": {"kind": "pairs", "paths": [str(tmp_path / "*.tar")]}}, small_tokenizer,
                    max_skip_rate=0.3)
   with pytest.raises(SkipRateError, match="1 of 3 shards are unreadable"):
     make_mixture(data)
   with pytest.raises(ValueError, match="no samples in the tar shards"):
     make_mixture(make_data({"d": {"kind": "pairs", "paths": [str(tmp_path / "c.tar")]}},
-                           tok_path))
+                           small_tokenizer))
   with pytest.raises(DataError, match=r"^data.datasets.d \(tar source\): no tar shards match"):
     make_mixture(make_data({"d": {"kind": "pairs", "paths": [str(tmp_path / "z*.tar")]}},
-                           tok_path))
+                           small_tokenizer))
   assert good
 
 
-def test_bad_arrayrecord_files_and_records(tmp_path, tok_path):
+def test_bad_arrayrecord_files_and_records(tmp_path, small_tokenizer):
   from array_record.python.array_record_module import ArrayRecordWriter
   w = ArrayRecordWriter(str(tmp_path / "a.array_record"), "group_size:1")
   for i in range(3):
@@ -219,16 +214,16 @@ def test_bad_arrayrecord_files_and_records(tmp_path, tok_path):
   w.write(b"\xc1 not msgpack")
   w.close()
   (tmp_path / "b.array_record").write_bytes(b"garbage" * 100)
-  batches, stats = run_epoch(epoch_cfg("pairs", [str(tmp_path / "*.array_record")], tok_path,
-                                       source="arrayrecord"), "d", tok_path)
+  batches, stats = run_epoch(epoch_cfg("pairs", [str(tmp_path / "*.array_record")], small_tokenizer,
+                                       source="arrayrecord"), "d", small_tokenizer)
   assert len(batches) == 3
   assert stats["shards/unreadable"] == 1 and stats["skipped/unreadable_record"] == 1
   with pytest.raises(ValueError, match="no readable, non-empty ArrayRecord"):
-    run_epoch(epoch_cfg("pairs", [str(tmp_path / "b.array_record")], tok_path,
-                        source="arrayrecord"), "d", tok_path)
+    run_epoch(epoch_cfg("pairs", [str(tmp_path / "b.array_record")], small_tokenizer,
+                        source="arrayrecord"), "d", small_tokenizer)
 
 
-def test_all_masked_and_unexpected_errors_are_skips(tmp_path, tok_path, monkeypatch):
+def test_all_masked_and_unexpected_errors_are_skips(tmp_path, small_tokenizer, monkeypatch):
   doc = json.dumps({"texts": ["text", None], "images": [None, base64.b64encode(
       image_bytes()).decode()]})
   path = write_tar(tmp_path / "d.tar", [("a.json", doc), ("b.json", doc)])
@@ -240,20 +235,22 @@ def test_all_masked_and_unexpected_errors_are_skips(tmp_path, tok_path, monkeypa
     return lay
 
   monkeypatch.setattr(layouts, "interleaved", all_masked)
-  _, stats = run_epoch(epoch_cfg("interleaved", [path], tok_path, max_images=2), "d", tok_path)
+  _, stats = run_epoch(epoch_cfg("interleaved", [path], small_tokenizer, max_images=2), "d",
+                       small_tokenizer)
   assert stats["skipped/all_labels_masked"] == 2
   monkeypatch.setattr(layouts, "interleaved", lambda *a, **k: 1 / 0)
-  _, stats = run_epoch(epoch_cfg("interleaved", [path], tok_path, max_images=2), "d", tok_path)
+  _, stats = run_epoch(epoch_cfg("interleaved", [path], small_tokenizer, max_images=2), "d",
+                       small_tokenizer)
   assert stats["skipped/processing_error"] == 2
 
 
-def test_skip_rate_threshold_names_the_reasons(tmp_path, tok_path):
+def test_skip_rate_threshold_names_the_reasons(tmp_path, small_tokenizer):
   members = [m for i in range(6) for m in pair_members(i)]
   members += [(f"{i:06d}.jpg", b"junk") for i in range(10, 16)]
   members += [(f"{i:06d}.txt", "x") for i in range(10, 16)]
   members += [("000020.txt", "no image")]
   path = write_tar(tmp_path / "p.tar", members)
-  data = make_data({"d": {"kind": "pairs", "paths": [path], "batch_size": 2}}, tok_path,
+  data = make_data({"d": {"kind": "pairs", "paths": [path], "batch_size": 2}}, small_tokenizer,
                    max_skip_rate=0.2, skip_check_after=8)
   with pytest.raises(SkipRateError) as e:
     mixture = make_mixture(data)
@@ -263,7 +260,7 @@ def test_skip_rate_threshold_names_the_reasons(tmp_path, tok_path):
   assert "dataset 'd'" in msg and "max_skip_rate=0.2" in msg
   assert "corrupt_image=" in msg and "failed to decode" in msg
   # Below the threshold the same data trains on, with the skips counted.
-  data = make_data({"d": {"kind": "pairs", "paths": [path], "batch_size": 2}}, tok_path,
+  data = make_data({"d": {"kind": "pairs", "paths": [path], "batch_size": 2}}, small_tokenizer,
                    max_skip_rate=0.6, skip_check_after=8)
   mixture = make_mixture(data)
   for _ in range(10):
@@ -292,14 +289,14 @@ def _tensorboard_scalars(directory) -> dict[str, float]:
   return out
 
 
-def test_counters_reach_metrics_jsonl_and_tensorboard(tmp_path, tok_path):
+def test_counters_reach_metrics_jsonl_and_tensorboard(tmp_path, small_tokenizer):
   """The trainer's step handler logs each dataset's counters with the step's metrics."""
   from flamingo_jax.training.loop import StepHandler, pipeline_stats
   from flamingo_jax.training.metrics import MetricsWriter
   members = [m for i in range(6) for m in pair_members(i)]
   members += [("000010.jpg", b"junk"), ("000010.txt", "a corrupt image")]
   path = write_tar(tmp_path / "p.tar", members)
-  data = make_data({"pairs": {"kind": "pairs", "paths": [path], "batch_size": 2}}, tok_path,
+  data = make_data({"pairs": {"kind": "pairs", "paths": [path], "batch_size": 2}}, small_tokenizer,
                    train=False, num_epochs=1, max_skip_rate=0.5)
   mixture = make_mixture(data)
   batches = list(mixture)

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from conftest_data import CORPUS
+from data_helpers import CORPUS
 from flamingo_jax.data import Tokenizer
 from flamingo_jax.data.tokenizer import HFTokenizer
 

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest_data import BOS, EOC, EOS, IMG, INFO, PAD
+from data_helpers import BOS, EOC, EOS, IMG, INFO, PAD
 from flamingo_jax.data import layouts
 from flamingo_jax.data.tokenizer import TokenizerInfo
 

@@ -4,40 +4,24 @@ import json
 import numpy as np
 import pytest
 
-from conftest_data import (assert_batches_equal, make_data, pair_members,
-                           train_small_tokenizer, write_tar)
+from data_helpers import assert_batches_equal, make_data, pair_members, write_tar
 from flamingo_jax.data import (Tokenizer, data_config, example_spec, iterator_states,
                                make_dataset, make_mixture, make_train_iterators,
                                restore_iterator_states)
-from flamingo_jax.data.synthetic import Sizes, dataset_configs, write_synthetic
+from flamingo_jax.data.synthetic import dataset_configs
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """A tiny synthetic dataset (tars, ArrayRecord and tokenizer)."""
-  out = str(tmp_path_factory.mktemp("world"))
-  write_synthetic(out, seed=1, image_size=32,
-                  sizes=Sizes(pairs=(24, 8), documents=(16, 4), videos=(8, 2), video_frames=8,
-                              corpus_lines=500, vocab_size=300, samples_per_shard=10))
-  return out
-
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-  """A tokenizer that knows digits (the shapes world's does not)."""
-  return train_small_tokenizer(str(tmp_path_factory.mktemp("tok")))
-
-
-def world_data(world, source="arrayrecord", **overrides):
-  ds = dataset_configs(world, source, "train")
+def world_data(shapes_world, source="arrayrecord", **overrides):
+  root, _ = shapes_world
+  ds = dataset_configs(root, source, "train")
   for name, bs in (("pairs", 4), ("vqa", 3), ("interleaved", 2), ("video", 2)):
     ds[name]["batch_size"] = bs
   ds["interleaved"]["seq_len"] = 48
-  return make_data(ds, f"{world}/tokenizer/tokenizer.model", **overrides)
+  return make_data(ds, f"{root}/tokenizer/tokenizer.model", **overrides)
 
 
-def test_batches_follow_the_contract(world):
-  data = world_data(world, "tar")
+def test_batches_follow_the_contract(shapes_world):
+  data = world_data(shapes_world, "tar")
   tok = Tokenizer.load(data.tokenizer)
   info = tok.info
   mixture = make_mixture(data)
@@ -67,22 +51,22 @@ def test_batches_follow_the_contract(world):
   assert text.startswith("<image>") and " moves " in text and text.endswith("<EOC>")
 
 
-def test_deterministic_given_the_seed(world):
-  a = [next(m) for m in [make_mixture(world_data(world))] for _ in range(3)]
-  b = [next(m) for m in [make_mixture(world_data(world))] for _ in range(3)]
+def test_deterministic_given_the_seed(shapes_world):
+  a = [next(m) for m in [make_mixture(world_data(shapes_world))] for _ in range(3)]
+  b = [next(m) for m in [make_mixture(world_data(shapes_world))] for _ in range(3)]
   assert_batches_equal(a, b)
-  c = next(make_mixture(world_data(world, seed=7)))
+  c = next(make_mixture(world_data(shapes_world, seed=7)))
   assert not np.array_equal(c["pairs"]["tokens"], a[0]["pairs"]["tokens"])
 
 
-def test_exact_resume_from_a_json_state(world):
-  mixture = make_mixture(world_data(world))
+def test_exact_resume_from_a_json_state(shapes_world):
+  mixture = make_mixture(world_data(shapes_world))
   for _ in range(5):  # mid-epoch for every dataset (the documents wrap around)
     next(mixture)
   state = json.loads(json.dumps(iterator_states(mixture)))
   expected = [next(mixture) for _ in range(4)]
   expected_stats = mixture.stats()
-  fresh = make_mixture(world_data(world))
+  fresh = make_mixture(world_data(shapes_world))
   restore_iterator_states(fresh, state)
   assert_batches_equal([next(fresh) for _ in range(4)], expected)
   assert fresh.stats() == expected_stats
@@ -90,30 +74,30 @@ def test_exact_resume_from_a_json_state(world):
     restore_iterator_states(fresh, {"pairs": state["pairs"]})
 
 
-def test_orbax_checkpoint_through_grain_handler(world, tmp_path):
+def test_orbax_checkpoint_through_grain_handler(shapes_world, tmp_path):
   import grain
   import orbax.checkpoint as ocp
-  mixture = make_mixture(world_data(world))
+  mixture = make_mixture(world_data(shapes_world))
   next(mixture)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(mixture)))
     mngr.wait_until_finished()
   expected = [next(mixture) for _ in range(2)]
-  fresh = make_mixture(world_data(world))
+  fresh = make_mixture(world_data(shapes_world))
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   assert_batches_equal([next(fresh) for _ in range(2)], expected)
 
 
-def test_two_shards_are_disjoint_and_cover(tmp_path, tok_path):
-  tok = Tokenizer.load(tok_path)
+def test_two_shards_are_disjoint_and_cover(tmp_path, small_tokenizer):
+  tok = Tokenizer.load(small_tokenizer)
   paths = [write_tar(tmp_path / f"s{k}.tar",
                      [m for i in range(7 * k, 7 * k + 7) for m in pair_members(i)])
            for k in range(2)]
   seen = []
   for shard in range(2):
     # batch_size is global: each of the 2 processes gets 1 row of every batch.
-    data = make_data({"p": {"kind": "pairs", "paths": paths, "batch_size": 2}}, tok_path,
+    data = make_data({"p": {"kind": "pairs", "paths": paths, "batch_size": 2}}, small_tokenizer,
                      shard_index=shard, shard_count=2, num_epochs=1, train=False)
     it = iter(make_dataset("p", data.datasets["p"], data, tok, shard, 2))
     seen.append([tok.decode(t) for b in it for t in b["tokens"]])
@@ -121,7 +105,7 @@ def test_two_shards_are_disjoint_and_cover(tmp_path, tok_path):
   assert set(seen[0]) | set(seen[1]) == {f"<image>sample number {i}<EOC>" for i in range(14)}
   assert len(seen[0]) == len(seen[1]) == 7
   # The trainer's view: the rows of the global batch this process holds.
-  data = make_data({"p": {"kind": "pairs", "paths": paths, "batch_size": 4}}, tok_path,
+  data = make_data({"p": {"kind": "pairs", "paths": paths, "batch_size": 4}}, small_tokenizer,
                    shard_index=-1, shard_count=-1, num_epochs=1, train=False)
   rows = [make_train_iterators(data, rows={"p": r}, tokenizer=tok)["p"]
           for r in ((0, 2), (2, 4))]
@@ -137,17 +121,17 @@ def test_two_shards_are_disjoint_and_cover(tmp_path, tok_path):
   assert shard_info(data) == (0, 1)
 
 
-def test_epochs_reshuffle_and_eval_mode_is_ordered(tmp_path, tok_path):
-  tok = Tokenizer.load(tok_path)
+def test_epochs_reshuffle_and_eval_mode_is_ordered(tmp_path, small_tokenizer):
+  tok = Tokenizer.load(small_tokenizer)
   path = write_tar(tmp_path / "s.tar", [m for i in range(6) for m in pair_members(i)])
   data = make_data({"p": {"kind": "pairs", "paths": [path], "batch_size": 6,
-                          "space_prob": 0.0}}, tok_path, num_epochs=2)
+                          "space_prob": 0.0}}, small_tokenizer, num_epochs=2)
   it = iter(make_dataset("p", data.datasets["p"], data, tok))
   e1, e2 = (sorted(tok.decode(t) for t in next(it)["tokens"]) for _ in range(2))
   assert e1 == e2  # every example once per epoch
   with pytest.raises(StopIteration):
     next(it)
-  data = make_data({"p": {"kind": "pairs", "paths": [path], "batch_size": 4}}, tok_path,
+  data = make_data({"p": {"kind": "pairs", "paths": [path], "batch_size": 4}}, small_tokenizer,
                    num_epochs=1, train=False)
   batches = list(make_dataset("p", data.datasets["p"], data, tok))
   assert [b["tokens"].shape[0] for b in batches] == [4, 2]  # eval keeps the remainder
@@ -155,11 +139,12 @@ def test_epochs_reshuffle_and_eval_mode_is_ordered(tmp_path, tok_path):
   assert texts == [f"<image>sample number {i}<EOC>" for i in range(6)]
 
 
-def test_worker_processes_give_the_same_batches(world):
+def test_worker_processes_give_the_same_batches(shapes_world):
   """Decoding in 2 grain worker processes changes nothing but speed."""
-  ds = {"interleaved": dataset_configs(world, "arrayrecord", "train")["interleaved"]}
+  root, _ = shapes_world
+  ds = {"interleaved": dataset_configs(root, "arrayrecord", "train")["interleaved"]}
   ds["interleaved"].update(batch_size=3, seq_len=48)
-  tok = f"{world}/tokenizer/tokenizer.model"
+  tok = f"{root}/tokenizer/tokenizer.model"
   serial = make_mixture(make_data(ds, tok))
   expected = [next(serial) for _ in range(4)]
   parallel = make_mixture(make_data(ds, tok, worker_count=2, worker_buffer_size=2))
@@ -174,7 +159,7 @@ def test_worker_processes_give_the_same_batches(world):
     parallel.close()
 
 
-def test_kind_defaults_are_the_papers(world):
+def test_kind_defaults_are_the_papers():
   data = make_data({"m3w": {"kind": "interleaved", "paths": ["x"]},
                     "vtp": {"kind": "video", "paths": ["x"]},
                     "ltip": {"kind": "pairs", "paths": ["x"], "seq_len": 64}}, "")
@@ -184,8 +169,8 @@ def test_kind_defaults_are_the_papers(world):
   assert (ltip.seq_len, ltip.max_images, ltip.p_next) == (64, 1, 0.0)
 
 
-def test_config_errors_name_the_key(world):
-  tok = f"{world}/tokenizer/tokenizer.model"
+def test_config_errors_name_the_key(shapes_world):
+  tok = f"{shapes_world[0]}/tokenizer/tokenizer.model"
   with pytest.raises(ValueError, match="unknown config key 'data.datasets.p.batchsize'"):
     make_data({"p": {"kind": "pairs", "paths": ["x"], "batchsize": 2}}, tok)
   with pytest.raises(ValueError, match="'data.datasets.p.kind' is 'pair'"):

@@ -7,17 +7,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest_data import (assert_batches_equal, image_bytes, make_data, pair_members,
-                           train_small_tokenizer, write_tar)
+from data_helpers import assert_batches_equal, image_bytes, make_data, pair_members, write_tar
 from flamingo_jax.data import Tokenizer, convert, images, make_dataset, video
 from flamingo_jax.data.records import decode_record, encode_record, skip_reason
 from flamingo_jax.data.sources import ArrayRecordSource, TfdsSource
 from flamingo_jax.data.tar import TarSource, index_shard, iter_members
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  return train_small_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 def test_header_index_matches_tarfile_including_long_names(tmp_path):
@@ -85,7 +79,7 @@ def test_interleaved_obelics_and_mmc4(tmp_path):
   assert src[1]["_stats"] == {"dropped_image/image_not_found": 1}
 
 
-def test_video_frame_lists_sampled_at_1_fps(tmp_path, tokenizer_path):
+def test_video_frame_lists_sampled_at_1_fps(tmp_path, small_tokenizer):
   colours = [(i * 20, 0, 0) for i in range(10)]  # 10 frames at 2 FPS = 5 s
   members = [("000000.json", json.dumps({"caption": "a red circle moves up", "fps": 2}))]
   members += [(f"000000.{t:04d}.png", image_bytes(c, (8, 8), "PNG"))
@@ -97,9 +91,9 @@ def test_video_frame_lists_sampled_at_1_fps(tmp_path, tokenizer_path):
   assert video.frame_indices(10, 2.0, 1.0, 8) == [0, 2, 4, 6, 8, 9, 9, 9]  # last repeats
   assert video.frame_indices(30, 30.0, 1.0, 3, start=0.5) == [15, 29, 29]
   data = make_data({"v": {"kind": "video", "paths": [str(tmp_path / "v.tar")],
-                          "num_frames": 4, "batch_size": 1}}, tokenizer_path, train=False,
+                          "num_frames": 4, "batch_size": 1}}, small_tokenizer, train=False,
                    image={"size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]})
-  batch = next(iter(make_dataset("v", data.datasets["v"], data, Tokenizer.load(tokenizer_path))))
+  batch = next(iter(make_dataset("v", data.datasets["v"], data, Tokenizer.load(small_tokenizer))))
   assert batch["images"].shape == (1, 1, 4, 8, 8, 3)
   red = batch["images"][0, 0, :, 4, 4, 0]
   np.testing.assert_allclose(red, [0, 40, 80, 120], atol=3)
@@ -133,7 +127,7 @@ def test_video_file_decoded_with_pyav(tmp_path):
   assert rec["video_format"] == "mp4" and rec["text"] == "a clip"
 
 
-def test_converter_cli_writes_arrayrecord_equal_to_tar(tmp_path, tokenizer_path, capsys):
+def test_converter_cli_writes_arrayrecord_equal_to_tar(tmp_path, small_tokenizer, capsys):
   shards = [write_tar(tmp_path / "in" / f"s{k}.tar",
                       [m for i in range(5 * k, 5 * k + 5) for m in pair_members(i)])
             for k in range(2)]
@@ -146,12 +140,12 @@ def test_converter_cli_writes_arrayrecord_equal_to_tar(tmp_path, tokenizer_path,
   tar = TarSource("pairs", shards)
   assert len(ar) == len(tar) == 10
   assert ar[7]["text"] == tar[7]["text"] and ar[7]["image"] == tar[7]["image"]
-  tok = Tokenizer.load(tokenizer_path)
+  tok = Tokenizer.load(small_tokenizer)
   out = []
   converted = [str(tmp_path / "ar" / "*.array_record")]
   for source, paths in (("tar", shards), ("arrayrecord", converted)):
     data = make_data({"p": {"kind": "pairs", "source": source, "paths": paths,
-                            "batch_size": 3}}, tokenizer_path, seed=4)
+                            "batch_size": 3}}, small_tokenizer, seed=4)
     it = iter(make_dataset("p", data.datasets["p"], data, tok))
     out.append([next(it) for _ in range(4)])
   assert_batches_equal(out[0], out[1])
@@ -167,7 +161,7 @@ def test_records_are_msgpack_not_pickle():
     decode_record(b"\xc1")
 
 
-def test_tfds_data_source(tmp_path, tokenizer_path):
+def test_tfds_data_source(tmp_path, small_tokenizer):
   tfds = pytest.importorskip("tensorflow_datasets")
 
   class TinyCaptions(tfds.core.GeneratorBasedBuilder):
@@ -200,8 +194,8 @@ def test_tfds_data_source(tmp_path, tokenizer_path):
     TfdsSource("pairs", "tiny_captions", "train", str(tmp_path), {"text": "caption"})
   data = make_data({"t": {"kind": "pairs", "source": "tfds", "tfds_name": "tiny_captions",
                           "tfds_data_dir": str(tmp_path), "tfds_fields": fields,
-                          "batch_size": 6}}, tokenizer_path, train=False, num_epochs=1)
-  tok = Tokenizer.load(tokenizer_path)
+                          "batch_size": 6}}, small_tokenizer, train=False, num_epochs=1)
+  tok = Tokenizer.load(small_tokenizer)
   batch = next(iter(make_dataset("t", data.datasets["t"], data, tok)))
   texts = sorted(tok.decode(t) for t in batch["tokens"])
   assert texts == sorted(f"<image>sample number {i}<EOC>" for i in range(6))

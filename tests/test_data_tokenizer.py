@@ -7,7 +7,7 @@ import pickle
 import pytest
 import sentencepiece as spm
 
-from conftest_data import CORPUS
+from data_helpers import CORPUS
 from flamingo_jax.data import Tokenizer, TokenizerInfo
 from flamingo_jax.data import train_tokenizer as train_mod
 

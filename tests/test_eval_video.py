@@ -4,10 +4,8 @@ folder of extracted frames), clips [T, H, W, 3] through the model's video path."
 import json
 import os
 
-import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from flamingo_jax.errors import run_cli
 from flamingo_jax.data.config import IMAGENET_MEAN, IMAGENET_STD

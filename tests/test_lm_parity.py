@@ -20,6 +20,7 @@ from flamingo_jax.convert.hf_lm import (convert_state_dict, load_hf_lm,  # noqa:
                                         lm_config_from_hf, load_safetensors_dir)
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
 from flamingo_jax.models.lm import DecoderLM, alibi_slopes  # noqa: E402
+from lm_ref import randomise  # noqa: E402
 from random_weights import random_params  # noqa: E402
 
 VOCAB = 97
@@ -64,17 +65,6 @@ def build(kind):
                                  initializer_range=0.1, **MPT[kind])
     return transformers.MptForCausalLM(cfg)
   raise ValueError(kind)
-
-
-def randomise(ref):
-  """Norm weights and every bias random too (transformers starts them at 1 and 0)."""
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if "norm" in name or "ln_" in name:
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      elif name.endswith(".bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-  return ref.eval()
 
 
 def inputs():

@@ -14,8 +14,6 @@ from flamingo_jax.config import apply_overrides, to_config_dict
 from flamingo_jax.models.config import FlamingoConfig, lm_preset
 from flamingo_jax.model_dir import init_params
 
-synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
-
 
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer(tmp_path_factory):

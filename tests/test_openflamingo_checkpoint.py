@@ -119,12 +119,9 @@ def _mpt7b():
 
 def _mosaic_gpt(base_dir):
   """MPT-1B-RedPajama's mosaic_gpt (OpenFlamingo-3B, cross-attention every layer):
-  the reference network of test_lm_families.py (transformers' MPT with mosaic_gpt's
+  the reference network of tests/lm_ref.py (transformers' MPT with mosaic_gpt's
   q/k LayerNorms), its base LM saved in mosaic_gpt's own layout."""
-  try:
-    from test_lm_families import mosaic_gpt_config, mpt_reference
-  except ImportError as e:
-    pytest.skip(f"mosaic_gpt LM support (tests/test_lm_families.py) has not landed: {e}")
+  from lm_ref import mosaic_gpt_config, mpt_reference
   from safetensors.numpy import save_file
   hf = mosaic_gpt_config(vocab_size=128, n_layers=3)
   ref, mosaic = mpt_reference(hf)
@@ -263,7 +260,7 @@ def _bpe(bos_template: bool):
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-  from conftest_data import CORPUS
+  from data_helpers import CORPUS
   raw = tokenizers.Tokenizer(models.BPE())
   raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   raw.decoder = decoders.ByteLevel()

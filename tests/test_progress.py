@@ -8,6 +8,7 @@ import os
 import pytest
 
 from flamingo_jax.training.metrics import Progress
+from eval_files import CAPTIONS, EVAL, make_coco
 
 
 class _Tty(io.StringIO):

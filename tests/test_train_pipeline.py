@@ -10,24 +10,16 @@ import pytest
 from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.config import apply_overrides, load_config
 
-synthetic = pytest.importorskip("flamingo_jax.data.synthetic")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def shapes_data(tmp_path_factory):
-  out = tmp_path_factory.mktemp("shapes")
-  synthetic.main(["--out", str(out), "--num_pairs", "96", "8", "--num_documents", "48", "8",
-                  "--num_videos", "4", "2", "--no_arrayrecord"])
-  return json.load(open(out / "manifest.json")), out
-
-
 def pipeline_config(manifest, out, *overrides):
+  """configs/tiny.py on the shapes world's tars (conftest.py's shapes_world)."""
   tok, datasets = manifest["tokenizer"], manifest["data"]["tar"]["train"]
   config = load_config(os.path.join(REPO, "configs", "tiny.py"))
   with config.unlocked():
     del config["synthetic"]
-    config.data = {"tokenizer": str(out / "tokenizer" / "tokenizer.model"),
+    config.data = {"tokenizer": os.path.join(out, "tokenizer", "tokenizer.model"),
                    "image": {"size": manifest["image_size"]},
                    "datasets": {"pairs": datasets["pairs"],
                                 "interleaved": datasets["interleaved"]}}
@@ -41,8 +33,8 @@ def pipeline_config(manifest, out, *overrides):
 
 
 @pytest.mark.slow
-def test_pipeline_input_trains_and_resumes_exactly(shapes_data, tmp_path):
-  manifest, out = shapes_data
+def test_pipeline_input_trains_and_resumes_exactly(shapes_world, tmp_path):
+  out, manifest = shapes_world
   config = pipeline_config(manifest, out)
   one = jax.devices()[:1]
   straight = train.run(config, str(tmp_path / "a"), stop_at=4, devices=one)
@@ -63,10 +55,10 @@ def _never_compile(monkeypatch):
   monkeypatch.setattr(train.state_lib, "compile_step", compile_step)
 
 
-def test_mismatches_fail_before_compiling(shapes_data, tmp_path, monkeypatch):
+def test_mismatches_fail_before_compiling(shapes_world, tmp_path, monkeypatch):
   from flamingo_jax.errors import CheckpointError, DataError
   from flamingo_jax.runtime.params_io import save_params
-  manifest, out = shapes_data
+  out, manifest = shapes_world
   tok = manifest["tokenizer"]
   _never_compile(monkeypatch)
   one = jax.devices()[:1]

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from conftest_data import pair_members, train_small_tokenizer, write_tar
+from data_helpers import pair_members, write_tar
 from flamingo_jax.process import process_watch
 
 READER = textwrap.dedent("""
@@ -57,12 +57,11 @@ def _alive(procs) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reader(tmp_path_factory):
+def reader(tmp_path_factory, small_tokenizer):
   d = tmp_path_factory.mktemp("reader")
   tar = write_tar(d / "p.tar", [m for i in range(16) for m in pair_members(i)])
-  tok = train_small_tokenizer(str(d))
   (d / "reader.py").write_text(READER)
-  return [str(d / "reader.py"), tar, tok]
+  return [str(d / "reader.py"), tar, small_tokenizer]
 
 
 def _kill_9_and_check(proc, children) -> None:

@@ -1,4 +1,5 @@
-"""Helpers shared by tests/test_data_*.py: tiny tar shards, images, a tokenizer."""
+"""Data helpers the tests share (not a test module): tiny tar shards, images, the
+tokenizer and shapes-world recipes of conftest.py's session fixtures, DataConfigs."""
 import io
 import os
 import tarfile
@@ -6,8 +7,9 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from flamingo_jax.data import data_config
+from flamingo_jax.data import data_config, synthetic
 from flamingo_jax.data.tokenizer import TokenizerInfo
+from flamingo_jax.data.train_tokenizer import train_tokenizer
 
 # Hand-written ids for layout tests: text tokens are 10..50.
 INFO = TokenizerInfo(vocab_size=100, bos_id=1, eos_id=2, pad_id=0, image_token_id=98,
@@ -48,13 +50,26 @@ def pair_members(i: int, caption: str = None, colour=None):
 
 
 def train_small_tokenizer(tmp_dir) -> str:
-  from flamingo_jax.data.train_tokenizer import train_tokenizer
+  """tokenizer.model of a 200-piece BPE on CORPUS (it knows digits; the shapes world's
+  does not): <image> 200, <EOC> 201."""
   corpus = os.path.join(tmp_dir, "corpus.txt")
   with open(corpus, "w") as f:
     for k in range(40):
       f.write("\n".join(CORPUS) + f"\nsample number {k}\n")
   train_tokenizer([corpus], 200, os.path.join(tmp_dir, "tok"), model_type="bpe")
   return os.path.join(tmp_dir, "tok", "tokenizer.model")
+
+
+# The shapes world of conftest.py's `shapes_world`: every format, 32 px images.
+SHAPES_SEED, SHAPES_IMAGE_SIZE = 1, 32
+SHAPES_SIZES = synthetic.Sizes(pairs=(24, 8), documents=(16, 4), videos=(8, 2), video_frames=8,
+                               corpus_lines=500, vocab_size=300, samples_per_shard=10)
+
+
+def write_shapes_world(out: str) -> dict:
+  """The shapes world (tars, ArrayRecord, evaluation files, tokenizer) -> its manifest."""
+  return synthetic.write_synthetic(out, seed=SHAPES_SEED, image_size=SHAPES_IMAGE_SIZE,
+                                   sizes=SHAPES_SIZES)
 
 
 def make_data(datasets, tokenizer, **overrides):
