@@ -88,25 +88,25 @@ def _ev(offset):
 
 
 def test_seeds_table_gives_mean_and_range_and_the_names_task_joins_the_tasks():
-  from flamingo_jax.apps.demo import stages as demo
-  table = demo.seeds_table({0: _ev(0.0), 1: _ev(2.0), 2: _ev(4.0)})
+  from flamingo_jax.apps.demo import report
+  table = report.seeds_table({0: _ev(0.0), 1: _ev(2.0), 2: _ev(4.0)})
   assert "over 3 seeds (0, 1, 2)" in table
   assert "| captions | CIDEr | flamingo | 12.0 [10.0, 14.0] | 22.0 [20.0, 24.0] |" in table
   assert "| names | top-1 | flamingo | 30.0 [30.0, 30.0] | 62.0 [60.0, 64.0] |" in table
   assert "| names | top-1 | chance | 33.3 | 33.3 |" in table
-  assert demo.margins(_ev(0.0))["names"]["over_chance"] == pytest.approx(60 - 100 / 3)
+  assert report.margins(_ev(0.0))["names"]["over_chance"] == pytest.approx(60 - 100 / 3)
   # The ablations read run_eval's three tasks only: names stays apart there.
   assert set(_ev(0.0)["metrics"]) == {"captions"}
 
 
 def test_seeds_plot_draws_each_models_mean_and_range(tmp_path):
-  from flamingo_jax.apps.demo import stages as demo
+  from flamingo_jax.apps.demo import report
   evs = {0: _ev(0.0), 1: _ev(2.0), 2: _ev(4.0)}
-  views = [demo.with_names(ev) for ev in evs.values()]
-  mean, lo, hi = demo.seed_spread(views, "flamingo", "names")
+  views = [report.with_names(ev) for ev in evs.values()]
+  mean, lo, hi = report.seed_spread(views, "flamingo", "names")
   assert mean.tolist() == [30.0, 62.0] and lo.tolist() == [30.0, 60.0]
   assert hi.tolist() == [30.0, 64.0]
-  path = demo.write_seeds_plot({"out": str(tmp_path)}, evs)
+  path = report.write_seeds_plot({"out": str(tmp_path)}, evs)
   assert path == str(tmp_path / "shots_seeds.png") and os.path.getsize(path) > 10_000
 
 

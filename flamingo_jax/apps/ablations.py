@@ -150,7 +150,7 @@ def run_one(workdir: str, path: str, scale) -> dict:
             **eval_fields(ev),
             "step_time_s": times[len(times) // 2] if times else None,
             "train_seconds": train_seconds}
-  demo._write_json(marker, result)
+  demo.write_json(marker, result)
   return result
 
 
@@ -328,7 +328,7 @@ def write_table(workdir: str, scale_name: str, rows: Sequence[dict],
   count += "\n" + band_line(rows, seeds)
   out = os.path.join(os.path.abspath(workdir), "ablations")
   os.makedirs(out, exist_ok=True)
-  demo._write_json(os.path.join(out, "results.json"), [
+  demo.write_json(os.path.join(out, "results.json"), [
       dict(r, beyond_seed_spread=b)
       for r, b in zip(agreed, beyond_band(agreed, seed_band(rows[0], seeds)))])
   todo = (f"Not run yet ({len(pending)}): {', '.join(pending)}.\n" if pending else "")

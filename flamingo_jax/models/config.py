@@ -10,7 +10,7 @@ before any array is allocated.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 from flamingo_jax.config import check as _check
 from flamingo_jax.config import choice as _choice
