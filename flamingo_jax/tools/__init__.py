@@ -1,0 +1,1 @@
+"""`python -m flamingo_jax.tools.<name>`: the tools' command names; the programs are in apps/."""
