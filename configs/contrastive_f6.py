@@ -68,20 +68,10 @@ def get_config(arg=None):
       embed_dim=1376, init_inverse_temperature=1 / 0.07, max_inverse_temperature=100.0,
       dtype="bfloat16", param_dtype="float32")
   config = ml_collections.ConfigDict({"model": to_config_dict(model)})
-  config.train = dict(total_steps=500_000, seed=0, label_smoothing=0.1, log_every=100,
-                      max_consecutive_nonfinite=10)
-  config.optim = dict(learning_rate=1e-3, warmup_steps=0, end_learning_rate=0.0, b1=0.9,
-                      b2=0.999, eps=1e-8, weight_decay=0.0, vision_agc=0.01,
-                      vision_agc_eps=1e-3,
-                      vision_agc_exclude=r"^vision_projection/|(^|/)classifier(/|$)",
-                      text_clip_norm=10.0)
-  config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1, zero1=False, fsdp_min_size=2 ** 18)
-  config.checkpoint = dict(every=2000, keep=3, async_save=True)
-  config.distributed = dict(mode="auto", coordinator_address="", num_processes=0,
-                            process_id=-1)
-  # Towers from parameter checkpoints, e.g. {"vision": "/ckpt/nfnet_f6_imagenet"}.
-  config.model_init = {}
-  config.export = dict(vision="")  # "": workdir/export/vision
+  # The optimiser, mesh and the rest at their defaults (the loader fills them); towers
+  # from parameter checkpoints with e.g. --config.model_init.vision=/ckpt/nfnet_f6_imagenet.
+  config.train = dict(total_steps=500_000, log_every=100)
+  config.checkpoint = dict(every=2000)
   pairs = dict(kind="pairs", source="arrayrecord", batch_size=16384, seq_len=SEQ_LEN,
                weight=1.0)
   config.data = dict(
@@ -94,7 +84,6 @@ def get_config(arg=None):
   #   --config.eval.classification.examples=/data/imagenet/val.json (+ class_names, image_root)
   config.eval = dict(
       every=10_000, batch_size=1024, recall_at=(1, 5, 10),
-      retrieval=dict(paths=[], source="tar", seq_len=SEQ_LEN, max_examples=5000),
-      classification=dict(examples="", class_names="", image_root="",
-                          templates=IMAGENET_TEMPLATES, seq_len=SEQ_LEN, max_examples=0))
+      retrieval=dict(paths=[], seq_len=SEQ_LEN, max_examples=5000),
+      classification=dict(templates=IMAGENET_TEMPLATES, seq_len=SEQ_LEN))
   return config

@@ -60,19 +60,11 @@ def get_config(arg=None):
                              max_length=SEQ_LEN, norm="pre"),
       embed_dim=64)
   config = ml_collections.ConfigDict({"model": to_config_dict(model)})
-  config.train = dict(total_steps=300, seed=0, label_smoothing=0.1, log_every=25,
-                      max_consecutive_nonfinite=10)
-  config.optim = dict(learning_rate=3e-3, warmup_steps=10, end_learning_rate=0.0, b1=0.9,
-                      b2=0.999, eps=1e-8, weight_decay=0.0, vision_agc=0.01,
-                      vision_agc_eps=1e-3,
-                      vision_agc_exclude=r"^vision_projection/|(^|/)classifier(/|$)",
-                      text_clip_norm=10.0)
-  config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1, zero1=False, fsdp_min_size=2 ** 18)
-  config.checkpoint = dict(every=100, keep=2, async_save=True)
-  config.distributed = dict(mode="auto", coordinator_address="", num_processes=0,
-                            process_id=-1)
-  config.model_init = {}  # e.g. {"vision": "/ckpt/nfnet_f0"} (a converted ImageNet NFNet)
-  config.export = dict(vision="")  # "": workdir/export/vision
+  # Every other key at its default (the loader fills them); e.g. a converted ImageNet
+  # NFNet tower: --config.model_init.vision=/ckpt/nfnet_f0.
+  config.train = dict(total_steps=300, log_every=25)
+  config.optim = dict(learning_rate=3e-3, warmup_steps=10)
+  config.checkpoint = dict(every=100, keep=2)
   pairs = dict(kind="pairs", source="tar", batch_size=32, seq_len=SEQ_LEN, weight=1.0)
   config.data = dict(
       datasets=dict(align=dict(pairs, paths=[f"{d}/pairs/train-00000.tar"]),
@@ -81,12 +73,10 @@ def get_config(arg=None):
       image=dict(size=vision.image_size, flip=False, colour_jitter=0.1),
       seed=0, worker_count=0, read_threads=2)
   config.eval = dict(
-      every=0, batch_size=64, recall_at=(1, 5, 10),
-      retrieval=dict(paths=[f"{d}/pairs/val-*.tar"], source="tar", seq_len=SEQ_LEN,
-                     max_examples=0),
+      recall_at=(1, 5, 10),
+      retrieval=dict(paths=[f"{d}/pairs/val-*.tar"]),
       classification=dict(
           examples=f"{d}/classification/val.json",
           class_names=f"{d}/classification/classes.json", image_root=f"{d}/images",
-          templates=("a {} on the left", "a {} in the middle", "a {} on the right"),
-          seq_len=SEQ_LEN, max_examples=0))
+          templates=("a {} on the left", "a {} in the middle", "a {} on the right")))
   return config

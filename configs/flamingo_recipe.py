@@ -120,19 +120,16 @@ def get_config(arg=None):
                 for name, (kind, b, n, imgs, t, w) in MIXTURE.items()})
 
   config.train = dict(
-      total_steps=20 if local else 500_000, seed=0,
+      total_steps=20 if local else 500_000,
       input="synthetic" if local else "pipeline",
       mixing="accumulate", micro_batches={} if local else dict(MICRO_BATCHES),
       frozen_dtype="bfloat16",
-      log_every=5 if local else 100, max_consecutive_nonfinite=10, peak_flops_per_device=0.0,
-      export_dir="")
+      log_every=5 if local else 100)
   config.optim = dict(learning_rate=1e-4, warmup_steps=5 if local else 5000,
                       schedule="constant", end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
                       weight_decay=0.1, clip_norm=1.0)
-  config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1 if local else 16, zero1=True)
-  config.checkpoint = dict(every=10 if local else 1000, keep=3, async_save=True, enabled=True)
-  config.distributed = dict(mode="auto")
-  # Pretrained components (parameter checkpoints): the contrastively trained
-  # NFNet-F6 and the LM, e.g. {"vision": ".../nfnet_f6", "lm": ".../chinchilla"}.
-  config.model_init = {}
+  config.mesh = dict(tensor=1 if local else 16, zero1=True)
+  config.checkpoint = dict(every=10 if local else 1000, keep=3)
+  # Pretrained components (parameter checkpoints): the contrastively trained NFNet-F6 and
+  # the LM, e.g. --config.model_init.vision=.../nfnet_f6 --config.model_init.lm=.../chinchilla.
   return config

@@ -33,14 +33,10 @@ def get_config(workdir="demo_workdir"):
   p = demo.paths(workdir)
   config = ml_collections.ConfigDict()
   config.model = to_config_dict(demo.lm_config(demo.tokens(workdir)["vocab_size"]))
-  config.train = dict(total_steps=120, seed=0, log_every=50, max_consecutive_nonfinite=10,
-                      batch_size=16)
+  config.train = dict(total_steps=120, log_every=50, batch_size=16)
   config.corpus = dict(paths=[f"{p['data']}/corpus.txt"], tokenizer=p["tokenizer"],
-                       seq_len=256, val_fraction=0.02)
-  # AdamW, linear warm-up, cosine decay to a tenth of the peak, global-norm clip 1.
-  config.optim = dict(learning_rate=3e-3, warmup_steps=20, schedule="cosine",
-                      end_learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
-                      clip_norm=1.0)
-  config.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1, zero1=False)
-  config.checkpoint = dict(every=100, keep=2, async_save=True, enabled=True)
+                       seq_len=256)
+  # The optimiser at the LM trainer's defaults: AdamW, linear warm-up, cosine decay to a
+  # tenth of the peak, global-norm clip 1.
+  config.checkpoint = dict(every=100, keep=2)
   return config

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import pytest
 
 from flamingo_jax.trainers.flamingo import train
-from flamingo_jax.config import apply_overrides, load_config
 from flamingo_jax.training import loop
 from flamingo_jax.training.metrics import MetricsWriter
 
@@ -105,7 +104,7 @@ def test_checkpoint_follows_its_steps_handling(tmp_path, fetches):
 
 
 def small_config(*overrides):
-  return apply_overrides(load_config(os.path.join(REPO, "configs", "tiny.py")), [
+  return train.load(os.path.join(REPO, "configs", "tiny.py"), [
       "model.lm.num_layers=1", "model.resampler.depth=1",
       "synthetic.datasets.interleaved.seq_len=16", "synthetic.datasets.interleaved.max_images=2",
       "synthetic.datasets.pairs.seq_len=8", "train.total_steps=1000",

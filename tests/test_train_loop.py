@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from flamingo_jax.trainers.flamingo import train
-from flamingo_jax.config import apply_overrides, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Reuse compiled programs across runs and test sessions (same HLO -> same binary).
@@ -30,7 +29,7 @@ LOSS_KEYS = ("loss", "loss/interleaved", "loss/pairs", "grad_norm", "learning_ra
 
 def small_config(*overrides):
   """configs/tiny.py made smaller: 1 LM block, resampler depth 1, short sequences."""
-  return apply_overrides(load_config(os.path.join(REPO, "configs", "tiny.py")), [
+  return train.load(os.path.join(REPO, "configs", "tiny.py"), [
       "model.lm.num_layers=1", "model.resampler.depth=1",
       "synthetic.datasets.interleaved.seq_len=16", "synthetic.datasets.interleaved.max_images=2",
       "synthetic.datasets.pairs.seq_len=8", "train.micro_batches={'interleaved': 2}",

@@ -19,12 +19,13 @@ def pipeline_config(manifest, out, *overrides):
   config = load_config(os.path.join(REPO, "configs", "tiny.py"))
   with config.unlocked():
     del config["synthetic"]
+    config.train.input = "pipeline"
     config.data = {"tokenizer": os.path.join(out, "tokenizer", "tokenizer.model"),
                    "image": {"size": manifest["image_size"]},
                    "datasets": {"pairs": datasets["pairs"],
                                 "interleaved": datasets["interleaved"]}}
-  return apply_overrides(config, [
-      "train.input='pipeline'", f"model.lm.vocab_size={tok['vocab_size']}",
+  return apply_overrides(train.with_default_sections(config), [
+      f"model.lm.vocab_size={tok['vocab_size']}",
       f"model.image_token_id={tok['image_token_id']}",
       f"model.eoc_token_id={tok['eoc_token_id']}",
       f"model.vision.image_size={manifest['image_size']}", "model.lm.num_layers=1",
