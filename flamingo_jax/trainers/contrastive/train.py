@@ -509,8 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli_main() -> int:
-  """`python -m flamingo_jax.contrastive`: exit status 0, or 2 with one `error:` line for bad
-  input."""
+  """`python -m flamingo_jax.contrastive`: exit 0, or 2 with one `error:` line for bad input."""
   return run_cli(main)
 
 

@@ -107,6 +107,7 @@ def train_config(config: Any) -> TrainConfig:
 def with_default_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the sections (and keys) a config leaves out, with their defaults, so that
   `--config.mesh.tensor=16` works on any config and config.json shows every value."""
+  config = ml_collections.ConfigDict(config)
   extra = {"model_init": {}}
   train_input = config.train.get("input", "synthetic") if "train" in config else "synthetic"
   if train_input == "synthetic" and "synthetic" in config:

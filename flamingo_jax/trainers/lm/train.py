@@ -271,8 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli_main() -> int:
-  """`python -m flamingo_jax.lm_pretrain`: exit status 0, or 2 with one `error:` line for bad
-  input."""
+  """`python -m flamingo_jax.lm_pretrain`: exit 0, or 2 with one `error:` line for bad input."""
   return run_cli(main)
 
 
