@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from flamingo_jax.apps.demo import stages as demo
 from flamingo_jax.config import configs_dir
 from flamingo_jax.errors import UserError, run_cli
 
@@ -47,9 +48,7 @@ log = logging.getLogger("flamingo_jax.apps.ablations")
 
 def demo_base(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """configs/demo.py for `workdir`, with `--config`-style overrides applied."""
-  from flamingo_jax.config import apply_overrides, load_config
-  return apply_overrides(load_config(os.path.join(configs_dir(), "demo.py") + ":" +
-                                     os.path.abspath(workdir)), list(overrides))
+  return demo.demo_config(workdir, overrides)
 
 
 def remove_datasets(config: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
@@ -112,7 +111,6 @@ def eval_fields(ev: dict) -> dict:
 
 def run_one(workdir: str, path: str, scale) -> dict:
   """Trains and evaluates one ablation (skipped when its result.json exists)."""
-  from flamingo_jax.apps.demo import stages as demo
   from flamingo_jax.trainers.flamingo import train
   name = os.path.splitext(os.path.basename(path))[0]
   out = os.path.join(os.path.abspath(workdir), "ablations", name)
@@ -130,6 +128,7 @@ def run_one(workdir: str, path: str, scale) -> dict:
   config = apply_overrides(config, [f"train.total_steps={scale.flamingo_steps}",
                                     "train.log_every=10",
                                     f"train.export_dir='{os.path.join(out, 'model')}'"])
+  config = train.with_default_sections(config)  # config.json shows every value the run used
   os.makedirs(out, exist_ok=True)
   bar = demo.Bar(f"ablation {name}", scale.flamingo_steps)
   t0 = time.perf_counter()
@@ -156,7 +155,6 @@ def run_one(workdir: str, path: str, scale) -> dict:
 
 def control_row(workdir: str, scale) -> dict:
   """The demo's own model (runs the demo's stages up to eval when missing)."""
-  from flamingo_jax.apps.demo import stages as demo
   results = demo.run(workdir, scale, stages=("data", "lm", "vision", "flamingo", "eval"))
   fl = results["flamingo"]
   return {"name": "demo", "table": "3", "group": "Flamingo (control)", "change": "-",
@@ -284,7 +282,6 @@ def table_markdown(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flamingo_jax.apps.demo import stages as demo
   p = argparse.ArgumentParser(prog="python -m flamingo_jax.ablations",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default="demo_workdir")
@@ -321,7 +318,6 @@ def write_table(workdir: str, scale_name: str, rows: Sequence[dict],
                 pending: Sequence[str] = ()) -> tuple[str, str]:
   """WORKDIR/ablations/results.json and ablations.md for the rows so far (control
   first); `pending` names the ablations still to run. -> (table, agreement line)."""
-  from flamingo_jax.apps.demo import stages as demo
   seeds = seed_controls(workdir)
   agreed = with_agreement(rows)
   table, count = table_markdown(rows), agreement_line(rows)

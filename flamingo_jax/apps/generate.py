@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import ml_collections

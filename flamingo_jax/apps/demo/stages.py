@@ -171,6 +171,7 @@ def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
   config = demo_config(paths["root"], [
       f"train.total_steps={scale.flamingo_steps}", "train.log_every=10",
       f"train.export_dir='{paths['model']}'", *seed_overrides(seed), *overrides], config_path)
+  config = train.with_default_sections(config)  # config.json shows every value the run used
   bar = Bar("flamingo training", scale.flamingo_steps)
   t0 = time.perf_counter()
   try:
