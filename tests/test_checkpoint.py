@@ -57,6 +57,30 @@ def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_another_state_layout_is_refused_not_set_aside_as_corrupt(tmp_path):
+  """An intact checkpoint whose optimizer state has another tree (a config or code change) is
+  one error naming the difference; it is never renamed <step>.corrupt like damaged files."""
+  import optax
+  params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
+  written = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), ckpt_lib.checkpoint_config({"every": 1}))
+  for step in (1, 2):
+    ckpt.save(step, {"params": params, "opt_state": written.init(params)}, {})
+  ckpt.close()
+  labelled = optax.multi_transform({"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()},
+                                   {"w": "train", "b": "frozen"})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        jax.eval_shape(lambda: {"params": params,
+                                                "opt_state": labelled.init(params)}))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), ckpt_lib.checkpoint_config({}))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoint 2 at .* holds another state "
+                     r"layout than this run's .*opt_state"):
+    ckpt.restore_latest(target)
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
 def test_unfinished_checkpoints_are_never_restored(tmp_path):
   cfg = ckpt_lib.checkpoint_config({"every": 1, "keep": 3})
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), cfg)

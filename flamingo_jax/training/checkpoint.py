@@ -45,6 +45,8 @@ from flamingo_jax.runtime.params_io import check_ocdbt, plain_tree
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"  # written by orbax when a step is complete
+# orbax's words when the stored tree is not the target's (readable, but another layout)
+STRUCTURE_MISMATCH = "tree structures do not match"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +184,18 @@ class Checkpointer:
     """-> (state laid out as abstract_state's shardings/dtypes, data states)."""
     self.check_files(step)
     self.check_shapes(step, abstract_state)
-    out = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=DataStateRestore()))
+    try:
+      out = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        data=DataStateRestore()))
+    except ValueError as e:  # an intact checkpoint of another state layout is not corrupt
+      if STRUCTURE_MISMATCH not in str(e):
+        raise
+      where = one_line(e).split(STRUCTURE_MISMATCH, 1)[1].split(" If this mismatch")[0]
+      raise _ConfigMismatch(
+          f"checkpoint {step} at {self.directory}/{step} holds another state layout than this "
+          f"run's (the config or the code changed the optimizer or its labels){where.rstrip()}; "
+          "resume it with the config and code that wrote it, or use a new workdir") from None
     return out["state"], out["data"]
 
   def check_files(self, step: int) -> None:
