@@ -16,12 +16,22 @@ import numpy as np
 from PIL import Image
 
 from flamingo_jax.data.config import ImageConfig
+from flamingo_jax.errors import DataError
 
 ImageLike = Union[bytes, np.ndarray]
 
 
 class BadImage(ValueError):
   """An image that cannot be decoded; the pipeline skips and counts it."""
+
+
+def read_file(path: str, what: str = "image") -> bytes:
+  """The bytes of a media file, or DataError "cannot read {what} PATH: CAUSE" (one line)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise DataError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
 
 
 def decode(data: ImageLike, size: Optional[int] = None) -> np.ndarray:

@@ -27,11 +27,7 @@ def load_image(path: str, size: int, mean: tuple = IMAGENET_MEAN,
                std: tuple = IMAGENET_STD) -> np.ndarray:
   """An image file -> float32 [1, size, size, 3]: the longer side resized to `size`
   (aspect kept), centred on a mean-coloured square, (x - mean) / std."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise ValueError(f"cannot read image {path!r}: {e}") from None
+  data = images_lib.read_file(path)
   try:
     arr = images_lib.decode(data, size)
   except images_lib.BadImage as e:

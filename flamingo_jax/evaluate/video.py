@@ -46,11 +46,7 @@ def read_frames(path: str, num_frames: int, fps: float, frames_fps: float = 0.0,
       except (OSError, images_lib.BadImage) as e:
         raise DataError(f"video frame {file!r}: {e}") from None
     return [decoded[i] for i in idx]
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise DataError(f"cannot read video {path!r}: {e.strerror or e}") from None
+  data = images_lib.read_file(path, "video")
   try:
     return video_lib.decode_file(data, fps, num_frames, None, train=False)
   except video_lib.VideoDecoderUnavailable as e:
