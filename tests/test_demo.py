@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.apps import ablations
-from flamingo_jax.apps.demo import report
+from flamingo_jax.apps.demo import report as demo_report
 from flamingo_jax.apps.demo import stages as demo
 from flamingo_jax.trainers.flamingo import train
 from flamingo_jax.models.config import model_config
@@ -44,7 +44,7 @@ def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path
   seconds = {s: results[s]["_seconds"] for s in demo.STAGES[:-1]}
   shifted = json.loads(json.dumps(ev))
   shifted["results"]["flamingo"]["classes"]["0"] += 10.0
-  report.write_report(paths, results, seconds, seeds={
+  demo_report.write_report(paths, results, seconds, seeds={
       0: (ev, {"flamingo": 1.0, "eval": 2.0}), 1: (shifted, {"flamingo": 100.0, "eval": 20.0})})
   report = open(os.path.join(workdir, "report.md")).read()
   c0 = ev["results"]["flamingo"]["classes"]["0"]
