@@ -41,7 +41,19 @@ TEST_REQUIRES = [
     "flamingo-pytorch==0.1.2",
     "pycocoevalcap==1.2",  # CIDEr-D reference (its pure-Python scorer only)
     "scikit-learn>=1.9.1,<2",  # ROC-AUC reference
+    "nltk>=3.10,<4",  # the okvqa extra: the vendored OK-VQA stemmer's test
+    "inflection>=0.5.1,<0.6",
 ]
+
+# Optional features, each named in the one-line error its absence gives
+# (flamingo_jax.errors.require_extra): `pip install 'flamingo_jax[okvqa]'`.
+EXTRAS = {
+    # OK-VQA's answer stemming (evaluate/ok_vqa_stem.py); NLTK's data separately:
+    # python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet
+    "okvqa": ["nltk>=3.10,<4", "inflection>=0.5.1,<0.6"],
+    # gs:// workdirs, model directories and exports (etils.epath through fsspec)
+    "gcs": ["gcsfs>=2026.10,<2027"],
+}
 
 CONFIG_PACKAGES = ["flamingo_jax.configs", "flamingo_jax.configs.ablations",
                    "flamingo_jax.configs.eval"]
@@ -54,7 +66,8 @@ setup(
     # installed package runs the demo and the ablations.
     packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]) + CONFIG_PACKAGES,
     package_dir={"flamingo_jax.configs": "configs"},
+    package_data={"flamingo_jax.evaluate": ["imagenet_classnames.txt"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, **EXTRAS},
 )

@@ -43,6 +43,31 @@ class DataError(UserError):
   """A data source, shard or tokenizer that cannot be opened or disagrees with the model."""
 
 
+class MissingExtraError(UserError):
+  """An optional dependency that a feature needs is not installed (setup.py's extras)."""
+
+
+def require_extra(modules: Sequence[str], extra: str, what: str) -> None:
+  """MissingExtraError, one line naming the pip extra, unless every module is importable."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+  if missing:
+    raise MissingExtraError(f"{what} needs {' and '.join(missing)}, not installed: "
+                            f"pip install 'flamingo_jax[{extra}]'")
+
+
+# URI schemes that need an optional filesystem package (etils.epath / fsspec), and its extra.
+REMOTE_SCHEMES = {"gs://": ("gcsfs", "gcs")}
+
+
+def require_remote_support(path: str, what: str) -> None:
+  """MissingExtraError naming the extra when `path` is a URI whose filesystem package is
+  missing (epath would fail later with a long traceback)."""
+  for scheme, (module, extra) in REMOTE_SCHEMES.items():
+    if str(path).startswith(scheme):
+      require_extra((module,), extra, f"{what} {path}")
+
+
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
 USER_ERROR_TYPES = (UserError, ValueError) + _PATH_ERRORS

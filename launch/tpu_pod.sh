@@ -11,6 +11,7 @@
 # Multi-slice (DCN): add --config.mesh.slice=<number of slices> and launch on
 # every slice (e.g. through a queued resource); the slice axis is data-parallel
 # over the data-centre network, everything else stays inside a slice.
+# A gs:// workdir needs gcsfs on every worker: pip install 'flamingo_jax[gcs]'.
 # Preemption: the trainer saves a checkpoint on SIGTERM; rerun this command to resume.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then

@@ -46,3 +46,33 @@ def test_ok_vqa_stemming_equals_open_flamingo_or_is_named():
 def test_unknown_postprocess():
   with pytest.raises(ValueError, match="answer_postprocess 'stem'"):
     vqa.check_answer_postprocess("stem")
+
+
+def test_vendored_ok_vqa_stemmer_is_open_flamingos():
+  """evaluate/ok_vqa_stem.py is OpenFlamingo's table and stemmer, unchanged (as syntax trees:
+  only the indentation differs), so it stems as OpenFlamingo where NLTK's data is missing."""
+  import ast  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("nltk")
+  pytest.importorskip("inflection")
+  of = _open_flamingo_module("ok_vqa_utils.py")
+  from flamingo_jax.evaluate import ok_vqa_stem  # pylint: disable=import-outside-toplevel
+  assert ok_vqa_stem._MANUAL_MATCHES == of._MANUAL_MATCHES  # pylint: disable=protected-access
+
+  def tree(path):
+    (cls,) = [n for n in ast.parse(open(path).read()).body
+              if isinstance(n, ast.ClassDef) and n.name == "OKVQAStemmer"]
+    return ast.dump(cls)
+  assert tree(ok_vqa_stem.__file__) == tree(of.__file__)
+
+
+def test_ok_vqa_without_nltk_names_the_extra(monkeypatch, capsys):
+  """Without nltk / inflection: one `error:` line naming `flamingo_jax[okvqa]`, status 2."""
+  from flamingo_jax import errors  # pylint: disable=import-outside-toplevel
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "nltk" else real(name, *a))
+  monkeypatch.setattr(vqa, "_STEMMER", None)
+  assert errors.run_cli(lambda argv: vqa.check_answer_postprocess("ok_vqa"), []) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and err.startswith("error: OK-VQA stemming"), err
+  assert "needs nltk, not installed: pip install 'flamingo_jax[okvqa]'" in err, err

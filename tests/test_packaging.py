@@ -23,6 +23,8 @@ assert len(paths) >= 18 and all(p.startswith(site) for p in paths), paths
 base = demo.demo_config(workdir).to_dict()
 for path in paths:
   assert load_config(path + ":" + workdir).to_dict() != base, path
+from flamingo_jax.evaluate.protocol import IMAGENET_CLASSNAMES
+assert IMAGENET_CLASSNAMES.startswith(site) and os.path.getsize(IMAGENET_CLASSNAMES) > 5000
 print("loaded", len(paths), "ablations and the demo config from", configs_dir())
 """
 

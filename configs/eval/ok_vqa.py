@@ -7,9 +7,10 @@ DATA_ROOT as released (the OK-VQA files in the VQAv2 layout and the COCO 2014 im
   OpenEnded_mscoco_val2014_questions.json     mscoco_val2014_annotations.json
   train2014/COCO_train2014_*.jpg              val2014/COCO_val2014_*.jpg
 OK-VQA's annotations hold stemmed answers, so predictions are stemmed as OpenFlamingo
-does (answer_postprocess="ok_vqa": needs open_flamingo, nltk, inflection and NLTK's
-punkt / averaged_perceptron_tagger / wordnet data installed; without them pass
---config.eval.tasks.ok_vqa.answer_postprocess=vqa). At most 5 new tokens.
+does (answer_postprocess="ok_vqa", flamingo_jax/evaluate/ok_vqa_stem.py): needs
+`pip install 'flamingo_jax[okvqa]'` and NLTK's data (python -m nltk.downloader punkt_tab
+averaged_perceptron_tagger_eng wordnet); without them pass
+--config.eval.tasks.ok_vqa.answer_postprocess=vqa. At most 5 new tokens.
 """
 from flamingo_jax.evaluate.protocol import benchmark
 

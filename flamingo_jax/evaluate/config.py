@@ -230,6 +230,15 @@ def protocol(ec: EvalConfig, t: EvalTaskConfig, *, shots: Sequence[int] = (),
                   ensemble=ensemble or t.ensemble or ec.ensemble)
 
 
+def task_section(task: Any) -> ml_collections.ConfigDict:
+  """A task's ConfigDict with every EvalTaskConfig key a config file leaves out at its
+  schema default, so `--config.eval.tasks.NAME.KEY=VALUE` sets any documented key
+  (unknown keys stay and are refused, naming them, when the section is validated)."""
+  given = task.to_dict() if hasattr(task, "to_dict") else dict(task)
+  defaults = {f.name: f.default for f in dataclasses.fields(EvalTaskConfig)}
+  return ml_collections.ConfigDict(dict(defaults, **given))
+
+
 def compose(*, config: Optional[ml_collections.ConfigDict] = None,
             eval_files: Sequence[str] = (), overrides: Sequence[str] = ()
             ) -> tuple[ml_collections.ConfigDict, list[str]]:
@@ -251,8 +260,7 @@ def compose(*, config: Optional[ml_collections.ConfigDict] = None,
       check(not unknown, f"unknown config key 'eval.{unknown[0] if unknown else ''}'; valid "
             f"keys: {', '.join(sorted(defaults))}, tasks")
       eval_section.update(given)
-      if "tasks" not in given:
-        eval_section.tasks = {}
+      eval_section.tasks = {n: task_section(t) for n, t in given.get("tasks", {}).items()}
   order = list(eval_section.tasks)
   for spec in eval_files:
     part = load_config(spec)
@@ -262,7 +270,7 @@ def compose(*, config: Optional[ml_collections.ConfigDict] = None,
     for name, task in part.tasks.items():
       check(name not in eval_section.tasks, f"eval task {name!r} of {spec!r} is already "
             "defined by another eval config")
-      eval_section.tasks[name] = task
+      eval_section.tasks[name] = task_section(task)
       order.append(name)
   out.eval = eval_section
   if "mesh" not in out:

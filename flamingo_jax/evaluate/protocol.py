@@ -20,6 +20,11 @@ import ml_collections
 
 SHOTS = (0, 4, 32)
 VIDEO_CLIP = {"num_frames": 30, "fps": 3.0}  # the paper's inference clips
+# ImageNet-1k's class names in sorted-wnid order (OpenFlamingo's
+# open_flamingo/eval/classification_utils.py IMAGENET_CLASSNAMES, MIT), shipped so that
+# neither open_flamingo nor its open_clip dependency is needed to evaluate ImageNet.
+IMAGENET_CLASSNAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "imagenet_classnames.txt")
 
 
 def benchmark(name: str, data_root: str, default_root: str, **task) -> ml_collections.ConfigDict:

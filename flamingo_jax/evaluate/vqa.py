@@ -30,6 +30,8 @@ import dataclasses
 import re
 from typing import Hashable, Iterable, Mapping, Optional, Sequence
 
+from flamingo_jax.errors import require_extra
+
 GT_NORMALISATIONS = ("official", "open_flamingo")
 
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
@@ -178,6 +180,8 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], examples: Iterable, *,
 
 ANSWER_POSTPROCESS = ("none", "vqa", "ok_vqa")
 _STEMMER = None
+# NLTK data the OK-VQA stemmer reads (tokenizer, tagger, lemmatizer; nltk >= 3.9 names).
+NLTK_DATA = ("punkt_tab", "averaged_perceptron_tagger_eng", "wordnet")
 _NEW_LABEL = re.compile("Question|Answer|Short")
 
 
@@ -190,33 +194,20 @@ def postprocess_vqa_answer(answer: str) -> str:
 def _ok_vqa_stemmer():
   """OpenFlamingo's OK-VQA stemmer (OK-VQA v1.1's rules: NLTK tokenizer and tagger,
   WordNet verb lemmas for "-ing", inflection's singular for plural nouns, a
-  manual table). Used from the open_flamingo package, never reimplemented."""
+  manual table), vendored unchanged as evaluate/ok_vqa_stem.py."""
   global _STEMMER
   if _STEMMER is not None:
     return _STEMMER
-  import importlib.util
-  import os
-  spec = importlib.util.find_spec("open_flamingo")  # the package's __init__ is not run
-  path = spec and os.path.join(spec.submodule_search_locations[0], "eval", "ok_vqa_utils.py")
-  if not path or not os.path.isfile(path):
-    raise ValueError("OK-VQA answers are stemmed as OpenFlamingo does (answer_postprocess="
-                     "'ok_vqa'), which needs the open_flamingo package (pip install "
-                     "open-flamingo --no-deps); or set the task's answer_postprocess to 'vqa'")
-  module_spec = importlib.util.spec_from_file_location("_open_flamingo_ok_vqa_utils", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except ImportError as e:
-    raise ValueError(f"OK-VQA stemming (answer_postprocess='ok_vqa') needs nltk and "
-                     f"inflection installed ({e}); or set the task's answer_postprocess to "
-                     "'vqa'") from None
-  stemmer = module.stemmer
+  require_extra(("nltk", "inflection"), "okvqa", "OK-VQA stemming (answer_postprocess="
+                "'ok_vqa'; or set the task's answer_postprocess to 'vqa')")
+  from flamingo_jax.evaluate import ok_vqa_stem  # pylint: disable=import-outside-toplevel
+  stemmer = ok_vqa_stem.OKVQAStemmer()
   try:
     stemmer.stem("riding horses")
   except LookupError as e:
     first = " ".join(str(e).split())[:160]
-    raise ValueError("OK-VQA stemming needs NLTK's data (punkt, averaged_perceptron_tagger, "
-                     f"wordnet) installed locally: {first}") from None
+    raise ValueError("OK-VQA stemming needs NLTK's data, not installed: python -m "
+                     f"nltk.downloader {' '.join(NLTK_DATA)} ({first})") from None
   _STEMMER = stemmer
   return stemmer
 

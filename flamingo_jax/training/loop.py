@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flamingo_jax.errors import ConfigError
+from flamingo_jax.errors import ConfigError, require_remote_support
 from flamingo_jax.runtime import distributed
 from flamingo_jax.runtime import sharding
 from flamingo_jax.training.metrics import MetricsWriter, progress_line
@@ -63,6 +63,7 @@ def check_loop_config(c: LoopConfig, section: str = "train") -> None:
 
 def workdir_path(workdir: str) -> epath.Path:
   """A local workdir made absolute (orbax wants absolute paths); URIs untouched."""
+  require_remote_support(workdir, "the workdir")
   path = epath.Path(workdir)
   return path if "://" in str(workdir) else path.resolve()
 

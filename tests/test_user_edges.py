@@ -1,0 +1,83 @@
+"""The rough edges a new user hits (issue 29): documented keys settable, optional
+dependencies named by their extra, flags and config paths with one meaning. Cheap:
+argument parsing and error lines run in-process through errors.run_cli."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from flamingo_jax import errors
+from flamingo_jax.config import load_config
+from flamingo_jax.evaluate import datasets
+from flamingo_jax.evaluate.config import EvalTaskConfig, compose, eval_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "eval", "*.py")))
+
+
+def _one_error_line(capsys, status, code=2):
+  err = capsys.readouterr().err.strip()
+  assert status == code and err.count("\n") == 0 and err.startswith("error: "), (status, err)
+  return err
+
+
+@pytest.mark.parametrize("path", EVAL_FILES, ids=os.path.basename)
+def test_every_documented_task_key_is_settable_on_every_benchmark(path, tmp_path):
+  """docs/evaluation.md's task keys (those a configs/eval file leaves out too) override."""
+  name = os.path.basename(path)[:-3]
+  cfg, (task,) = compose(eval_files=[f"{path}:{tmp_path}"])
+  given = load_config(f"{path}:{tmp_path}").tasks[task]
+  assert "num_beams" not in given and "gt_normalisation" not in given  # the case at issue
+  key = f"--config.eval.tasks.{task}"
+  overrides = [f"{key}.num_beams=1", f"{key}.vqa_demo_answer=first",
+               f"{key}.gt_normalisation=open_flamingo", f"{key}.ensemble=2",
+               f"{key}.shots=(0,2)", f"{key}.num_trials=2"]
+  if task in ("coco", "flickr30"):
+    overrides.append(f"{key}.template=A photo of {{caption}}")
+  cfg, _ = compose(eval_files=[f"{path}:{tmp_path}"], overrides=overrides)
+  t = eval_config(cfg).tasks[task]
+  assert (t.num_beams, t.vqa_demo_answer, t.gt_normalisation, t.ensemble, t.shots,
+          t.num_trials) == (1, "first", "open_flamingo", 2, (0, 2), 2), name
+  assert t.template == ("A photo of {caption}" if task in ("coco", "flickr30") else "")
+  # Every key of the schema is present, at its default where the file leaves it out.
+  assert set(cfg.eval.tasks[task]) == {f for f in EvalTaskConfig.__dataclass_fields__}
+  with pytest.raises(errors.ConfigError, match=f"unknown config key 'eval.tasks.{task}.beams'"):
+    compose(eval_files=[f"{path}:{tmp_path}"], overrides=[f"{key}.beams=1"])
+
+
+def test_config_file_tasks_get_defaults_too(tmp_path):
+  """A --config FILE's eval.tasks (the demo's way) take the same overrides."""
+  cfg = load_config(os.path.join(REPO, "configs", "demo.py") + f":{tmp_path}")
+  (task, *_) = list(cfg.eval.tasks)
+  cfg, _ = compose(config=cfg, overrides=[f"--config.eval.tasks.{task}.num_beams=2"])
+  assert eval_config(cfg).tasks[task].num_beams == 2
+
+
+def test_imagenet_class_names_ship_with_the_package(tmp_path):
+  """No open_flamingo / open_clip needed: the config names the packaged list of 1,000."""
+  cfg, _ = compose(eval_files=[os.path.join(REPO, "configs", "eval", "imagenet.py")
+                               + f":{tmp_path}"])
+  path = eval_config(cfg).tasks["imagenet"].class_names
+  assert os.path.isfile(path) and not path.startswith(str(tmp_path)), path
+  names = datasets.read_class_names(path)
+  assert len(names) == 1000 and names[:2] == ("tench", "goldfish") and names[-1] == "toilet paper"
+  cfg, _ = compose(eval_files=[os.path.join(REPO, "configs", "eval", "imagenet.py")
+                               + f":{tmp_path}"],
+                   overrides=["--config.eval.tasks.imagenet.class_names=mine.txt"])
+  assert eval_config(cfg).tasks["imagenet"].class_names == str(tmp_path / "mine.txt")
+  (tmp_path / "classnames.txt").write_text("a\nb\n")  # the data root's own list wins
+  cfg, _ = compose(eval_files=[os.path.join(REPO, "configs", "eval", "imagenet.py")
+                               + f":{tmp_path}"])
+  assert eval_config(cfg).tasks["imagenet"].class_names == str(tmp_path / "classnames.txt")
+
+
+def test_gs_workdir_without_gcsfs_names_the_extra(monkeypatch, capsys):
+  from flamingo_jax.training import loop  # pylint: disable=import-outside-toplevel
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "gcsfs" else real(name, *a))
+  status = errors.run_cli(lambda argv: loop.workdir_path("gs://bucket/run"), [])
+  err = _one_error_line(capsys, status)
+  assert err == ("error: the workdir gs://bucket/run needs gcsfs, not installed: "
+                 "pip install 'flamingo_jax[gcs]'"), err
