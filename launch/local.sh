@@ -2,7 +2,8 @@
 # One machine, all its accelerators (or CPU). Extra arguments go to the trainer.
 #
 #   launch/local.sh configs/tiny.py /tmp/tiny
-#   launch/local.sh configs/tiny.py /tmp/tiny --config.mesh.fsdp=2
+#   launch/local.sh configs/tiny.py /tmp/tiny_fsdp --config.mesh.fsdp=2 --fake_devices=2
+#       (on 2 accelerators drop --fake_devices; on a CPU it runs on 2 fake devices)
 #   FAKE_DEVICES=8 launch/local.sh configs/tiny.py /tmp/tiny --config.mesh.tensor=2
 #   launch/local.sh configs/flamingo_9b.py /tmp/9b --compile_only --fake_devices=256 \
 #       --config.mesh.tensor=16 --config.mesh.zero1=True

@@ -81,3 +81,42 @@ def test_gs_workdir_without_gcsfs_names_the_extra(monkeypatch, capsys):
   err = _one_error_line(capsys, status)
   assert err == ("error: the workdir gs://bucket/run needs gcsfs, not installed: "
                  "pip install 'flamingo_jax[gcs]'"), err
+
+
+def test_fake_devices_in_process(capsys):
+  """--fake_devices is a no-op where JAX already runs on that many CPU devices, one error
+  line where it cannot be honoured (JAX started with another count), for every CLI."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.apps import generate  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.evaluate import cli  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.runtime import distributed  # pylint: disable=import-outside-toplevel
+  n = len(jax.devices())
+  distributed.fake_cpu_devices(n)
+  for main, args in ((cli.main, ["--out", "x", "--checkpoint", "m"]),
+                     (generate.main, ["--checkpoint", "m", "--prompt", "p"])):
+    status = errors.run_cli(main, [*args, f"--fake_devices={n + 1}"])
+    err = _one_error_line(capsys, status)
+    assert f"--fake_devices={n + 1}: JAX already runs on {n} cpu devices" in err, err
+
+
+@pytest.mark.slow
+def test_generate_fake_devices_mesh_in_a_fresh_process(tiny_model_dir, tmp_path):
+  """`generate --fake_devices=2 --mesh.tensor=2` in a process without XLA_FLAGS (one CPU
+  device) shards over 2 fake devices and completes as one device does."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.apps import generate  # pylint: disable=import-outside-toplevel
+  image = tmp_path / "a.png"
+  Image.fromarray(np.full((32, 32, 3), (200, 30, 30), np.uint8)).save(image)
+  args = ["--checkpoint", tiny_model_dir[0], "--image", str(image), "--prompt", "a red",
+          "--max_new_tokens", "4", "--json"]
+  one = generate.main(args)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "flamingo_jax.generate", *args,
+                        "--fake_devices=2", "--mesh.tensor=2"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout)["tokens"] == one["tokens"]

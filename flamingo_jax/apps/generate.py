@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from flamingo_jax import model_dir
+from flamingo_jax.runtime import distributed
 from flamingo_jax.config import apply_overrides
 from flamingo_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from flamingo_jax.data.tokenizer import Tokenizer
@@ -228,8 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  help="RGB std in 0..255 units")
   p.add_argument("--json", action="store_true",
                  help='print {"prompt": ..., "completion": ..., "tokens": [...]} instead')
+  p.add_argument("--fake_devices", type=int, default=0, metavar="N",
+                 help="run on N fake CPU devices (try a --mesh.* sharding without them)")
   argv, section = mesh_section(list(sys.argv[1:] if argv is None else argv))
   a = p.parse_args(argv)
+  distributed.fake_cpu_devices(a.fake_devices)
   mean, std = _floats(a.image_mean, "image_mean"), _floats(a.image_std, "image_std")
   if min(std) <= 0:
     raise ValueError(f"--image_std must be positive, got {a.image_std!r}")

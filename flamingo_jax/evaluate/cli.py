@@ -73,6 +73,8 @@ def build_parser() -> ArgumentParser:
   p.add_argument("--out", required=True, help="output directory (a rerun continues it)")
   p.add_argument("--seed", type=int, default=0, help="--random_init seed")
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--fake_devices", type=int, default=0, metavar="N",
+                 help="run on N fake CPU devices (try a --mesh.* sharding without them)")
   return p
 
 
@@ -84,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   overrides = list(overrides) + mesh_overrides
   model_overrides = [o for o in overrides if o.startswith(MODEL_OVERRIDE)]
   a = build_parser().parse_args(rest)
+  distributed.fake_cpu_devices(a.fake_devices)
   check(bool(a.checkpoint) or a.random_init, "pass --checkpoint MODEL_DIR (or --random_init "
         "with a --config that has a model section)")
   check(not (a.checkpoint and os.path.basename(os.path.normpath(a.checkpoint))

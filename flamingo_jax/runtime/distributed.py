@@ -22,8 +22,27 @@ from typing import Any
 import jax
 
 from flamingo_jax.config import from_config_dict
+from flamingo_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def fake_cpu_devices(n: int, flag: str = "--fake_devices") -> None:
+  """Run on n fake CPU devices (`--fake_devices=N`: a mesh's sharding, or whether a config
+  fits a topology, checked without the hardware). Must run before JAX starts its backends;
+  where they already run on n CPU devices (an in-process caller, a test) it is a no-op."""
+  if n < 0:
+    raise ConfigError(f"{flag} must be >= 0, got {n}")
+  if n == 0:
+    return
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # backends already initialised
+    devices = jax.devices()
+    if not (len(devices) == n and devices[0].platform == "cpu"):
+      raise ConfigError(f"{flag}={n}: JAX already runs on {len(devices)} "
+                        f"{devices[0].platform} devices in this process") from None
 
 
 @dataclasses.dataclass(frozen=True)

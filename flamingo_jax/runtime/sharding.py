@@ -134,7 +134,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
       sizes[axis] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
     raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices but "
-                     f"{num_devices} are available; set one axis to -1 or fix the sizes")
+                     f"{num_devices} are available; set one axis to -1 or fix the sizes (on a CPU, "
+                     "--fake_devices=N runs on N fake devices)")
   return sizes
 
 

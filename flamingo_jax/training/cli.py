@@ -17,12 +17,12 @@ import logging
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import jax
 import ml_collections
 
 from flamingo_jax.config import (apply_overrides, from_config_dict, load_config,
                                  split_config_args, with_defaults)
 from flamingo_jax.errors import ArgumentParser
+from flamingo_jax.runtime import distributed
 from flamingo_jax.runtime.distributed import DistributedConfig, distributed_config
 from flamingo_jax.runtime.sharding import MeshConfig, mesh_config
 from flamingo_jax.training.checkpoint import CheckpointConfig, checkpoint_config
@@ -102,9 +102,7 @@ def parse_args(argv: Optional[Sequence[str]], doc: str, workdir_help: str,
     extra(parser)
   args = parser.parse_args(rest)
   setup_logging()
-  if args.fake_devices:
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.fake_devices)
+  distributed.fake_cpu_devices(args.fake_devices)
   return args, overrides
 
 
