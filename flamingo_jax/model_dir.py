@@ -208,6 +208,11 @@ def read_model_config(directory: str, overrides: Sequence[str] = ()) -> Flamingo
       section = json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  if isinstance(section, dict) and set(section) == {"lm"}:  # what `convert hf-lm` writes
+    raise CheckpointError(
+        f"{directory!r} holds a language model alone (`convert hf-lm` output: no vision "
+        "encoder, resampler or cross-attention); a Flamingo model directory is needed: train "
+        f"one around it with --config configs/from_hf_lm.py:{directory} (docs/checkpoints.md)")
   return with_overrides(section, overrides)
 
 

@@ -120,3 +120,20 @@ def test_generate_fake_devices_mesh_in_a_fresh_process(tiny_model_dir, tmp_path)
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout)["tokens"] == one["tokens"]
+
+
+def test_hf_lm_output_given_to_evaluate_says_what_is_needed(tmp_path, capsys):
+  """`convert hf-lm` writes an LM alone (model_config.json = {"lm": ...}): evaluate and
+  generate say it is not a Flamingo and how to get one, before reading any weights."""
+  import json  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.apps import generate  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.evaluate import cli  # pylint: disable=import-outside-toplevel
+  lm = tmp_path / "lm"
+  lm.mkdir()
+  (lm / "model_config.json").write_text(json.dumps({"lm": {"vocab_size": 64}}))
+  for main, args in ((cli.main, ["--out", str(tmp_path / "o"), "--eval",
+                                 f"{REPO}/configs/eval/coco.py:{tmp_path}"]),
+                     (generate.main, ["--prompt", "a"])):
+    err = _one_error_line(capsys, errors.run_cli(main, ["--checkpoint", str(lm), *args]))
+    assert "holds a language model alone (`convert hf-lm` output" in err, err
+    assert f"--config configs/from_hf_lm.py:{lm}" in err, err
