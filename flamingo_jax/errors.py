@@ -68,6 +68,16 @@ def require_remote_support(path: str, what: str) -> None:
       require_extra((module,), extra, f"{what} {path}")
 
 
+class Interrupted(Exception):
+  """A run stopped by a signal after saving what it had (a checkpoint): not an error and not
+  a bug. run_cli prints `interrupted: <message>` (what was saved, how to resume) and exits
+  with the shell's status for the signal, 128 + signum (SIGINT 130, SIGTERM 143)."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
 USER_ERROR_TYPES = (UserError, ValueError) + _PATH_ERRORS
@@ -139,6 +149,38 @@ def report(exc: BaseException) -> int:
   return EXIT_USER_ERROR
 
 
+def _interrupt_now(*_) -> None:
+  _flush_logs()
+  print("error: interrupted", file=sys.stderr, flush=True)
+  os._exit(130)  # pylint: disable=protected-access
+
+
+def exit_on_interrupt() -> None:
+  """For a process that is the program: the first Ctrl-C ends it at once with one line and
+  status 130. A raised KeyboardInterrupt can be lost (in a gc callback, where Python only
+  prints it) or wait for a compilation or a worker thread; the handler exits instead, and a
+  watcher thread woken through signal.set_wakeup_fd exits while the main thread is busy in
+  native code. A trainer's loop puts its own handler in place (training/loop.py
+  StopSignal: checkpoint, then exit) and restores this one after."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    return  # ignored (a background job) or someone else's handler
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.signal(signal.SIGINT, _interrupt_now)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def watch():
+    while True:
+      if signal.SIGINT in os.read(read_fd, 64) and signal.getsignal(
+          signal.SIGINT) is _interrupt_now:
+        _interrupt_now()
+
+  threading.Thread(target=watch, name="exit_on_interrupt", daemon=True).start()
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
             argv: Optional[Sequence[str]] = None) -> int:
   """Run `main(argv)` with the one-line error contract; returns the exit status.
@@ -146,19 +188,31 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
   Use as `sys.exit(run_cli(main))` under `if __name__ == "__main__":`. A `main`
   that returns an int uses it as the exit status; None means 0. With argv None this
   process is the program, so it first keeps XLA's freed CPU memory mapped
-  (flamingo_jax/host_memory.py); in-process callers (tests) pass argv and are left alone.
+  (flamingo_jax/host_memory.py) and makes Ctrl-C end it at once (exit_on_interrupt);
+  in-process callers (tests) pass argv and are left alone. A run stopped by a signal
+  after saving (Interrupted) prints `interrupted: ...` and exits 128 + signum.
   """
   if argv is None:
     from flamingo_jax.process import host_memory  # pylint: disable=import-outside-toplevel
     host_memory.keep_freed_memory()
+    exit_on_interrupt()
   traceback = show_tracebacks(argv)
+  program = argv is None
   try:
     result = main(strip_traceback_flag(argv))
+  except Interrupted as exc:
+    _flush_logs()
+    print(f"interrupted: {one_line(exc)}", file=sys.stderr, flush=True)
+    return 128 + exc.signum
   except USER_ERROR_TYPES as exc:
     if traceback:
       raise
     return report(exc)
   except KeyboardInterrupt:
+    _flush_logs()
     print("error: interrupted", file=sys.stderr, flush=True)
+    if program:  # leave now: not after a worker thread finishes
+      sys.stdout.flush()
+      os._exit(130)  # pylint: disable=protected-access
     return 130
   return result if isinstance(result, int) else 0

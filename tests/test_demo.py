@@ -60,7 +60,7 @@ def test_demo_runs_every_stage_skips_finished_ones_and_runs_an_ablation(tmp_path
   # A second run skips every finished stage (no trainer runs: seconds, not minutes).
   again = demo.run(workdir, demo.SCALES["smoke"])
   assert again["flamingo"] == results["flamingo"] and again["eval"] == results["eval"]
-  with pytest.raises(ValueError, match="another scale"):
+  with pytest.raises(ValueError, match="was made with --scale smoke, not demo"):
     demo.run(workdir, demo.SCALES["demo"], stages=("data",))
 
   # One ablation on the same workdir (one test: xdist would build the fixture twice).

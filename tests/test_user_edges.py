@@ -137,3 +137,85 @@ def test_hf_lm_output_given_to_evaluate_says_what_is_needed(tmp_path, capsys):
     err = _one_error_line(capsys, errors.run_cli(main, ["--checkpoint", str(lm), *args]))
     assert "holds a language model alone (`convert hf-lm` output" in err, err
     assert f"--config configs/from_hf_lm.py:{lm}" in err, err
+
+
+def test_interrupted_run_exits_130_or_143_with_the_resume_command(monkeypatch, tmp_path,
+                                                                   capsys):
+  """A trainer stopped by a signal (its checkpoint saved) ends the demo with one line naming
+  the signal and the command that resumes (without --force), status 128 + signum."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.apps.demo import stages  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.training.loop import StopSignal  # pylint: disable=import-outside-toplevel
+  for signum, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+    monkeypatch.setattr(StopSignal, "last_received", signum)
+
+    def stopped(*args, **kwargs):
+      stages.check_finished("Flamingo training", {"stopped": "signal", "step": 7})
+    monkeypatch.setattr(stages, "run", stopped)
+    got = errors.run_cli(stages.main, ["--workdir", str(tmp_path / "w x"), "--scale", "smoke",
+                                       "--force", "flamingo"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert got == status, (got, err)
+    assert err == (f"interrupted: Flamingo training stopped by {signal.Signals(signum).name} "
+                   "at step 7, its checkpoint saved; resume with: python -m flamingo_jax.demo "
+                   f"--workdir '{tmp_path / 'w x'}' --scale smoke"), err
+  with pytest.raises(RuntimeError, match="stopped early"):  # any other early stop: a bug
+    stages.check_finished("LM pretraining", {"stopped": "nan"})
+  stages.check_finished("LM pretraining", {"stopped": "done"})
+
+
+def test_ctrl_c_leaves_at_once(tmp_path):
+  """Ctrl-C outside a trainer's steps: `error: interrupted` and status 130 now, neither once
+  a worker thread finishes nor never (a KeyboardInterrupt swallowed, as Python does in a gc
+  callback during a compilation)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  head = ("import os, signal, threading, time\nfrom flamingo_jax.errors import run_cli\n"
+          "def main(argv):\n  threading.Thread(target=time.sleep, args=(120,)).start()\n")
+  bodies = ("  raise KeyboardInterrupt\n",
+            "  try:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\n"
+            "  except KeyboardInterrupt:\n    pass\n  time.sleep(120)\n")
+  for body in bodies:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", head + body + "raise SystemExit(run_cli(main))"],
+                         capture_output=True, text=True, timeout=100, cwd=REPO)
+    assert out.returncode == 130 and out.stderr.strip() == "error: interrupted", out.stderr
+    assert time.time() - t0 < 30
+
+
+def test_another_scale_needs_force_data(tmp_path):
+  """--force STAGE with another --scale never rewrites the workdir's scale.json."""
+  import json  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.apps.demo import stages  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  smoke = json.loads(json.dumps(dataclasses.asdict(stages.SCALES["smoke"])))
+  (workdir / "scale.json").write_text(json.dumps(smoke))
+  for force in ((), ("eval",), ("flamingo", "eval")):
+    with pytest.raises(errors.UserError, match="made with --scale smoke, not demo; use a new "
+                       "--workdir or --force data"):
+      stages.run(str(workdir), stages.SCALES["demo"], force=force)
+    assert json.loads((workdir / "scale.json").read_text()) == smoke
+
+
+def test_signal_in_a_stages_last_steps_stops_after_it(monkeypatch, tmp_path):
+  """A signal the loop caught as its last steps ran: the stage is kept (result.json) and
+  the demo stops there instead of going on to the next stage."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.apps.demo import stages  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.training.loop import StopSignal  # pylint: disable=import-outside-toplevel
+  ran = []
+  monkeypatch.setattr(StopSignal, "last_received", None)
+  monkeypatch.setattr(stages, "run_data", lambda *a: ran.append("data") or {})
+
+  def lm(*args):
+    ran.append("lm")
+    StopSignal.last_received = signal.SIGTERM
+    return {}
+  monkeypatch.setattr(stages, "run_lm", lm)
+  monkeypatch.setattr(stages, "run_vision", lambda *a: ran.append("vision") or {})
+  with pytest.raises(errors.Interrupted, match="stopped by SIGTERM after stage lm finished"):
+    stages.run(str(tmp_path), stages.SCALES["smoke"])
+  assert ran == ["data", "lm"] and (tmp_path / "lm" / "result.json").exists()

@@ -161,19 +161,21 @@ def pipeline_stats(iterators: Mapping[str, Any]) -> dict[str, float]:
 
 class StopSignal:
   """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+  last_received: Optional[int] = None  # the signal that stopped the latest loop (exit 128+N)
 
   def __init__(self):
     self.received: Optional[int] = None
     self._previous = {}
 
   def __enter__(self):
+    StopSignal.last_received = None
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    self.received = signum
+    self.received = StopSignal.last_received = signum
     log.warning("received %s: saving a checkpoint after this step, then exiting",
                 signal.Signals(signum).name)
 

@@ -32,7 +32,9 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -41,7 +43,7 @@ from typing import Callable, Optional, Sequence
 from flamingo_jax.apps.demo import report
 from flamingo_jax.apps.demo.scale import RESULT, SCALES, STAGES, Scale
 from flamingo_jax.config import configs_dir
-from flamingo_jax.errors import UserError, run_cli
+from flamingo_jax.errors import Interrupted, UserError, run_cli
 from flamingo_jax.training.metrics import Progress
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,43 @@ def run_data(paths: dict, scale: Scale) -> dict:
           "corpus_lines": manifest["corpus_lines"], "seconds": manifest["seconds"]}
 
 
+def check_finished(what: str, summary: dict) -> None:
+  """A stage's trainer that stopped before its last step: by SIGINT / SIGTERM (its
+  checkpoint saved) an Interrupted, which main ends with the resume command and status
+  130 / 143; any other early stop is a bug."""
+  stopped = summary.get("stopped")
+  if stopped in (None, "done"):
+    return
+  if stopped == "signal":
+    from flamingo_jax.training.loop import StopSignal
+    signum = StopSignal.last_received or signal.SIGINT
+    raise Interrupted(signum, f"{what} stopped by {signal.Signals(signum).name} at step "
+                      f"{summary.get('step')}, its checkpoint saved")
+  raise RuntimeError(f"{what} stopped early ({stopped})")
+
+
+def _signal_during(stage: str) -> Optional[int]:
+  """The signal a trainer's loop caught during this stage, if any (None: none)."""
+  if stage not in ("lm", "vision", "flamingo"):
+    return None
+  from flamingo_jax.training.loop import StopSignal
+  return StopSignal.last_received
+
+
+def resume_command(argv: Sequence[str]) -> str:
+  """The command that continues an interrupted demo: the same one without --force (which
+  would start the forced stages afresh again)."""
+  args, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--force":
+      skip = True
+    elif not a.startswith("--force="):
+      args.append(a)
+  return shlex.join(["python", "-m", "flamingo_jax.demo", *args])
+
+
 def run_lm(paths: dict, scale: Scale) -> dict:
   import jax
   from flamingo_jax.trainers.lm import train as lm_pretrain
@@ -114,8 +153,7 @@ def run_lm(paths: dict, scale: Scale) -> dict:
     out = lm_pretrain.run(config, paths["lm"], on_step=bar, devices=jax.devices()[:1])
   finally:
     bar.close()
-  if out["stopped"] != "done":
-    raise RuntimeError(f"LM pretraining stopped early ({out['stopped']})")
+  check_finished("LM pretraining", out)
   losses = [r["loss"] for r in out["history"]]
   return {"steps": out["step"], "first_loss": losses[0] if losses else None,
           "final_loss": losses[-1] if losses else None, "val_loss": out["val_loss"],
@@ -140,8 +178,7 @@ def run_vision(paths: dict, scale: Scale) -> dict:
     summary = contrastive.run(config, paths["vision"], on_step=bar)
   finally:
     bar.close()
-  if summary.get("stopped") not in (None, "done"):
-    raise RuntimeError(f"contrastive pretraining stopped early ({summary['stopped']})")
+  check_finished("contrastive pretraining", summary)
   return {"steps": summary["step"], "eval": summary.get("eval", {}),
           "final_loss": summary["history"][-1]["loss"] if summary["history"] else None,
           "export": summary.get("export") or paths["vision_export"]}
@@ -178,8 +215,7 @@ def run_flamingo(paths: dict, scale: Scale, config_path: str = "",
     summary = train.run(config, paths["flamingo"], on_step=bar, devices=train_devices(config))
   finally:
     bar.close()
-  if summary["stopped"] != "done":
-    raise RuntimeError(f"Flamingo training stopped early ({summary['stopped']})")
+  check_finished("Flamingo training", summary)
   times = [r["step_time"] for r in summary["history"] if "step_time" in r]
   return {"steps": summary["step"], "model": paths["model"],
           "final_losses": {k[5:]: v for k, v in summary["history"][-1].items()
@@ -274,9 +310,14 @@ def run(workdir: str, scale: Scale, force: Sequence[str] = (),
   results, seconds = {}, {}
   scale_file = os.path.join(paths["root"], "scale.json")
   want = json.loads(json.dumps(dataclasses.asdict(scale)))
-  if os.path.exists(scale_file) and read_json(scale_file) != want and not force:
-    raise ValueError(f"{workdir} was made with another scale ({read_json(scale_file)}); use "
-                     "a new --workdir or --force data")
+  if os.path.exists(scale_file) and read_json(scale_file) != want and "data" not in force:
+    # Every stage depends on the data: only redoing them all makes the workdir one scale.
+    names = {json.dumps(dataclasses.asdict(v), sort_keys=True): k for k, v in SCALES.items()}
+    had = read_json(scale_file)
+    raise UserError(f"{workdir} was made with --scale "
+                    f"{names.get(json.dumps(had, sort_keys=True), had)}, not "
+                    f"{names.get(json.dumps(want, sort_keys=True), want)}; use a new --workdir "
+                    "or --force data (redoes every stage at the new scale)")
   write_json(scale_file, dataclasses.asdict(scale))
   forced = False
   for stage in STAGES:
@@ -311,6 +352,10 @@ def run(workdir: str, scale: Scale, force: Sequence[str] = (),
     seconds[stage] = results[stage]["_seconds"] = time.perf_counter() - t0
     write_json(marker, results[stage])
     log.info("stage %s: done in %.0f s", stage, seconds[stage])
+    signum = _signal_during(stage)
+    if signum is not None:  # it came as the last steps ran: the stage is done, stop here
+      raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after stage "
+                        f"{stage} finished")
   return results
 
 
@@ -348,7 +393,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "Flamingo stage and the evaluation once per seed (seed s > 0 under "
                  "WORKDIR/seed_s), the data, LM and vision stages shared; report.md gets "
                  "the mean and [min, max] over the seeds")
+  argv = list(sys.argv[1:] if argv is None else argv)
   a = p.parse_args(argv)
+  try:
+    return _main(a)
+  except Interrupted as e:
+    raise Interrupted(e.signum, f"{e}; resume with: {resume_command(argv)}") from None
+
+
+def _main(a: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                       stream=sys.stderr)
   for name in ("flamingo_jax.trainers.flamingo.train", "flamingo_jax.trainers.contrastive.train", "flamingo_jax.trainers.lm.train",
