@@ -113,6 +113,11 @@ def run(name: str, variant: str, batch: int, prompt_len: int, new_tokens: int, m
           "first_call_s": first, "tokens": np.asarray(out.tokens).tolist()}
 
 
+def say(line: str) -> None:
+  """Progress on stderr (stdout holds only the JSON): compiling a variant takes minutes."""
+  print(f"decode.py: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="tiny,bench")
@@ -125,9 +130,16 @@ def main(argv=None) -> dict:
   a = p.parse_args(argv)
   results, speedups = [], {}
   for name in a.models.split(","):
+    say(f"model {name}: random params and a batch of {a.batch} prompts of {a.prompt_len} "
+        "tokens ...")
     inputs = model_and_inputs(name, a.batch, a.prompt_len)
-    rows = {v: run(name, v, a.batch, a.prompt_len, a.new_tokens, a.method, a.repeats, inputs)
-            for v in a.variants.split(",")}
+    rows = {}
+    for v in a.variants.split(","):
+      say(f"model {name}, {v}: compiling, then {a.repeats} timed calls of {a.new_tokens} "
+          "and of 1 new token ...")
+      rows[v] = run(name, v, a.batch, a.prompt_len, a.new_tokens, a.method, a.repeats, inputs)
+      say(f"model {name}, {v}: {rows[v]['tokens_per_s']:.1f} tokens/s (whole generate call, "
+          f"first call {rows[v]['first_call_s']:.1f} s with compilation)")
     # Same tokens whichever way the logits are computed.
     same = len({json.dumps(r.pop("tokens")) for r in rows.values()}) == 1
     for r in rows.values():

@@ -35,11 +35,19 @@ def one_run(workdir: str, steps: int, mode: str) -> dict:
   from flamingo_jax.trainers.flamingo import train
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
                                                               "jax_cache"))
+  from flamingo_jax.config import apply_overrides
   config = demo.demo_config(workdir, [f"train.total_steps={steps}", "train.log_every=10",
-                                      "train.export_dir=''", "checkpoint.enabled=False"])
+                                      "train.export_dir=''"])
+  config = apply_overrides(train.with_default_sections(config), ["checkpoint.enabled=False"])
+  every = max(1, steps // 10)
+
+  def progress(step, metrics):  # stderr goes through the parent: a line per tenth
+    if step % every == 0 or step == steps:
+      print(f"host_memory.py: {mode} run: step {step}/{steps}, loss {metrics['loss']:.3f}",
+            file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory() as run_dir:
     t0 = time.perf_counter()
-    summary = train.run(config, run_dir, devices=demo.train_devices(config))
+    summary = train.run(config, run_dir, devices=demo.train_devices(config), on_step=progress)
     wall = time.perf_counter() - t0
   times = [r["step_time"] for r in summary["history"] if "step_time" in r]
   usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -62,14 +70,16 @@ def main(argv=None) -> int:
   for stage in ("data", "lm", "vision"):
     if not os.path.isdir(os.path.join(a.workdir, stage)):
       print(f"error: {a.workdir}/{stage} is missing: run `make demo` (or python -m "
-            f"flamingo_jax.apps.demo.stages --workdir {a.workdir}) first", file=sys.stderr)
+            f"flamingo_jax.demo --workdir {a.workdir}) first", file=sys.stderr)
       return 2
   runs = []
-  for _ in range(a.rounds):
+  for i in range(a.rounds):
     for mode in ("keep", "default"):
+      print(f"host_memory.py: round {i + 1}/{a.rounds}, {mode} run: compiling and training "
+            f"{a.steps} demo updates in a fresh process ...", file=sys.stderr, flush=True)
       out = subprocess.run([sys.executable, os.path.abspath(__file__), "--workdir", a.workdir,
                             "--steps", str(a.steps), "--mode", mode],
-                           check=True, capture_output=True, text=True)
+                           check=True, stdout=subprocess.PIPE, text=True)
       runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
   step = {m: statistics.median(r["median_step_time_s"] for r in runs if r["mode"] == m)

@@ -193,6 +193,18 @@ def step_stats(records: list[dict], flops_per_step: Optional[float], tokens: Opt
     out["frozen_aware_flop_per_cpu_s"] = flops_per_step / out["process_cpu_time_per_step_s"]
   return out
 
+def summary_line(config: str, kind: str, stats: dict, steps: int) -> str:
+  """One line a person reads: what was timed and what the MFU is a fraction of."""
+  line = (f"{config} {kind}: median of {steps} timed steps {stats['step_time_s']:.4g} s/step, "
+          f"{stats['process_cpu_time_per_step_s']:.4g} CPU s/step")
+  if "tokens_per_s" in stats:
+    line += f", {stats['tokens_per_s']:,.0f} text tokens/s"
+  if "mfu_frozen_aware" in stats:
+    line += (f", MFU {100 * stats['mfu_frozen_aware']:.1f}% (frozen-aware FLOPs over the "
+             "measured matmul peak)")
+  return line
+
+
 # --------------------------------------------------------------------------
 # OpenFlamingo
 
@@ -602,6 +614,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("flamingo_jax").setLevel(logging.INFO)
+  # A worker pauses between steps while the other side steps, so the trainer's own
+  # per-step lines (s/step, tok/s, MFU over the paused clock) would measure the pauses;
+  # the parent prints this benchmark's timings instead (summary_line).
+  logging.getLogger("flamingo_jax.training.loop").setLevel(logging.WARNING)
   if args.worker:
     ch = Channel()
     {"ours": worker_ours, "openflamingo": worker_openflamingo, "peak": worker_peak}[
@@ -646,6 +662,9 @@ def main(argv=None) -> int:
                          with_of=args.openflamingo and supports_openflamingo(cfg))
       results["configs"][name] = out
       print(json.dumps({name: out}, indent=2), flush=True)
+      for kind in ("ours", "openflamingo"):
+        if kind in out:
+          print(summary_line(name, kind, out[kind], args.steps), file=sys.stderr, flush=True)
   results["load_average_after"] = os.getloadavg()
   print(json.dumps(results, indent=2))
   if args.output:

@@ -115,3 +115,31 @@ def test_alternated_run_on_the_tiny_bench_3b(tmp_path):
   assert res["speedup"] == pytest.approx(of["step_time_s"] / ours["step_time_s"])
   assert res["ours_over_openflamingo"]["cpu"] == pytest.approx(
       ours["process_cpu_time_per_step_s"] / of["process_cpu_time_per_step_s"])
+
+
+def test_summary_line_says_what_it_measures():
+  """The line a person reads last: this benchmark's medians and what MFU is a share of
+  (not the trainer's per-step line, which a paused worker would time wrongly)."""
+  recs = [{"wall_s": w, "cpu_s": 2 * w} for w in (1.0, 3.0, 2.0)]
+  stats = train_step.step_stats(recs, flops_per_step=2.0, tokens=100, peak=4.0)
+  assert train_step.summary_line("tiny", "ours", stats, 3) == (
+      "tiny ours: median of 3 timed steps 2 s/step, 4 CPU s/step, 50 text tokens/s, "
+      "MFU 25.0% (frozen-aware FLOPs over the measured matmul peak)")
+
+
+@pytest.mark.slow
+def test_decode_benchmark_says_what_it_does(capsys):
+  """benchmarks/decode.py: a stderr line before each model and variant compiles (minutes on
+  the bench model), stdout only the JSON."""
+  spec = importlib.util.spec_from_file_location(
+      "decode_benchmark", os.path.join(REPO, "benchmarks", "decode.py"))
+  decode = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(decode)
+  report = decode.main(["--models", "tiny", "--variants", "cache", "--new_tokens", "2",
+                        "--repeats", "1", "--batch", "1", "--prompt_len", "32"])
+  out, err = capsys.readouterr()
+  assert json.loads(out) == json.loads(json.dumps(report))
+  lines = err.strip().splitlines()
+  assert lines[0].startswith("decode.py: model tiny: random params") and len(lines) == 3, err
+  assert lines[1].startswith("decode.py: model tiny, cache: compiling, then 1 timed calls")
+  assert lines[2].startswith("decode.py: model tiny, cache: ") and "tokens/s" in lines[2]

@@ -1,6 +1,7 @@
 """The rough edges a new user hits (issue 29): documented keys settable, optional
 dependencies named by their extra, flags and config paths with one meaning. Cheap:
 argument parsing and error lines run in-process through errors.run_cli."""
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -219,3 +220,34 @@ def test_signal_in_a_stages_last_steps_stops_after_it(monkeypatch, tmp_path):
   with pytest.raises(errors.Interrupted, match="stopped by SIGTERM after stage lm finished"):
     stages.run(str(tmp_path), stages.SCALES["smoke"])
   assert ran == ["data", "lm"] and (tmp_path / "lm" / "result.json").exists()
+
+
+def test_results_md_says_greedy_for_one_beam(tmp_path):
+  from flamingo_jax.evaluate import run  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.evaluate.config import protocol  # pylint: disable=import-outside-toplevel
+  cfg, _ = compose(eval_files=[f"{REPO}/configs/eval/coco.py:{tmp_path}"])
+  ec = eval_config(cfg)
+  t = ec.tasks["coco"]
+  for beams, want in ((3, "beam search (3 beams, length penalty 0)"),
+                      (1, "greedy (beam search with 1 beam)")):
+    proto = protocol(ec, dataclasses.replace(t, num_beams=beams))
+    assert run.decoding_text("captioning", ec, t, proto).startswith(want + ", at most 20")
+  greedy = dataclasses.replace(ec, decode_method="greedy")
+  assert run.decoding_text("captioning", greedy, t, protocol(greedy, t)).startswith("greedy, ")
+
+
+def test_demo_seeds_output_labels_each_table(monkeypatch, tmp_path, capsys):
+  """`demo --seeds 0,1`: the mean table, then seed 0's own table under a line saying so."""
+  from flamingo_jax.apps.demo import stages  # pylint: disable=import-outside-toplevel
+
+  def ev(score):
+    return {"shots": [0], "metrics": {"classes": "top-1"}, "chance": {"classes": 4.5},
+            "results": {"flamingo": {"classes": {"0": score}}}}
+  runs = {0: {"eval": ev(50.0), "report": {"path": "r.md"}}, 1: {"eval": ev(60.0)}}
+  monkeypatch.setattr(stages, "run_seeds", lambda *a: runs)
+  assert errors.run_cli(stages.main, ["--workdir", str(tmp_path), "--seeds", "0,1"]) == 0
+  out = capsys.readouterr().out
+  mean = out.index("Mean and [min, max] over 2 seeds (0, 1).")
+  label = out.index("Seed 0 alone (the first seed's run; report.md has both):")
+  assert mean < out.index("| classes | top-1 | flamingo | 55.0 [50.0, 60.0] |") < label
+  assert label < out.index("| classes | top-1 | flamingo | 50.0 |")

@@ -178,8 +178,10 @@ def score_predictions(task: Task, predictions: dict, option_scores: Optional[np.
 def decoding_text(kind: str, ec: EvalConfig, t: EvalTaskConfig, proto: Protocol) -> str:
   """How a task's predictions were made, in words (for results.md)."""
   if kind in ("captioning",) + QA_KINDS:
-    how = (f"beam search ({proto.num_beams} beams, length penalty {ec.length_penalty:g})"
-           if ec.decode_method == "beam" else "greedy")
+    if ec.decode_method == "beam" and proto.num_beams > 1:
+      how = f"beam search ({proto.num_beams} beams, length penalty {ec.length_penalty:g})"
+    else:  # one beam keeps the most likely token at each step: greedy
+      how = "greedy" + (" (beam search with 1 beam)" if ec.decode_method == "beam" else "")
     post = f", answers post-processed '{t.answer_postprocess}'" if kind in QA_KINDS and \
         t.answer_postprocess != "none" else ""
     return f"{how}, at most {t.max_new_tokens} new tokens, stop at <EOC>{post}"

@@ -429,6 +429,7 @@ def _main(a: argparse.Namespace) -> int:
     results = runs[seeds[0]]
     if len(seeds) > 1:
       print(report.seeds_table({s: r["eval"] for s, r in runs.items()}))
+      print(f"\nSeed {seeds[0]} alone (the first seed's run; report.md has both):")
   else:
     results = run(a.workdir, SCALES[a.scale], force, stages)
   if "eval" in results:
