@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 TRACEBACK_ENV = "FLAMINGO_JAX_TRACEBACK"
@@ -102,6 +103,26 @@ class ArgumentParser(argparse.ArgumentParser):
   def error(self, message: str):
     raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
+  def add_renamed(self, old: str, new: str, **kwargs) -> None:
+    """`old`, a flag renamed to `new` (already added; `kwargs` as its type): still accepted
+    for a release, with a one-line note on stderr; hidden from --help."""
+    dest = new.lstrip("-").replace("-", "_")
+    self.add_argument(old, dest=dest, action=_Renamed, new=new, help=argparse.SUPPRESS,
+                      default=argparse.SUPPRESS, **kwargs)
+
+
+class _Renamed(argparse.Action):
+  """Stores like the new flag and says, once per use, that the old name is going."""
+
+  def __init__(self, option_strings, dest, new: str = "", **kwargs):
+    super().__init__(option_strings, dest, **kwargs)
+    self.new = new
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    print(f"note: {option_string} is renamed {self.new}; the old name goes in the next "
+          "release", file=sys.stderr, flush=True)
+    setattr(namespace, self.dest, values)
+
 
 def show_tracebacks(argv: Optional[Sequence[str]] = None) -> bool:
   """True if the user asked for tracebacks of user errors (env var or --traceback)."""
@@ -149,7 +170,12 @@ def report(exc: BaseException) -> int:
   return EXIT_USER_ERROR
 
 
+_EXITING = threading.Lock()  # the signal handler and the watcher thread: one line, one exit
+
+
 def _interrupt_now(*_) -> None:
+  if not _EXITING.acquire(blocking=False):
+    return  # the other one is exiting
   _flush_logs()
   print("error: interrupted", file=sys.stderr, flush=True)
   os._exit(130)  # pylint: disable=protected-access
@@ -163,7 +189,6 @@ def exit_on_interrupt() -> None:
   native code. A trainer's loop puts its own handler in place (training/loop.py
   StopSignal: checkpoint, then exit) and restores this one after."""
   import signal  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
   if (threading.current_thread() is not threading.main_thread()
       or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
     return  # ignored (a background job) or someone else's handler

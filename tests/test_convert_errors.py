@@ -45,7 +45,7 @@ def files(tmp_path):
 
 
 def openflamingo_argv(d, **over):
-  args = {"checkpoint": d / "checkpoint.pt", "lm": d / "lm", "vision": d / "vision.safetensors",
+  args = {"input": d / "checkpoint.pt", "lm": d / "lm", "vision": d / "vision.safetensors",
           "cross_attn_every_n_layers": 2, "media_token_id": 101, "eoc_token_id": 100,
           "out": d / "out", **over}
   return ["openflamingo"] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
@@ -142,8 +142,8 @@ def test_missing_tensor_names_the_file(files, capsys):
 
 def test_flags(files, capsys):
   argv = [a for a in openflamingo_argv(files) if a not in ("--media_token_id", "101")]
-  one_error(main(argv), capsys.readouterr().err, "--media_token_id", "--tokenizer")
-  one_error(main(["openflamingo", "--lm", "x"]), capsys.readouterr().err, "--checkpoint")
+  one_error(main(argv), capsys.readouterr().err, "--media_token_id", "--tokenizer_dir")
+  one_error(main(["openflamingo", "--lm", "x"]), capsys.readouterr().err, "--vision")
   one_error(main(openflamingo_argv(files, media_token_id=500)), capsys.readouterr().err,
             "media_token_id=500", "vocabulary of 103")
 
@@ -166,7 +166,7 @@ def test_command_line(files):
 
 
 def test_tokenizer_flag(files, capsys):
-  """--tokenizer gives the ids (here the fixture's 100 / 101 from a 100-word tokenizer
+  """--tokenizer_dir gives the ids (here the fixture's 100 / 101 from a 100-word tokenizer
   plus OpenFlamingo's tokens) and writes it; ids that disagree with it are named."""
   import json
 
@@ -180,12 +180,12 @@ def test_tokenizer_flag(files, capsys):
   raw.save(str(files / "tok" / "tokenizer.json"))
   argv = [a for a in openflamingo_argv(files) if a not in ("--media_token_id", "101",
                                                            "--eoc_token_id", "100")]
-  assert main(argv + ["--tokenizer", str(files / "tok")]) == 0
+  assert main(argv + ["--tokenizer_dir", str(files / "tok")]) == 0
   tok = OurTokenizer.load(str(files / "out"))
   assert (tok.info.image_token_id, tok.info.eoc_token_id, tok.info.vocab_size) == (101, 100, 103)
   assert json.loads((files / "out" / "tokenizer_config.json").read_text())["pad_token"] == "<PAD>"
   assert not tok.add_bos and tok.encode("w3 w7") == [4, 8]
-  rc = main(argv + ["--tokenizer", str(files / "tok"), "--eoc_token_id", "99"])
+  rc = main(argv + ["--tokenizer_dir", str(files / "tok"), "--eoc_token_id", "99"])
   one_error(rc, capsys.readouterr().err, "--eoc_token_id=99", "<|endofchunk|> id 100")
-  rc = main(argv + ["--tokenizer", str(files / "missing")])
+  rc = main(argv + ["--tokenizer_dir", str(files / "missing")])
   one_error(rc, capsys.readouterr().err, "cannot read tokenizer", "missing")

@@ -63,7 +63,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
   # The fixture's tiny ViT has 4 heads of 8; real OpenCLIP towers use heads of 64, which is
   # what the CLI assumes. Convert the real way and check the tree and config it writes.
   out = tmp_path / "of"
-  rc = main(["openflamingo", "--checkpoint", os.path.join(FIXTURE, "checkpoint.pt"),
+  rc = main(["openflamingo", "--input", os.path.join(FIXTURE, "checkpoint.pt"),
              "--lm", os.path.join(FIXTURE, "lm"),
              "--vision", os.path.join(FIXTURE, "vision.safetensors"),
              "--cross_attn_every_n_layers", "2", "--media_token_id", "101",
@@ -76,7 +76,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(str(out / "params"))
   assert jax.tree.structure(nn.unbox(abstract)) == jax.tree.structure(restored)
-  assert rc == 0 and main(["openflamingo", "--checkpoint", os.path.join(FIXTURE, "checkpoint.pt"),
+  assert rc == 0 and main(["openflamingo", "--input", os.path.join(FIXTURE, "checkpoint.pt"),
                            "--lm", os.path.join(FIXTURE, "lm"), "--vision",
                            os.path.join(FIXTURE, "vision.safetensors"),
                            "--cross_attn_every_n_layers", "3", "--media_token_id", "101",
@@ -317,7 +317,7 @@ def tokenizer_model(n, tmp_path_factory):
 
 @pytest.mark.parametrize("bos", [False, True], ids=["gpt_neox_tokenizer", "bos_tokenizer"])
 def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_factory):
-  """`convert openflamingo --tokenizer` writes OpenFlamingo's tokenizer into the model
+  """`convert openflamingo --tokenizer_dir` writes OpenFlamingo's tokenizer into the model
   directory; loaded from there, our prompts are the ids OpenFlamingo's HF tokenizer
   gives its captioning and VQA prompts (few- and zero-shot), token for token: no BOS
   unless its tokenizer adds one, its `<|endofchunk|>` id; the logits on them match. Given
@@ -347,8 +347,8 @@ def test_tokenizer_and_prompts_match_open_flamingo(bos, tmp_path, tmp_path_facto
   m = tokenizer_model(n, tmp_path_factory)
   assert (m["eoc"], m["media"]) == (eoc, media)
   out = tmp_path / "converted"
-  assert main(["openflamingo", "--checkpoint", m["ckpt"], "--lm", m["lm"], "--vision", VISION,
-               "--cross_attn_every_n_layers", "2", "--tokenizer",
+  assert main(["openflamingo", "--input", m["ckpt"], "--lm", m["lm"], "--vision", VISION,
+               "--cross_attn_every_n_layers", "2", "--tokenizer_dir",
                str(tmp_path / "openflamingo_tokenizer"), "--out", str(out)]) == 0
   converted = load(str(out))
   from_base, _ = openflamingo_tokenizer(str(tmp_path / "base_tokenizer"))

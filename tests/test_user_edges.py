@@ -251,3 +251,52 @@ def test_demo_seeds_output_labels_each_table(monkeypatch, tmp_path, capsys):
   label = out.index("Seed 0 alone (the first seed's run; report.md has both):")
   assert mean < out.index("| classes | top-1 | flamingo | 55.0 [50.0, 60.0] |") < label
   assert label < out.index("| classes | top-1 | flamingo | 50.0 |")
+
+
+def test_renamed_flags_keep_their_old_names_for_a_release(capsys):
+  """convert openflamingo's checkpoint.pt is --input and its tokenizer directory
+  --tokenizer_dir (--checkpoint is a model directory, --tokenizer a tokenizer file
+  everywhere else); evaluate's random-init seed is --init_seed. The old names parse the same,
+  with one note line each."""
+  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.convert.__main__ import build_parser, run
+  from flamingo_jax.evaluate import cli  # pylint: disable=import-outside-toplevel
+  base = ["openflamingo", "--lm", "L", "--vision", "V", "--cross_attn_every_n_layers", "2",
+          "--out", "O"]
+  new = build_parser().parse_args(base + ["--input", "c.pt", "--tokenizer_dir", "T"])
+  assert capsys.readouterr().err == ""
+  old = build_parser().parse_args(base + ["--checkpoint", "c.pt", "--tokenizer", "T"])
+  assert (old.input, old.tokenizer_dir) == (new.input, new.tokenizer_dir) == ("c.pt", "T")
+  assert capsys.readouterr().err.splitlines() == [
+      "note: --checkpoint is renamed --input; the old name goes in the next release",
+      "note: --tokenizer is renamed --tokenizer_dir; the old name goes in the next release"]
+  err = _one_error_line(capsys, errors.run_cli(run, base))
+  assert err == "error: convert openflamingo: --input is required (OpenFlamingo's checkpoint.pt)"
+  assert cli.build_parser().parse_args(["--out", "o", "--seed", "3"]).init_seed == 3
+  assert "note: --seed is renamed --init_seed" in capsys.readouterr().err
+  assert "--checkpoint" not in build_parser().format_help()  # the old names are hidden
+
+
+def test_evaluate_init_seed_needs_random_init(capsys):
+  """The seed of random params given with a real model was silently ignored before."""
+  from flamingo_jax.evaluate import cli  # pylint: disable=import-outside-toplevel
+  err = _one_error_line(capsys, errors.run_cli(cli.main, ["--checkpoint", "m", "--out", "o",
+                                                          "--init_seed", "3"]))
+  assert err == ("error: --init_seed 3 seeds random params and needs --random_init; the "
+                 "trials' seeds are --trial_seeds (or --config.eval.seed=N)"), err
+
+
+def test_checkpoint_metadata_warning_is_quiet(caplog):
+  """orbax's absl warning that our step directories lack _CHECKPOINT_METADATA (every
+  --eval_only and every resume printed it) is dropped; other absl warnings are kept."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from flamingo_jax.training import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_checkpoint_metadata_warning()
+  cli.quiet_checkpoint_metadata_warning()  # once only
+  absl_log = logging.getLogger("absl")
+  quiet = cli._NoMetadataWarning  # pylint: disable=protected-access
+  assert sum(isinstance(f, quiet) for f in absl_log.filters) == 1
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    absl_log.warning("Metadata file does not exist: /w/checkpoints/4/state/_CHECKPOINT_METADATA")
+    absl_log.warning("something else")
+  assert [r.getMessage() for r in caplog.records] == ["something else"]

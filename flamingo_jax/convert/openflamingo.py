@@ -1,13 +1,14 @@
 """OpenFlamingo checkpoints -> a flamingo_jax model directory.
 
-  python -m flamingo_jax.convert openflamingo --checkpoint checkpoint.pt --lm BASE_LM
-      --vision OPENCLIP.safetensors --cross_attn_every_n_layers N --tokenizer TOK --out OUT
+  python -m flamingo_jax.convert openflamingo --input checkpoint.pt --lm BASE_LM
+      --vision OPENCLIP.safetensors --cross_attn_every_n_layers N --tokenizer_dir TOK --out OUT
 
 checkpoint.pt is OpenFlamingo's delta in either layout (with the
 `gated_cross_attn_layers` aliases, or as its train script saves it), a raw state
 dict or {"model_state_dict": ...}; BASE_LM the HF LM it was trained on; TOK its
 tokenizer (or the base LM's), which gives the `<image>` / `<|endofchunk|>` ids and
-is written to OUT. docs/checkpoints.md has the conventions.
+is written to OUT. docs/checkpoints.md has the conventions. (--input and
+--tokenizer_dir were --checkpoint and --tokenizer, still accepted for a release.)
 
 Weights of OpenFlamingo / flamingo-pytorch modules -> our params. Both peers name
 their Perceiver Resampler and gated cross-attention weights the same way
@@ -373,40 +374,43 @@ def write_tokenizer(out: str, tokenizer_json: str, tokenizer_config: dict) -> No
 
 
 def _token_ids(args):
-  """(media, eoc, tokenizer files or None): from --tokenizer when given (and checked
+  """(media, eoc, tokenizer files or None): from --tokenizer_dir when given (and checked
   against --media_token_id / --eoc_token_id), else from those flags."""
   given = {"media_token_id": args.media_token_id, "eoc_token_id": args.eoc_token_id}
-  if not args.tokenizer:
+  if not args.tokenizer_dir:
     missing = [f"--{k}" for k, v in given.items() if v is None]
     if missing:
-      raise UserError(f"pass {' and '.join(missing)} (or --tokenizer, OpenFlamingo's "
+      raise UserError(f"pass {' and '.join(missing)} (or --tokenizer_dir, OpenFlamingo's "
                       "tokenizer, to read them from)")
     return args.media_token_id, args.eoc_token_id, None
-  tok, config = openflamingo_tokenizer(args.tokenizer)
+  tok, config = openflamingo_tokenizer(args.tokenizer_dir)
   found = {"media_token_id": tok.info.image_token_id, "eoc_token_id": tok.info.eoc_token_id}
   for key, value in given.items():
     if value is not None and value != found[key]:
       piece = "<image>" if key == "media_token_id" else "<|endofchunk|>"
-      raise UserError(f"--{key}={value}, but the tokenizer {args.tokenizer} gives {piece} id "
+      raise UserError(f"--{key}={value}, but the tokenizer {args.tokenizer_dir} gives {piece} id "
                       f"{found[key]}")
   return found["media_token_id"], found["eoc_token_id"], (tok.tokenizer_json, config)
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument("--checkpoint", required=True,
-                      help="OpenFlamingo checkpoint.pt: a state dict, or the train script's "
-                      "{'model_state_dict': ...}")
+  # --input / --tokenizer_dir, as the other converters' --input and as nowhere else
+  # --checkpoint (a model directory) and --tokenizer (a tokenizer file) mean.
+  parser.add_argument("--input", help="OpenFlamingo checkpoint.pt (required): a state dict, "
+                      "or the train script's {'model_state_dict': ...}")
+  parser.add_renamed("--checkpoint", "--input")
   parser.add_argument("--lm", required=True, help="base HF LM directory (safetensors or "
                       "pytorch_model.bin)")
   parser.add_argument("--vision", required=True,
                       help="OpenCLIP weights (.safetensors, or a torch file loaded with "
                       "weights_only=True)")
   parser.add_argument("--cross_attn_every_n_layers", type=int, required=True)
-  parser.add_argument("--tokenizer", default=None,
+  parser.add_argument("--tokenizer_dir", default=None,
                       help="OpenFlamingo's tokenizer, or its base LM's (a directory with "
                       "tokenizer.json): the ids of <image> and <|endofchunk|> are read from "
                       "it (tokens OpenFlamingo adds are added the same way) and it is written "
                       "to OUT, so generate / evaluate --checkpoint OUT feed OpenFlamingo's ids")
+  parser.add_renamed("--tokenizer", "--tokenizer_dir")
   parser.add_argument("--media_token_id", type=int, default=None,
                       help="id of <image> (required without --tokenizer)")
   parser.add_argument("--eoc_token_id", type=int, default=None,
@@ -417,13 +421,15 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+  if not args.input:
+    raise UserError("convert openflamingo: --input is required (OpenFlamingo's checkpoint.pt)")
   media, eoc, tokenizer = _token_ids(args)
-  checkpoint = load_torch_state_dict(args.checkpoint)
+  checkpoint = load_torch_state_dict(args.input)
   vision = weights_io.read_weights(args.vision, ("state_dict", "model_state_dict"))
   config, params = convert_openflamingo(
       checkpoint, args.lm, vision, cross_attn_every_n_layers=args.cross_attn_every_n_layers,
       media_token_id=media, eoc_token_id=eoc, vision_activation=args.vision_activation,
-      checkpoint_source=args.checkpoint, vision_source=args.vision)
+      checkpoint_source=args.input, vision_source=args.vision)
   hf_lm.write_converted(args.out, params, to_config_dict(config).to_dict())
   if tokenizer is not None:
     write_tokenizer(args.out, *tokenizer)

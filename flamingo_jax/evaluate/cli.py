@@ -71,7 +71,10 @@ def build_parser() -> ArgumentParser:
   p.add_argument("--tokenizer", default="", help="the model's tokenizer (default: "
                  "eval.tokenizer, else MODEL_DIR/tokenizer.model)")
   p.add_argument("--out", required=True, help="output directory (a rerun continues it)")
-  p.add_argument("--seed", type=int, default=0, help="--random_init seed")
+  p.add_argument("--init_seed", type=int, default=None, help="with --random_init: the seed "
+                 "of the random params (default 0); the trials' seeds are --trial_seeds / "
+                 "eval.seed")
+  p.add_renamed("--seed", "--init_seed", type=int)
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--fake_devices", type=int, default=0, metavar="N",
                  help="run on N fake CPU devices (try a --mesh.* sharding without them)")
@@ -89,6 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   distributed.fake_cpu_devices(a.fake_devices)
   check(bool(a.checkpoint) or a.random_init, "pass --checkpoint MODEL_DIR (or --random_init "
         "with a --config that has a model section)")
+  check(a.init_seed is None or a.random_init, f"--init_seed {a.init_seed} seeds random params "
+        "and needs --random_init; the trials' seeds are --trial_seeds (or "
+        "--config.eval.seed=N)")
+  init_seed = a.init_seed or 0
   check(not (a.checkpoint and os.path.basename(os.path.normpath(a.checkpoint))
              == model_dir.PARAMS and not os.path.exists(
                  os.path.join(a.checkpoint, model_dir.MODEL_CONFIG))),
@@ -135,11 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "model's sentencepiece model")
       tokenizer = Tokenizer.load(tok_path)
       model_dir.check_tokenizer(config, tokenizer, f"tokenizer {tok_path!r}")
-    params = model_dir.init_params(config, a.seed)
+    params = model_dir.init_params(config, init_seed)
     if mesh is not None:
       params = jax.device_put(params, jax.tree.map(
           lambda x: x.sharding, model_dir.abstract_params(config, mesh, mesh_cfg)))
-    model_id = f"random_init:{a.seed}"
+    model_id = f"random_init:{init_seed}"
   metadata = dict(config=os.path.abspath(a.config) if a.config else None,
                   eval_configs=list(a.eval), overrides=overrides,
                   random_init=bool(a.random_init),

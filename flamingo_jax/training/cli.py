@@ -69,8 +69,24 @@ def with_default_sections(config: ml_collections.ConfigDict, sections: Mapping[s
   return with_defaults(config, {**defaults, **(extra or {})})
 
 
+class _NoMetadataWarning(logging.Filter):
+  """orbax warns through absl that a step's state/ lacks _CHECKPOINT_METADATA whenever a
+  checkpoint is read that a CheckpointManager did not write: every one of ours
+  (training/checkpoint.py writes its own layout). It says nothing about the checkpoint."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+def quiet_checkpoint_metadata_warning() -> None:
+  absl_log = logging.getLogger("absl")
+  if not any(isinstance(f, _NoMetadataWarning) for f in absl_log.filters):
+    absl_log.addFilter(_NoMetadataWarning())
+
+
 def setup_logging() -> None:
   """flamingo_jax.* INFO logs to stderr with timestamps (the progress line among them)."""
+  quiet_checkpoint_metadata_warning()
   package_log = logging.getLogger("flamingo_jax")
   if any(getattr(h, "_flamingo_cli", False) for h in package_log.handlers):
     return

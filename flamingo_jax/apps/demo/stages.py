@@ -407,6 +407,8 @@ def _main(a: argparse.Namespace) -> int:
   for name in ("flamingo_jax.trainers.flamingo.train", "flamingo_jax.trainers.contrastive.train", "flamingo_jax.trainers.lm.train",
                "absl", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  from flamingo_jax.training.cli import quiet_checkpoint_metadata_warning
+  quiet_checkpoint_metadata_warning()  # a resumed stage would warn for every checkpoint read
   force = [s for s in a.force.split(",") if s]
   stages = [s for s in a.stages.split(",") if s]
   bad = [s for s in force + stages if s not in STAGES]
