@@ -58,6 +58,11 @@ def init_inputs(config: FlamingoConfig, abstract: bool = False) -> dict:
   if config.vision.name == "none":
     width = config.vision_feature_dim or config.resampler.width
     visual = {"visual_features": make((1, 1, 1, 4, width), jnp.float32)}
+  elif config.vision.name == "mllama":  # a tiled encoder: every tile of an image, its layout
+    size, tiles = config.vision.image_size, config.vision.mllama.max_num_tiles
+    visual = {"images": make((1, 1, tiles, size, size, 3), jnp.float32),
+              "aspect_ratio_ids": (jax.ShapeDtypeStruct((1, 1), jnp.int32) if abstract
+                                   else jnp.ones((1, 1), jnp.int32))}
   else:
     size = config.vision.image_size
     visual = {"images": make((1, 1, 1, size, size, 3), jnp.float32)}

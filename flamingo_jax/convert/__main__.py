@@ -22,6 +22,9 @@ SUBCOMMANDS = {
     "idefics": ("flamingo_jax.convert.idefics",
                 "an IDEFICS model directory (IdeficsForVisionText2Text: config.json + "
                 "safetensors)"),
+    "mllama": ("flamingo_jax.convert.mllama",
+               "a Llama 3.2 Vision directory (transformers' mllama; language side and "
+               "projector)"),
 }
 
 

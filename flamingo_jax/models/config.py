@@ -88,6 +88,28 @@ class ViTConfig:
   post_layernorm: bool = True  # ln_post on the features (CLIP applies it to the pooled token)
 
 
+MLLAMA_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class MllamaVisionConfig:
+  """Llama 3.2 Vision's tiled ViT (transformers' MllamaVisionModel, ViT-H/14); the tile
+  size is model.vision.image_size (448 base, 560 Instruct). models/mllama_vision.py."""
+  patch_size: int = 14
+  width: int = 1280
+  depth: int = 32  # layers over all tiles of an image, ungated
+  global_depth: int = 8  # tanh-gated layers after ln_post and the post-tile embedding
+  num_heads: int = 16
+  mlp_dim: int = 5120
+  activation: str = "gelu"
+  layernorm_eps: float = 1e-5  # the layers' (ln_pre / ln_post: 1e-5, torch's default)
+  max_num_tiles: int = 4
+  # (rows, cols) tile layouts; aspect_ratio_id i + 1 is layout i, 0 a padded image
+  aspect_ratios: tuple[tuple[int, int], ...] = MLLAMA_ASPECT_RATIOS
+  # outputs of these local layers (0-based) are appended to the final features
+  intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   name: str = "nfnet"  # a registered encoder: see models/vision.py
@@ -95,12 +117,16 @@ class VisionConfig:
   nfnet: NFNetConfig = NFNetConfig()
   patch: PatchEncoderConfig = PatchEncoderConfig()
   vit: ViTConfig = ViTConfig()
+  mllama: MllamaVisionConfig = MllamaVisionConfig()
 
 
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
   """Perceiver Resampler: visual features [T, S, d] -> num_latents tokens."""
-  kind: str = "perceiver"  # perceiver | mlp | transformer (paper Table 3 ablations)
+  # perceiver | mlp | transformer (paper Table 3 ablations) | linear: no resampler,
+  # one Dense(d -> width, bias = use_bias) per feature, every frame's (mllama: tile's)
+  # S tokens kept: T * S visual tokens per image (mllama's multi_modal_projector).
+  kind: str = "perceiver"
   depth: int = 6
   width: int = 1536
   num_heads: int = 16
@@ -132,20 +158,31 @@ class XAttnConfig:
   # == 0); openflamingo: before block i where (i + 1) % N == 0; middle: a
   # single block before the middle LM block.
   placement: str = "paper"
+  # placement explicit: the LM block indices, strictly increasing, that get a block
+  # before them (mllama: HF's merged cross_attention_layers c_0 < c_1 < ... become
+  # c_k - k, see mllama_layer_indices).
+  layers: tuple[int, ...] = ()
   num_heads: int = 16
   head_dim: int = 128
+  num_kv_heads: int = 0  # 0: num_heads; fewer: grouped-query cross-attention (mllama)
   ffw_mult: int = 4
   ffw_dim: int = 0  # FFW hidden width; 0: ffw_mult * LM width (IDEFICS: its intermediate_size)
   activation: str = "squared_relu"  # or swiglu / geglu (IDEFICS: swiglu, the LM's MLP)
   gating: str = "tanh"  # tanh | none (Table 3 "w/o tanh gating")
   gate_shape: str = "scalar"  # scalar | vector (one gate per channel)
-  attend_previous: str = "last"  # last | all (Table 10 "all previous images")
+  # last | all (Table 10 "all previous images") | group: the last image and the
+  # images of its run of consecutive `<image>` tokens (mllama's processor)
+  attend_previous: str = "last"
   # What a text token with no image to attend to gets (the paper is silent):
   #   zero_attention: attention weights 0 (out = out-proj of 0), FFW still
   #                   applied (OpenFlamingo);
   #   zero_output:    cross-attention output 0 after its out-projection, FFW
   #                   still applied (IDEFICS);
-  #   skip:           the whole gated block is the identity for that token.
+  #   skip:           the whole gated block is the identity for that token
+  #                   (mllama as Meta runs it: row mask on attention and FFW);
+  #   attend_all:     the token attends to every visual token of its row,
+  #                   unmasked, and its FFW output is 0 (mllama as transformers
+  #                   runs it: row mask on the FFW output only, issue #39379).
   no_image: str = "zero_attention"
   query_layernorm: bool = True
   kv_layernorm: bool = True  # paper v1; OpenFlamingo has none
@@ -164,13 +201,17 @@ class XAttnConfig:
   gate_init_std: float = 0.0
 
 
-def xattn_layer_indices(num_layers: int, every: int, placement: str) -> list[int]:
+def xattn_layer_indices(num_layers: int, every: int, placement: str,
+                        layers: tuple[int, ...] = ()) -> list[int]:
   """LM block indices that get a GATED XATTN-DENSE block *before* them.
 
   paper:        0, N, 2N, ...        (9B: 0, 4, ..., 36; 80B: 0, 7, ..., 77; IDEFICS)
   openflamingo: i with (i + 1) % N == 0  (N-1, 2N-1, ...)
   middle:       one block before num_layers // 2 (Table 3 "single in middle")
+  explicit:     `layers` as given (mllama)
   """
+  if placement == "explicit":
+    return list(layers)
   if placement == "paper":
     return list(range(0, num_layers, every))
   if placement == "openflamingo":
@@ -178,6 +219,29 @@ def xattn_layer_indices(num_layers: int, every: int, placement: str) -> list[int
   if placement == "middle":
     return [num_layers // 2]
   raise ValueError(f"unknown model.xattn.placement {placement!r}")
+
+
+def xattn_indices(config: "FlamingoConfig") -> list[int]:
+  """`xattn_layer_indices` of a FlamingoConfig."""
+  x = config.xattn
+  return xattn_layer_indices(config.lm.num_layers, x.every, x.placement, x.layers)
+
+
+def mllama_layer_indices(cross_attention_layers, num_lm_layers: int) -> tuple[int, ...]:
+  """transformers' mllama `cross_attention_layers` (indices in one merged list of
+  self- and cross-attention layers) -> our LM block indices: the k-th cross layer
+  (sorted) at merged index c_k reads the output of c_k - k self-attention layers,
+  so it is a block before LM block c_k - k (11B: 3, 8, ..., 38 -> 3, 7, ..., 31).
+  A cross layer after the last self-attention layer, or two in a row, has no such
+  place: a ConfigError naming them."""
+  merged = sorted(int(c) for c in cross_attention_layers)
+  out = tuple(c - k for k, c in enumerate(merged))
+  bad = [c for c, i in zip(merged, out) if i >= num_lm_layers]
+  _check(not bad and len(set(out)) == len(out),
+         f"mllama cross_attention_layers {merged}: a cross-attention layer must come right "
+         f"before a self-attention layer, one per place (got LM positions {list(out)} of "
+         f"{num_lm_layers})")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +314,11 @@ class FlamingoConfig:
   # Give <image> and <EOC> trainable rows in both the input and output
   # embeddings (the frozen LM's rows for those ids are then unused).
   train_new_token_embeddings: bool = True
+  # Trainable input-embedding rows for the ids lm.embedding_rows .. lm.vocab_size
+  # (param `new_token_extra_embeddings`, component new_tokens) without output rows:
+  # the head cannot emit those ids (lowest logit). mllama: 8 rows after Llama 3.1's
+  # 128256, `<|image|>` = 128256 the first. 0: none.
+  extra_token_rows: int = 0
   # Components whose parameters get no update (and no optimizer state).
   frozen: tuple[str, ...] = ("vision", "lm")
   # Parameter paths (regexes over "component/sub/.../leaf") without weight
@@ -322,10 +391,39 @@ def model_config(cfg) -> FlamingoConfig:
 def validate(c: FlamingoConfig) -> None:
   """Cross-field checks; every message names the offending key."""
   r, x, lm = c.resampler, c.xattn, c.lm
-  _choice(r.kind, ("perceiver", "mlp", "transformer"), "model.resampler.kind")
+  _choice(r.kind, ("perceiver", "mlp", "transformer", "linear"), "model.resampler.kind")
+  if c.vision.name == "mllama":
+    mv = c.vision.mllama
+    _check(c.vision.image_size % mv.patch_size == 0 and mv.width % mv.num_heads == 0,
+           f"config keys 'model.vision.image_size' ({c.vision.image_size}) and "
+           f"'model.vision.mllama.width' ({mv.width}) must be multiples of the patch size "
+           f"({mv.patch_size}) and of num_heads ({mv.num_heads})")
+    _check(all(0 <= i < mv.depth for i in mv.intermediate_layers),
+           f"config key 'model.vision.mllama.intermediate_layers' "
+           f"{tuple(mv.intermediate_layers)} must index the {mv.depth} local layers")
+    _check(all(r_ * c_ <= mv.max_num_tiles for r_, c_ in mv.aspect_ratios),
+           f"config key 'model.vision.mllama.aspect_ratios' {tuple(mv.aspect_ratios)} has a "
+           f"layout of more than model.vision.mllama.max_num_tiles = {mv.max_num_tiles} tiles")
+    _check(r.kind == "linear", "model.vision.name 'mllama' gives every tile's tokens: it needs "
+           "config key 'model.resampler.kind' = 'linear'")
+  _check(r.kind != "linear" or not (r.temporal_embeddings or r.num_media_embeddings),
+         "config keys 'model.resampler.temporal_embeddings' / 'num_media_embeddings' must be "
+         "off with model.resampler.kind 'linear' (a projection only)")
   _choice(r.activation, ACTIVATIONS, "model.resampler.activation")
   _choice(x.kind, ("gated_dense", "vanilla"), "model.xattn.kind")
-  _choice(x.placement, ("paper", "openflamingo", "middle"), "model.xattn.placement")
+  _choice(x.placement, ("paper", "openflamingo", "middle", "explicit"),
+          "model.xattn.placement")
+  _check(x.placement != "explicit" or (
+      len(x.layers) > 0 and list(x.layers) == sorted(set(x.layers))
+      and 0 <= x.layers[0] and x.layers[-1] < lm.num_layers),
+         f"config key 'model.xattn.layers' {tuple(x.layers)} must be strictly increasing LM "
+         f"block indices in [0, model.lm.num_layers = {lm.num_layers}) with placement "
+         "'explicit'")
+  _check(x.placement == "explicit" or not x.layers,
+         "config key 'model.xattn.layers' is set but model.xattn.placement is not 'explicit'")
+  _check(x.num_kv_heads >= 0 and x.num_heads % (x.num_kv_heads or x.num_heads) == 0,
+         f"config key 'model.xattn.num_kv_heads' ({x.num_kv_heads}) must divide "
+         f"model.xattn.num_heads ({x.num_heads})")
   _choice(x.activation, ACTIVATIONS + GATED_ACTIVATIONS, "model.xattn.activation")
   _choice(x.norm, ("layernorm", "rmsnorm"), "model.xattn.norm")
   _choice(x.gate_init, ("zeros", "ones", "normal"), "model.xattn.gate_init")
@@ -335,8 +433,12 @@ def validate(c: FlamingoConfig) -> None:
          f"model.lm.width), got {x.ffw_dim}")
   _choice(x.gating, ("tanh", "none"), "model.xattn.gating")
   _choice(x.gate_shape, ("scalar", "vector"), "model.xattn.gate_shape")
-  _choice(x.attend_previous, ("last", "all"), "model.xattn.attend_previous")
-  _choice(x.no_image, ("zero_attention", "zero_output", "skip"), "model.xattn.no_image")
+  _choice(x.attend_previous, ("last", "all", "group"), "model.xattn.attend_previous")
+  _choice(x.no_image, ("zero_attention", "zero_output", "skip", "attend_all"),
+          "model.xattn.no_image")
+  _check(x.no_image != "attend_all" or x.kind == "gated_dense",
+         "config key 'model.xattn.no_image' 'attend_all' masks the FFW output: it needs "
+         "model.xattn.kind 'gated_dense'")
   _choice(lm.family, tuple(LM_FAMILIES), "model.lm.family")
   _choice(lm.activation, ACTIVATIONS + GATED_ACTIVATIONS, "model.lm.activation")
   _choice(lm.norm, ("layernorm", "rmsnorm"), "model.lm.norm")
@@ -381,7 +483,12 @@ def validate(c: FlamingoConfig) -> None:
   _check(0 <= lm.embedding_rows <= lm.vocab_size,
          f"config key 'model.lm.embedding_rows' ({lm.embedding_rows}) must be in "
          f"[0, model.lm.vocab_size = {lm.vocab_size}]")
-  grown = set(range(rows, lm.vocab_size))
+  _check(c.extra_token_rows >= 0, f"config key 'model.extra_token_rows' must be >= 0, got "
+         f"{c.extra_token_rows}")
+  _check(not c.extra_token_rows or rows + c.extra_token_rows == lm.vocab_size,
+         f"config key 'model.extra_token_rows' ({c.extra_token_rows}) must equal "
+         f"model.lm.vocab_size ({lm.vocab_size}) - model.lm.embedding_rows ({rows})")
+  grown = set(range(rows, lm.vocab_size)) if not c.extra_token_rows else set()
   _check(not grown or (c.train_new_token_embeddings
                        and grown <= {c.image_token_id, c.eoc_token_id}),
          f"config key 'model.lm.embedding_rows' ({lm.embedding_rows}): the ids "

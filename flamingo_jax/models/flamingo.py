@@ -9,13 +9,20 @@ Inputs
                    tokens; evaluation caches them per image)
   next_image       [B] bool: text attends to the next image instead of the
                    previous one (p_next, paper appendix)
+  tile_mask        [B, N, T] bool: the frames (mllama: tiles) of each image
+                   that exist; a padded one's visual tokens are hidden from
+                   the cross-attention (resampler kind 'linear', whose T * S
+                   visual tokens per image are per frame)
+  aspect_ratio_ids [B, N] int: each image's tile layout (0 = a padded image
+                   slot), for a tiled vision encoder (mllama) given images
   attention_mask   [B, L] (1 = real token; left or right padding)
 Output
   logits [B, L, V] float32 and an aux dict with namespaced entries.
 
 Parameter tree (top level = component, used by labels and sharding rules):
   vision/ resampler/ xattn_block_{i}/ lm/ new_token_embeddings
-  (+ new_token_unembeddings when the LM's embeddings are untied)
+  (+ new_token_unembeddings when the LM's embeddings are untied;
+  + new_token_extra_embeddings with `model.extra_token_rows`, mllama's 8)
 The two new tokens `<image>` and `<EOC>` have trainable rows in both the input
 and the output embedding (`new_tokens/`), so an LM with untied embeddings can
 still learn to emit `<EOC>` (OpenFlamingo never trains its output rows).
@@ -40,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.models.config import FlamingoConfig, xattn_layer_indices
+from flamingo_jax.models.config import FlamingoConfig, xattn_indices
 from flamingo_jax.models import layer_stack, layers, masking
 from flamingo_jax.models.lm import (DecoderLM, default_positions, self_attention_mask,
                                     sequence_mask)
@@ -71,6 +78,10 @@ class DecodeCache:
   image_count: [B] int32, `<image>` tokens so far = phi of the next token.
   image_reset: [B] bool, a reset token came after the last `<image>`, so the
     next text token sees no image (always False without a reset token).
+  image_group: [B] int32, the first image of the last token's run of `<image>`
+    tokens (`masking.group_first`; attend_previous "group").
+  image_run: [B] bool, the last real token was an `<image>` (a next one joins its run).
+  visual_mask: [B, N * n] bool, visual tokens that exist (tile_mask), or None: all.
   """
   keys: tuple
   values: tuple
@@ -82,6 +93,9 @@ class DecodeCache:
   num_tokens: jax.Array
   image_count: jax.Array
   image_reset: jax.Array
+  image_group: Optional[jax.Array] = None
+  image_run: Optional[jax.Array] = None
+  visual_mask: Optional[jax.Array] = None
 
   @property
   def length(self) -> int:
@@ -98,10 +112,11 @@ class DecodeCache:
     new = self.replace(keys=take(self.keys), values=take(self.values),
                        key_mask=take(self.key_mask), num_tokens=take(self.num_tokens),
                        image_count=take(self.image_count),
-                       image_reset=take(self.image_reset))
+                       image_reset=take(self.image_reset), image_group=take(self.image_group),
+                       image_run=take(self.image_run))
     if cross:
       new = new.replace(xattn_keys=take(self.xattn_keys), xattn_values=take(self.xattn_values),
-                        visual=take(self.visual))
+                        visual=take(self.visual), visual_mask=take(self.visual_mask))
     return new
 
 
@@ -115,7 +130,7 @@ class Flamingo(nn.Module):
     self.vision = None if c.vision.name == "none" else build_vision_encoder(c.vision, **kw)
     self.resampler = PerceiverResampler(c.resampler, **kw)
     self.lm = DecoderLM(c.lm, remat=c.remat, scan=c.scan_layers, attention=c.attention, **kw)
-    self.xattn_indices = xattn_layer_indices(c.lm.num_layers, c.xattn.every, c.xattn.placement)
+    self.xattn_indices = xattn_indices(c)
     if c.scan_layers:  # one stacked tree `xattn_blocks`, leaves [num_xattn, ...]
       example = (jnp.zeros((1, 1, c.lm.width), kw["dtype"]),
                  jnp.zeros((1, 1, c.resampler.width), kw["dtype"]), jnp.ones((1, 1, 1), bool),
@@ -137,6 +152,12 @@ class Flamingo(nn.Module):
       else:
         self.new_token_unembeddings = self.param("new_token_unembeddings", init,
                                                  (2, c.lm.width), kw["param_dtype"])
+    if c.extra_token_rows:  # input rows only: the head cannot emit these ids
+      init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / c.lm.width ** 0.5),
+                                          (None, "embed"))
+      self.new_token_extra_embeddings = self.param(
+          "new_token_extra_embeddings", init, (c.extra_token_rows, c.lm.width),
+          kw["param_dtype"])
 
   def xattn_template(self) -> GatedCrossAttentionBlock:
     """The unbound block the stacked `xattn_blocks` are applied with (scan_layers)."""
@@ -183,15 +204,29 @@ class Flamingo(nn.Module):
     return (self.config.image_token_id, self.config.eoc_token_id)
 
   # ------------------------------------------------------------------ vision
-  def encode_images(self, images, train: bool = False):
-    """images [B, N, T, H, W, 3] -> features [B, N, T, S, C] (S = h * w)."""
+  def encode_images(self, images, train: bool = False, aspect_ratio_ids=None, tile_mask=None):
+    """images [B, N, T, H, W, 3] -> features [B, N, T, S, C] (S = h * w).
+
+    A tiled encoder (mllama) sees an image's T tiles together, with
+    aspect_ratio_ids [B, N] and tile_mask [B, N, T] (None: every tile real).
+    """
     layers.check_rank("images", images, 6, "[B, N, T, H, W, 3]")
     b, n, t, h, w, ch = images.shape
     if self.vision is None:
       raise ValueError("model.vision.name is 'none': pass visual_features, not images")
     if ch != 3:
       raise ValueError(f"images must have 3 channels in the last axis, got shape {images.shape}")
-    grid = self.vision(images.reshape(b * n * t, h, w, ch), train=train)
+    if getattr(self.vision, "tiled", False):
+      if aspect_ratio_ids is None:
+        raise ValueError(f"model.vision.name {self.config.vision.name!r} is a tiled encoder: "
+                         "pass aspect_ratio_ids [B, N] with the images")
+      if tuple(aspect_ratio_ids.shape) != (b, n):
+        raise ValueError(f"aspect_ratio_ids must have shape [B, N] = {(b, n)}, got "
+                         f"{tuple(aspect_ratio_ids.shape)}")
+      grid = self.vision(images.reshape(b * n, t, h, w, ch), aspect_ratio_ids.reshape(b * n),
+                         None if tile_mask is None else tile_mask.reshape(b * n, t), train=train)
+    else:
+      grid = self.vision(images.reshape(b * n * t, h, w, ch), train=train)
     feats = grid.reshape(b, n, t, -1, grid.shape[-1])
     if "vision" in self.config.frozen:
       feats = jax.lax.stop_gradient(feats)
@@ -211,10 +246,15 @@ class Flamingo(nn.Module):
   def embed_tokens(self, tokens, positions):
     """tokens [B, L], positions [B, L] -> [B, L, D], with the trainable `<image>` /
     `<EOC>` rows in place of the LM's (positions still added: GPT-2)."""
+    c = self.config
     new_rows = ()
-    if self.config.train_new_token_embeddings:
+    if c.train_new_token_embeddings:
       new_rows = tuple((tid, self.new_token_embeddings[k])
                        for k, tid in enumerate(self.new_token_ids))
+    if c.extra_token_rows:  # ids vocab_size - extra_token_rows ..
+      base = c.lm.vocab_size - c.extra_token_rows
+      new_rows = tuple((base + k, self.new_token_extra_embeddings[k])
+                       for k in range(c.extra_token_rows)) + new_rows
     return self.lm.embed(tokens, positions, new_rows)
 
   def logits_from_hidden(self, h):
@@ -227,16 +267,16 @@ class Flamingo(nn.Module):
   # ------------------------------------------------------------------ model
   def __call__(self, tokens, images=None, visual_features=None, next_image=None,
                attention_mask=None, image_count=None, train: bool = False,
-               visual_latents=None):
+               visual_latents=None, tile_mask=None, aspect_ratio_ids=None):
     """-> (logits [B, L, V] float32, aux dict). See module docstring."""
     c = self.config
     check_inputs(c, tokens, images, visual_features, next_image, attention_mask, image_count,
-                 visual_latents)
+                 visual_latents, tile_mask)
     b, length = tokens.shape
     dtype = layers.dtype_of(c.dtype)
 
     if images is not None:
-      visual_features = self.encode_images(images, train=train)
+      visual_features = self.encode_images(images, train, aspect_ratio_ids, tile_mask)
     if visual_features is not None or visual_latents is not None:
       visual = (self.resample(visual_features) if visual_latents is None
                 else self.latents_in(visual_latents))  # [B, N, n, D_r]
@@ -246,12 +286,17 @@ class Flamingo(nn.Module):
       n_img, n_tok = 1, 1
       visual = jnp.zeros((b, 1, 1, c.resampler.width), dtype)
       phi = jnp.zeros((b, length), jnp.int32)
+      tile_mask = None
     visual = visual.reshape(b, n_img * n_tok, visual.shape[-1])
-    xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous)
-    has_image = phi > 0
-
     if attention_mask is not None:
       attention_mask = attention_mask.astype(bool)
+    first = None
+    if c.xattn.attend_previous == "group":
+      first = masking.group_first(tokens, c.image_token_id, phi, attention_mask)[0]
+    xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous, first,
+                                          visual_token_mask(tile_mask, n_img, n_tok))
+    has_image = phi > 0
+
     positions = default_positions(attention_mask, b, length)
     mask = sequence_mask(attention_mask, positions, c.lm.sliding_window)
     x = self.embed_tokens(tokens, positions)
@@ -278,12 +323,13 @@ class Flamingo(nn.Module):
                        f"is {c.resampler.width} (shape {tuple(latents.shape)})")
     return latents.astype(layers.dtype_of(c.dtype))
 
-  def visual_tokens(self, batch: int, images=None, visual_features=None, visual_latents=None):
+  def visual_tokens(self, batch: int, images=None, visual_features=None, visual_latents=None,
+                    aspect_ratio_ids=None, tile_mask=None):
     """images, features or latents (or none: text only) -> visual tokens [B, N, n, D_r]."""
     if visual_latents is not None:
       return self.latents_in(visual_latents)
     if images is not None:
-      visual_features = self.encode_images(images)
+      visual_features = self.encode_images(images, False, aspect_ratio_ids, tile_mask)
     if visual_features is None:  # as __call__: one zero token no text attends to
       return jnp.zeros((batch, 1, 1, self.config.resampler.width),
                        layers.dtype_of(self.config.dtype))
@@ -305,7 +351,8 @@ class Flamingo(nn.Module):
     return tuple(out)
 
   def prefill(self, tokens, images=None, visual_features=None, attention_mask=None, *,
-              cache_length: int, cache_cross_kv: bool = True, visual_latents=None):
+              cache_length: int, cache_cross_kv: bool = True, visual_latents=None,
+              tile_mask=None, aspect_ratio_ids=None):
     """Runs the prompt and returns (logits [B, L, V] f32, DecodeCache).
 
     tokens [B, L] (left padded, attention_mask [B, L] 1 = real token), images
@@ -316,13 +363,18 @@ class Flamingo(nn.Module):
     so `extend` recomputes them each step (the peers' way; benchmarks only).
     """
     c = self.config
-    check_inputs(c, tokens, images, visual_features, None, attention_mask, None, visual_latents)
+    check_inputs(c, tokens, images, visual_features, None, attention_mask, None, visual_latents,
+                 tile_mask)
     b, length = tokens.shape
     if cache_length < length:
       raise ValueError(f"cache_length {cache_length} is shorter than the prompt ({length} "
                        "tokens)")
     dtype = layers.dtype_of(c.dtype)
-    visual = self.visual_tokens(b, images, visual_features, visual_latents)
+    visual = self.visual_tokens(b, images, visual_features, visual_latents, aspect_ratio_ids,
+                                tile_mask)
+    given = any(v is not None for v in (images, visual_features, visual_latents))
+    visual_mask = (visual_token_mask(tile_mask, visual.shape[1], visual.shape[2])
+                   if given else None)
     kv_heads = c.lm.num_kv_heads or c.lm.num_heads
     zeros = lambda: jnp.zeros((b, cache_length, kv_heads, c.lm.head_dim), dtype)  # noqa: E731
     if cache_cross_kv:
@@ -338,7 +390,8 @@ class Flamingo(nn.Module):
         xattn_keys=xk, xattn_values=xv, visual=visual,
         key_mask=jnp.zeros((b, cache_length), bool), index=jnp.zeros((), jnp.int32),
         num_tokens=jnp.zeros((b,), jnp.int32), image_count=jnp.zeros((b,), jnp.int32),
-        image_reset=jnp.zeros((b,), bool))
+        image_reset=jnp.zeros((b,), bool), image_group=jnp.zeros((b,), jnp.int32),
+        image_run=jnp.zeros((b,), bool), visual_mask=visual_mask)
     return self.extend(tokens, cache, attention_mask)
 
   def extend(self, tokens, cache: DecodeCache, attention_mask=None):
@@ -367,6 +420,8 @@ class Flamingo(nn.Module):
       is_reset = (tokens == c.image_reset_token_id) & real
       cut, image_reset = masking.after_reset(is_image, is_reset, cache.image_reset)
       phi = jnp.where(cut, 0, phi)
+    first, (image_group, image_run) = masking.group_first(
+        tokens, c.image_token_id, phi, real, (cache.image_group, cache.image_run))
     counts = jnp.cumsum(real, axis=-1, dtype=jnp.int32)
     positions = jnp.maximum(cache.num_tokens[:, None] + counts - 1, 0)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.index))
@@ -374,19 +429,21 @@ class Flamingo(nn.Module):
                                default_positions(key_mask, b, cache.length),
                                c.lm.sliding_window)
 
-    logits, keys, values = self.extend_layers(tokens, positions, mask, phi, cache)
+    logits, keys, values = self.extend_layers(tokens, positions, mask, phi, cache, first)
     new = cache.replace(
         keys=keys, values=values, key_mask=key_mask,
         index=cache.index + length,
         num_tokens=cache.num_tokens + counts[:, -1],
         image_count=cache.image_count + jnp.sum(is_image, axis=-1, dtype=jnp.int32),
-        image_reset=image_reset)
+        image_reset=image_reset, image_group=image_group, image_run=image_run)
     return logits, new
 
-  def extend_layers(self, tokens, positions, mask, phi, cache: DecodeCache):
+  def extend_layers(self, tokens, positions, mask, phi, cache: DecodeCache, first=None):
     """The layers of `extend` under a given self-attention mask [B, 1, L, S] (also
     used by evaluate/decode.py's `masked_extend`) -> (logits [B, L, V], each LM
-    layer's keys and values with the L new ones written at cache.index)."""
+    layer's keys and values with the L new ones written at cache.index).
+    first [B, L]: `masking.group_first` of the tokens (attend_previous "group");
+    None: the cache's, right for tokens without `<image>` (generated text)."""
     c = self.config
     b = tokens.shape[0]
     if cache.xattn_keys:
@@ -394,7 +451,10 @@ class Flamingo(nn.Module):
     else:
       kv = self.cross_kv(cache.visual)
     n_img, n_tok = kv[0][0].shape[2:4]
-    xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous)
+    if first is None and cache.image_group is not None:
+      first = jnp.broadcast_to(cache.image_group[:, None], phi.shape)
+    xmask = masking.visual_attention_mask(phi, n_img, n_tok, c.xattn.attend_previous, first,
+                                          cache.visual_mask)
     has_image = phi > 0
     # [B, H, N, n, Dh] -> the attention's [B, V, H, Dh] (XLA folds this transpose into
     # the attention's own, so the cache is read in place)
@@ -415,8 +475,20 @@ class Flamingo(nn.Module):
     return self.logits_from_hidden(x), tuple(keys), tuple(values)
 
 
+def visual_token_mask(tile_mask, num_images: int, tokens_per_image: int):
+  """tile_mask [B, N, T] bool (or None) -> [B, N * n] bool, each of an image's n
+  visual tokens (T frames of n / T, frame-major) masked like its frame; None: None."""
+  if tile_mask is None:
+    return None
+  b, n, t = tile_mask.shape
+  if n != num_images or tokens_per_image % t:
+    raise ValueError(f"tile_mask [B, N, T] = {tuple(tile_mask.shape)} does not fit {num_images} "
+                     f"images of {tokens_per_image} visual tokens")
+  return jnp.repeat(tile_mask.astype(bool), tokens_per_image // t, axis=2).reshape(b, -1)
+
+
 def check_inputs(c: FlamingoConfig, tokens, images, visual_features, next_image,
-                 attention_mask, image_count, visual_latents=None) -> None:
+                 attention_mask, image_count, visual_latents=None, tile_mask=None) -> None:
   """Shape checks always; value checks when the arrays are concrete (not traced)."""
   layers.check_rank("tokens", tokens, 2, "[B, L]")
   b = tokens.shape[0]
@@ -434,6 +506,14 @@ def check_inputs(c: FlamingoConfig, tokens, images, visual_features, next_image,
   if attention_mask is not None and attention_mask.shape != tokens.shape:
     raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape "
                      f"{tuple(tokens.shape)}")
+  if tile_mask is not None:
+    layers.check_rank("tile_mask", tile_mask, 3, "[B, N, T]")
+    if c.resampler.kind != "linear":
+      raise ValueError("tile_mask needs model.resampler.kind 'linear' (visual tokens per "
+                       f"frame); the resampler is {c.resampler.kind!r}")
+    if visual is not None and tuple(tile_mask.shape[:2]) != tuple(visual.shape[:2]):
+      raise ValueError(f"tile_mask [B, N, T] = {tuple(tile_mask.shape)} but {name} has "
+                       f"[B, N] = {tuple(visual.shape[:2])}")
   if not _is_concrete(tokens):
     return
   tok = np.asarray(tokens)

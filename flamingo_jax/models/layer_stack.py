@@ -273,5 +273,6 @@ def adapt_target(target: Any, stored: Any) -> tuple[Any, Callable[[Any], Any]]:
 
 def to_layout(params: Any, config) -> Any:
   """params (either layout) in the layout of FlamingoConfig `config` (`model.scan_layers`)."""
-  idx = xattn_layer_indices(config.lm.num_layers, config.xattn.every, config.xattn.placement)
+  idx = xattn_layer_indices(config.lm.num_layers, config.xattn.every, config.xattn.placement,
+                            config.xattn.layers)
   return to_scanned(params, idx) if config.scan_layers else to_unrolled(params, idx)

@@ -12,7 +12,9 @@ flattened to [T*S, d], and `depth` layers update `num_latents` learned latents:
 
 The output is LN(latents): [num_latents, width] per image, whatever T and S.
 The ablations of paper Table 3 (resampler -> MLP, -> Transformer) are
-`ResamplerConfig.kind` = "mlp" / "transformer".
+`ResamplerConfig.kind` = "mlp" / "transformer"; "linear" is no resampler at
+all, a projection of every feature (mllama's multi_modal_projector: an image's
+T tiles of S tokens give T * S visual tokens).
 """
 from __future__ import annotations
 
@@ -100,6 +102,11 @@ class PerceiverResampler(nn.Module):
     b, n_img, t, s, d = features.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = features.astype(self.dtype)
+    if c.kind == "linear":  # [B, N, T, S, d] -> [B, N, T * S, width]
+      out = layers.Dense(c.width, ("visual_embed", "embed"), use_bias=c.use_bias,
+                         name="projection", **kw)(x).reshape(b, n_img, t * s, c.width)
+      return nn.with_logical_constraint(
+          out, ("activation_batch", None, "activation_visual_length", "activation_embed"))
     if c.temporal_embeddings:
       temporal = layers.param_with_axes(
           self, "temporal_embeddings", nn.initializers.normal(0.02), (c.max_frames, 1, d),

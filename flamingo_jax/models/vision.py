@@ -9,7 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 # Imported for their registration.
-from flamingo_jax.models import nfnet, patch_encoder, vit  # noqa: F401
+from flamingo_jax.models import mllama_vision, nfnet, patch_encoder, vit  # noqa: F401
 from flamingo_jax.models.vision_registry import FEATURE_DIMS, REGISTRY
 
 

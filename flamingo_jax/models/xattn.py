@@ -6,9 +6,10 @@
 The gates start at 0 (`gate_init`), so at initialisation the Flamingo model
 computes exactly the frozen LM. LN is a LayerNorm or an RMSNorm (`norm`;
 IDEFICS: RMSNorm, per-head RMSNorm of queries and keys with `qk_norm`, and its
-LM's SwiGLU MLP as FFW). Which visual tokens a text token may see comes from
-`models.masking` (image-causal mask); what a token with no image gets is
-`XAttnConfig.no_image` (see config.py for the three conventions).
+LM's SwiGLU MLP as FFW; mllama: also grouped K/V heads, `num_kv_heads`).
+Which visual tokens a text token may see comes from `models.masking`
+(image-causal mask); what a token with no image gets is
+`XAttnConfig.no_image` (see config.py for the four conventions).
 
 Decoding computes the keys and values of the visual tokens once per prompt
 (`x=None` returns them) and passes them back as `visual=(keys, values)` at
@@ -45,14 +46,16 @@ class CrossAttention(nn.Module):
     """
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    proj = dict(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.use_bias, **kw)
+    proj = dict(head_dim=c.head_dim, use_bias=c.use_bias, **kw)
+    kv_proj = dict(proj, num_heads=c.num_kv_heads or c.num_heads, in_axis="visual_embed")
+    proj["num_heads"] = c.num_heads
     if isinstance(visual, tuple):
       k, v = visual
     else:
       if c.kv_layernorm:
         visual = _norm(c, "norm_kv", "visual_embed", **kw)(visual)
-      k = layers.HeadProjection(name="key", in_axis="visual_embed", **proj)(visual)
-      v = layers.HeadProjection(name="value", in_axis="visual_embed", **proj)(visual)
+      k = layers.HeadProjection(name="key", **kv_proj)(visual)
+      v = layers.HeadProjection(name="value", **kv_proj)(visual)
       if c.qk_norm:  # before caching: decoding reuses the normalised keys
         k = _norm(c, "key_norm", "kv", **kw)(k)
     if x is None:
@@ -65,6 +68,8 @@ class CrossAttention(nn.Module):
     zero_rows = None
     if c.no_image == "zero_attention":
       zero_rows = ~has_image[:, None, :, None]
+    if c.no_image == "attend_all":  # transformers' mllama: the row's mask is lifted
+      mask = mask | ~has_image[..., None]
     out = layers.attention(q, k, v, mask[:, None], zero_rows=zero_rows,
                            implementation=self.attention)
     out = layers.OutProjection(x.shape[-1], use_bias=c.use_bias, name="out", **kw)(out)
@@ -111,6 +116,8 @@ class GatedCrossAttentionBlock(nn.Module):
         h = _norm(c, "norm_ffw", **kw)(h)
       h = layers.FeedForward(c.ffw_dim or c.ffw_mult * width, c.activation, c.use_bias,
                              name="ffw", **kw)(h)
+      if c.no_image == "attend_all":  # the row mask on the FFW output only
+        h = jnp.where(has_image[..., None], h, jnp.zeros((), h.dtype))
       y = y + self.gate("ffw_gate", width) * h
     if c.no_image == "skip":
       y = jnp.where(has_image[..., None], y, x)

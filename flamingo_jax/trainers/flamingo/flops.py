@@ -168,7 +168,7 @@ def feature_grid(config: FlamingoConfig, shape: BatchShape) -> tuple[int, int]:
 
 def _xattn_indices(config: FlamingoConfig) -> list[int]:
   x = config.xattn
-  return xattn_layer_indices(config.lm.num_layers, x.every, x.placement)
+  return xattn_layer_indices(config.lm.num_layers, x.every, x.placement, x.layers)
 
 
 def forward_by_component(config: FlamingoConfig, shape: BatchShape) -> list[tuple[str, int]]:

@@ -195,5 +195,6 @@ def _f32(tree):
 def gate_metrics(config: FlamingoConfig) -> Callable[[Any], dict[str, jax.Array]]:
   """-> params -> {'gates/<gate>': |tanh(alpha)|} after the update (paper Fig. 6), the
   step's extra_metrics; the scanned layout's gates are named by the LM block they precede."""
-  indices = xattn_layer_indices(config.lm.num_layers, config.xattn.every, config.xattn.placement)
+  indices = xattn_layer_indices(config.lm.num_layers, config.xattn.every, config.xattn.placement,
+                                config.xattn.layers)
   return lambda params: {f"gates/{k}": v for k, v in tanh_gates(params, indices).items()}
