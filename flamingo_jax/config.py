@@ -128,17 +128,35 @@ def configs_dir() -> str:
                     "(reinstall flamingo_jax or run from a checkout)")
 
 
+def resolve_config_path(path: str) -> str:
+  """A config file named as the docs name it (`configs/tiny.py`, `configs/eval/coco.py`):
+  relative to the working directory first, then to the packaged configs/ (configs_dir(), a
+  leading `configs/` dropped), so the commands run from any directory."""
+  if os.path.exists(path) or os.path.isabs(path):
+    if not os.path.exists(path):
+      raise ConfigError(f"config file {path!r} does not exist")
+    return path
+  try:
+    packaged = os.path.join(configs_dir(), os.path.normpath(path).removeprefix("configs" + os.sep))
+  except ConfigError:
+    packaged = ""
+  if packaged and os.path.isfile(packaged):
+    return packaged
+  raise ConfigError(f"config file {path!r} does not exist (relative to {os.getcwd()}"
+                    + (f" or to the packaged {configs_dir()}" if packaged else "") + ")")
+
+
 def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
   """Imports `path` and returns its `get_config(arg)`.
 
   The argument may also follow the file name after a colon, and may itself be
-  a path: "configs/from_checkpoint.py:/ckpts/of9b".
+  a path: "configs/from_checkpoint.py:/ckpts/of9b". `path` resolves from any working
+  directory (resolve_config_path).
   """
   match = re.fullmatch(r"(.+?\.py):(.*)", path)
   if match:
     path, arg = match.group(1), match.group(2)
-  if not os.path.exists(path):
-    raise ConfigError(f"config file {path!r} does not exist")
+  path = resolve_config_path(path)
   spec = importlib.util.spec_from_file_location(
       "flamingo_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)

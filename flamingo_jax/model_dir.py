@@ -213,12 +213,23 @@ def read_model_config(directory: str, overrides: Sequence[str] = ()) -> Flamingo
       section = json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-  if isinstance(section, dict) and set(section) == {"lm"}:  # what `convert hf-lm` writes
+  return with_overrides(section, overrides)
+
+
+def check_not_lm_only(directory: str) -> None:
+  """For the CLIs that run a whole model (evaluate, generate): a `convert hf-lm` output (its
+  model_config.json only an `lm` section; every export writes every section) is named as
+  such, not read as a Flamingo with default vision and cross-attention."""
+  try:
+    with open(os.path.join(directory, MODEL_CONFIG)) as f:
+      section = json.load(f)
+  except (OSError, ValueError):
+    return  # read_model_config names what is wrong
+  if isinstance(section, dict) and set(section) == {"lm"}:
     raise CheckpointError(
         f"{directory!r} holds a language model alone (`convert hf-lm` output: no vision "
         "encoder, resampler or cross-attention); a Flamingo model directory is needed: train "
         f"one around it with --config configs/from_hf_lm.py:{directory} (docs/checkpoints.md)")
-  return with_overrides(section, overrides)
 
 
 def with_overrides(section: Any, overrides: Sequence[str] = ()) -> FlamingoConfig:

@@ -300,3 +300,22 @@ def test_checkpoint_metadata_warning_is_quiet(caplog):
     absl_log.warning("Metadata file does not exist: /w/checkpoints/4/state/_CHECKPOINT_METADATA")
     absl_log.warning("something else")
   assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_config_paths_resolve_from_any_directory(monkeypatch, tmp_path):
+  """`--config configs/tiny.py` and `--eval configs/eval/coco.py:ROOT` as the docs write
+  them work outside the checkout (the packaged configs/); a file in the working directory
+  comes first; a missing one names both places."""
+  from flamingo_jax.config import configs_dir  # pylint: disable=import-outside-toplevel
+  here = load_config(os.path.join(REPO, "configs", "tiny.py")).to_dict()
+  monkeypatch.chdir(tmp_path)
+  assert load_config("configs/tiny.py").to_dict() == here
+  cfg, order = compose(eval_files=["configs/eval/coco.py:/data/coco"])
+  assert order == ["coco"] and cfg.eval.tasks.coco.data_root == "/data/coco"
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.py").write_text("def get_config():\n  return {'mine': 1}\n")
+  assert load_config("configs/tiny.py") == {"mine": 1}
+  with pytest.raises(errors.ConfigError, match=(
+      f"config file 'configs/nope.py' does not exist \\(relative to {tmp_path} or to the "
+      f"packaged {configs_dir()}\\)")):
+    load_config("configs/nope.py")

@@ -239,6 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     raise ValueError(f"--image_std must be positive, got {a.image_std!r}")
   # Prompt, image and tokenizer problems are reported before the params are read.
   place_images(a.prompt, len(a.image))
+  model_dir.check_not_lm_only(a.checkpoint)
   config = model_dir.read_model_config(a.checkpoint)
   tokenizer = model_dir.load_tokenizer(a.checkpoint, config, a.tokenizer)
   options = decode_options(tokenizer, max_new_tokens=a.max_new_tokens, num_beams=a.num_beams,

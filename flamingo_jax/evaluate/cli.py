@@ -103,6 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "that holds it (and model_config.json)")
   file_cfg = load_config(a.config) if a.config else None
   if a.checkpoint:
+    model_dir.check_not_lm_only(a.checkpoint)
     config = model_dir.read_model_config(a.checkpoint, model_overrides)
   else:
     check(file_cfg is not None and "model" in file_cfg, "--random_init without --checkpoint "
