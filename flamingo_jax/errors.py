@@ -151,6 +151,37 @@ def one_line(exc: BaseException) -> str:
   return msg or type(exc).__name__
 
 
+def brief(exc: BaseException, limit: int = 100) -> str:
+  """one_line(exc) for a line that must stay short (a damaged checkpoint's cause): JSON
+  specs that TensorStore puts into its messages (often 2,000 characters) become `{...}`,
+  and the rest is cut to `limit` characters."""
+  msg, out, depth = one_line(exc), [], 0
+  for ch in msg:
+    if ch == "{":
+      depth += 1
+      if depth == 1:
+        out.append("{...}")
+    elif ch == "}" and depth:
+      depth -= 1
+    elif not depth:
+      out.append(ch)
+  msg = " ".join("".join(out).split())
+  return msg if len(msg) <= limit else msg[:limit - 3].rstrip() + "..."
+
+
+CORRUPT_LINE_LIMIT = 190
+
+
+def corrupt_line(path: str, name: str, cause: str, step: Optional[int] = None,
+                 kind: str = "array") -> str:
+  """`checkpoint STEP at PATH: array NAME: CAUSE`: how every reader of a checkpoint or
+  model directory names damage (kind 'file' for a file that is not an array's data)."""
+  where = f"checkpoint {step} at {path}" if step is not None else f"checkpoint at {path}"
+  head = f"{where}: {kind} {name}: "
+  room = max(CORRUPT_LINE_LIMIT - len(head), 40)  # `error: ` + the line: < 200 characters
+  return head + (cause if len(cause) <= room else cause[:room - 3].rstrip() + "...")
+
+
 def _flush_logs() -> None:
   """Flush (not close: run_cli also runs in-process, e.g. in tests) every log handler,
   so that buffered log lines come before the error line."""

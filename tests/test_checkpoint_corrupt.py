@@ -1,10 +1,12 @@
-"""A corrupt or partial newest checkpoint: one line (step, path, cause); by default the
-newest intact one is restored with a warning, checkpoint.on_corrupt='refuse' stops.
+"""A corrupt or partial newest checkpoint: one line (`checkpoint STEP at PATH: array|file
+NAME: CAUSE`, under 200 characters); by default the newest intact one is restored with a
+warning, checkpoint.on_corrupt='refuse' stops.
 Each part is corrupted in turn: state arrays, state metadata, the state directory,
 the data-iterator state; and frozen weights, which have no fallback."""
 import glob
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -68,9 +70,10 @@ def test_falls_back_to_the_newest_intact_checkpoint(part, tmp_path, caplog):
     step, state, data = c.restore_latest(TARGET)
   assert step == 1 and data == {"ds": {"batch_index": 1}}
   np.testing.assert_array_equal(state["params"]["w"], np.arange(1000.0) + 1)
-  (line,) = [r.getMessage() for r in caplog.records if "corrupt or partial" in r.getMessage()]
-  assert line.startswith(f"checkpoint 2 at {tmp_path}/2 is corrupt or partial: ")
-  assert "falling back to checkpoint 1" in line and "\n" not in line
+  (line,) = [r.getMessage() for r in caplog.records if "2.corrupt" in r.getMessage()]
+  assert re.match(rf"checkpoint 2 at {re.escape(str(tmp_path))}/2: (array|file) \S+: .", line)
+  assert line.endswith("; set aside as 2.corrupt, falling back to checkpoint 1")
+  assert "\n" not in line and len(line.split("; set aside")[0]) < 200
   # Set aside, so the resumed run saves step 2 again.
   assert c.all_steps() == [1] and (tmp_path / "2.corrupt").is_dir()
   assert c.save(2, state, data)
@@ -85,8 +88,8 @@ def test_refuse_stops_with_one_line(part, tmp_path):
   with pytest.raises(CheckpointError) as e:
     c.restore_latest(TARGET)
   msg = str(e.value)
-  assert msg.startswith(f"checkpoint 2 at {tmp_path}/2 is corrupt or partial: ")
-  assert "on_corrupt='refuse'" in msg and "\n" not in msg
+  assert msg.startswith(f"checkpoint 2 at {tmp_path}/2: ")
+  assert "on_corrupt='refuse'" in msg and "\n" not in msg and len(msg) < 200
   assert c.all_steps() == [1, 2]  # nothing renamed
   c.close()
 
@@ -125,10 +128,11 @@ def test_corrupt_frozen_weights_are_one_line(tmp_path):
   _garbage_arrays(directory)
   with pytest.raises(CheckpointError) as e:
     components.restore_component(directory, "lm", abstract)
-  assert f"{directory} is corrupt or partial: " in str(e.value) and "\n" not in str(e.value)
+  assert str(e.value).startswith(f"checkpoint at {directory}: ") and "\n" not in str(e.value)
+  assert len(str(e.value)) < 200
   with open(os.path.join(directory, "_METADATA"), "w") as fh:
     fh.write("{not json")
-  with pytest.raises(CheckpointError, match=r"model_init\.lm: .* is corrupt or partial: cannot "
-                     "read its metadata"):
+  with pytest.raises(CheckpointError, match=r"^checkpoint at .*/frozen/lm: file _METADATA: not "
+                     "JSON"):
     components.check_component(directory, "lm", abstract, "model_init.lm")
 

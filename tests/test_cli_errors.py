@@ -171,7 +171,7 @@ def train_files(tmp_path_factory, small_tokenizer):
   c.close()
   shutil.rmtree(d / "run_no_state" / "checkpoints" / "5" / "state")
   c = ckpt_lib.Checkpointer(str(d / "run_no_state" / "checkpoints"), refuse)
-  with pytest.raises(errors.CheckpointError, match="5/state is missing"):  # what the CLI must say
+  with pytest.raises(errors.CheckpointError, match="checkpoint 5 at .*/5: file state: missing"):
     c.restore_latest({"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}})
   c.close()
   return {"dir": d, "tok": tok, "tar": tar, "pipeline": str(d / "pipeline.py"), "info": info}
@@ -223,9 +223,10 @@ TRAIN_CASES = {
     "model_init shapes": (["--config.model_init.lm={dir}/narrow_lm"],
                           ["model_init.lm", "narrow_lm", "embedding", "(512, 32)", "(512, 64)"]),
     # Checkpoints in the workdir.
-    "workdir frozen garbage": ({"workdir": "{dir}/run_bad_frozen"}, ["frozen/lm", "corrupt"]),
+    "workdir frozen garbage": ({"workdir": "{dir}/run_bad_frozen"},
+                               ["checkpoint at", "frozen/lm: file _METADATA: not JSON"]),
     "workdir checkpoint without state": (
-        {"workdir": "{dir}/run_no_state"}, ["5/state", "missing"],
+        {"workdir": "{dir}/run_no_state"}, ["checkpoint 5 at", "5: file state: missing"],
         ["--config.checkpoint.on_corrupt=refuse"]),
     # The pipeline input: tokenizer and shards, before anything compiles.
     "tokenizer missing": ({"config": "{pipeline}"}, ["tokenizer", "no_tok.model"],

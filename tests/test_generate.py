@@ -272,6 +272,18 @@ def test_errors_name_the_problem(world, tmp_path):
     shutil.copy(os.path.join(w["dir"], name), no_params)
   with pytest.raises(ValueError, match="lacks params/"):
     run("--image", a, "--prompt", "two", checkpoint=str(no_params))
+  # Bytes overwritten inside the params' array data: one short line naming the array.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(w["dir"], damaged)
+  data = [os.path.join(r, f) for r, _, fs in os.walk(damaged / model_dir.PARAMS) for f in fs
+          if os.path.basename(r) == "d"]
+  big = max(data, key=os.path.getsize)
+  with open(big, "r+b") as f:
+    f.seek(os.path.getsize(big) // 2)
+    f.write(bytes(range(3, 256, 5)) * 4)
+  with pytest.raises(ValueError, match=rf"^checkpoint at {damaged}/params: array \S+: ") as e:
+    run("--image", a, "--prompt", "two", checkpoint=str(damaged))
+  assert len("error: " + str(e.value)) < 200 and "{" not in str(e.value)
   # A tokenizer whose special ids are not the model's.
   info = w["tok"].info
   swapped = dict(json.loads(open(os.path.join(w["dir"], model_dir.MODEL_CONFIG)).read()),

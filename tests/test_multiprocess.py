@@ -60,4 +60,18 @@ def test_two_processes_match_one(tmp_path):
       assert m[k] == pytest.approx(o[k], rel=1e-5, abs=1e-7), k
   # Each process saved its own data-iterator state next to the shared arrays.
   data = os.listdir(tmp_path / "multi" / "checkpoints" / "4" / "data")
-  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data)
+  assert {"process_0-of-2.json", "process_1-of-2.json", "process_1-of-2.json.sha256"} <= set(data)
+
+  # Resumed on 2 processes: each verifies the checksums (the sums are global, so both agree)
+  # and its own data state; step 2 was followed by a finite step, so it is marked.
+  port = _free_port()
+  procs = [_launch(tmp_path / "multi", 4, [
+      f"--config.distributed.coordinator_address=localhost:{port}",
+      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+      "--config.train.total_steps=6"]) for i in range(2)]
+  outs = [p.communicate(timeout=1200)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+    assert "has no checksums" not in out and "corrupt" not in out
+  assert f"resumed from {tmp_path}/multi/checkpoints/4" in outs[0]
+  assert os.path.exists(tmp_path / "multi" / "checkpoints" / "4" / "FINITE_NEXT")

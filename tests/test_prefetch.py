@@ -98,6 +98,24 @@ def test_state_is_that_of_the_consumed_batches_and_resumes_exactly():
   assert got == want
 
 
+class Counted(Counter):
+  """A Counter with data counters (flamingo_jax.data.accounting's stats())."""
+
+  def stats(self):
+    return {"examples_seen": 3 * self.i, "examples_kept": 2 * self.i}
+
+
+def test_stats_are_those_of_the_consumed_batches():
+  its = {"a": Counted(0), "b": Counted(1)}
+  with Prefetcher(its, lambda n, b: b, alternating, depth=4) as p:
+    assert p.stats() == {"a": {"examples_seen": 0, "examples_kept": 0},
+                         "b": {"examples_seen": 0, "examples_kept": 0}}
+    take(p, 5)  # a: 5 batches, b: 2
+    wait_until(lambda: its["a"].i == 9)  # read ahead: not counted
+    assert p.stats() == {"a": {"examples_seen": 15, "examples_kept": 10},
+                         "b": {"examples_seen": 6, "examples_kept": 4}}
+
+
 def test_producer_error_reaches_the_consumer_after_the_good_batches():
   its = {"a": Counter(0, fail_at=3)}
   with Prefetcher(its, lambda n, b: b, lambda s: ("a",), depth=2) as p:

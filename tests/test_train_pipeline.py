@@ -3,6 +3,7 @@ embedded shapes dataset in its real tar format), resumed bit-exactly through
 the pipelines' own iterator state."""
 import json
 import os
+import shutil
 
 import jax
 import pytest
@@ -35,18 +36,36 @@ def pipeline_config(manifest, out, *overrides):
 
 @pytest.mark.slow
 def test_pipeline_input_trains_and_resumes_exactly(shapes_world, tmp_path):
+  """Losses and the data counters logged at every step (data/<dataset>/examples_seen,
+  examples_kept, dropped_image/*: those of the batches of steps 1..N, never the
+  prefetcher's read-ahead) equal the uninterrupted run's after a stop with a checkpoint
+  (SIGTERM, --stop_at) and after a kill -9 (resumed from an older periodic checkpoint)."""
   out, manifest = shapes_world
-  config = pipeline_config(manifest, out)
+  config = pipeline_config(manifest, out, "checkpoint.every=2")
   one = jax.devices()[:1]
-  straight = train.run(config, str(tmp_path / "a"), stop_at=4, devices=one)
-  first = train.run(config, str(tmp_path / "b"), stop_at=2, devices=one)
-  second = train.run(config, str(tmp_path / "b"), stop_at=4, devices=one)
+  straight = train.run(config, str(tmp_path / "a"), stop_at=5, devices=one)
+  first = train.run(config, str(tmp_path / "b"), stop_at=3, devices=one)
+  second = train.run(config, str(tmp_path / "b"), stop_at=5, devices=one)
   keys = ("loss", "loss/pairs", "loss/interleaved", "grad_norm")
   pick = lambda rows: [[r[k] for k in keys] for r in rows]  # noqa: E731
   assert pick(first["history"] + second["history"]) == pick(straight["history"])
-  state = json.load(open(tmp_path / "b" / "checkpoints" / "2" / "data" /
+  counters = sorted(k for k in straight["history"][0] if k.startswith("data/"))
+  assert {"data/pairs/examples_seen", "data/pairs/examples_kept",
+          "data/interleaved/examples_kept"} <= set(counters)
+  data = lambda rows: [[r[k] for k in counters] for r in rows]  # noqa: E731
+  assert data(first["history"] + second["history"]) == data(straight["history"])
+  for name in ("pairs", "interleaved"):  # each step's batch, kept examples only
+    size = config.data.datasets[name].batch_size
+    assert [r[f"data/{name}/examples_kept"] for r in straight["history"]] == \
+        [size * n for n in range(1, 6)]
+  state = json.load(open(tmp_path / "b" / "checkpoints" / "4" / "data" /
                          "process_0-of-1.json"))
   assert set(state) == {"pairs", "interleaved"}
+  # kill -9 after step 5, before its save: the newest checkpoint is 4; steps 5.. replayed.
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "5")
+  third = train.run(config, str(tmp_path / "b"), stop_at=5, devices=one)
+  assert data(third["history"]) == data(straight["history"][4:])
+  assert pick(third["history"]) == pick(straight["history"][4:])
 
 
 def _never_compile(monkeypatch):

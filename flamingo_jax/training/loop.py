@@ -147,10 +147,14 @@ def put_batch(local: Mapping[str, np.ndarray], abstract: Mapping, shardings: Map
   return out
 
 
-def pipeline_stats(iterators: Mapping[str, Any]) -> dict[str, float]:
-  """The input pipeline's bad-data counters as `data/<dataset>/<counter>` scalars
-  (and `data/<dataset>/skip_rate`); iterators without stats() (in-memory data) add none."""
+def pipeline_stats(iterators: Any) -> dict[str, float]:
+  """The input pipeline's data counters as `data/<dataset>/<counter>` scalars (and
+  `data/<dataset>/skip_rate`). iterators: {name: iterator} (read synchronously by the
+  step), or a Prefetcher (its stats(): the consumed batches', not the read-ahead);
+  iterators without stats() (in-memory data) add none."""
   from flamingo_jax.data.accounting import scalar_metrics
+  if callable(getattr(iterators, "stats", None)):
+    return scalar_metrics(iterators.stats())
   return scalar_metrics({name: it.stats() for name, it in iterators.items()
                          if callable(getattr(it, "stats", None))})
 
@@ -208,7 +212,13 @@ class StepHandler:
 
   throughput(info, seconds_per_step) -> extra scalars at the log cadence
   (tokens/s, MFU); suffix(metrics) -> text appended to the progress line;
-  data_stats() -> the pipeline's bad-data counters, logged at the same cadence.
+  data_stats() -> the data counters of the batches consumed so far, logged at the same
+  cadence: read when a log step is added (right after its batches were taken, before the
+  next step's), so step N's counters are those of steps 1..N whatever is read ahead.
+
+  watch: steps whose next step's outcome run_loop wants (checkpoints); finite_next
+  gets {step: the next step was finite} as they are handled. restored: the checkpoint
+  the run resumed from, named by the non-finite stop when the skips began right after it.
   """
 
   def __init__(self, *, total_steps: int, log_every: int, max_consecutive_nonfinite: int,
@@ -223,15 +233,21 @@ class StepHandler:
     self.throughput, self.suffix, self.data_stats = throughput, suffix, data_stats
     self.history: list[dict] = []
     self.is_main = jax.process_index() == 0
-    self._pending: list[tuple[int, Mapping, Any]] = []
+    self._pending: list[tuple[int, Mapping, Any, Optional[dict]]] = []
+    self.watch: set[int] = set()
+    self.finite_next: dict[int, bool] = {}
+    self.restored: Optional[tuple[int, str]] = None  # (step, path) the run resumed from
     self._time, self._step, self._cpu = time.perf_counter(), start_step, time.process_time()
 
   def is_log_step(self, step: int) -> bool:
     return step % self.log_every == 0 or step == self.total_steps
 
   def add(self, done_step: int, metrics: Mapping, info: Any = None) -> None:
-    """Keeps step done_step's metrics (device arrays: nothing is transferred)."""
-    self._pending.append((done_step, metrics, info))
+    """Keeps step done_step's metrics (device arrays: nothing is transferred) and, at a
+    log step, the data counters as they are now (the batches of steps 1..done_step)."""
+    data = self.data_stats() if self.data_stats is not None and \
+        self.is_log_step(done_step) else None
+    self._pending.append((done_step, metrics, info, data))
 
   def due(self) -> bool:
     return bool(self._pending) and self.is_log_step(self._pending[-1][0])
@@ -241,28 +257,38 @@ class StepHandler:
     if not self._pending:
       return
     pending, self._pending = self._pending, []
-    values = jax.device_get([m for _, m, _ in pending])
-    for (done_step, _, info), metrics in zip(pending, values):
-      self._handle(done_step, metrics, info)
+    values = jax.device_get([m for _, m, _, _ in pending])
+    for (done_step, _, info, data), metrics in zip(pending, values):
+      self._handle(done_step, metrics, info, data)
 
   def __call__(self, done_step: int, metrics: Mapping, info: Any = None) -> None:
     self.add(done_step, metrics, info)
     self.flush()
 
-  def _handle(self, done_step: int, metrics: Mapping, info: Any) -> None:
+  def _handle(self, done_step: int, metrics: Mapping, info: Any,
+              data: Optional[dict] = None) -> None:
     metrics = {k: float(v) for k, v in metrics.items()}
+    if done_step - 1 in self.watch:
+      self.watch.discard(done_step - 1)
+      self.finite_next[done_step - 1] = not metrics["update_skipped"]
     self.history.append(metrics)
     metrics["step"] = done_step
     self.writer.write_step(done_step, metrics)  # history.jsonl, when the trainer keeps one
     if self.on_step is not None:  # progress bars (the demo), per-step logs
       self.on_step(done_step, metrics)
     if metrics["nonfinite_consecutive"] >= self.max_nonfinite:
-      raise FloatingPointError(
+      first = done_step - int(metrics["nonfinite_consecutive"]) + 1
+      after_restore = "" if self.restored is None or first != self.restored[0] + 1 else (
+          f" The non-finite steps began right after the restore of checkpoint "
+          f"{self.restored[0]} ({self.restored[1]}): it may hold damaged state; rename it "
+          f"{self.restored[0]}.corrupt to resume from the checkpoint before it.")
+      raise NonFiniteStop(
+          first,
           f"{int(metrics['nonfinite_consecutive'])} consecutive updates had non-finite "
           f"gradients or loss (train.max_consecutive_nonfinite={self.max_nonfinite}); "
           f"stopping at step {done_step}. Parameters are those of the last finite update; "
           f"{int(metrics['nonfinite_total'])} updates were skipped in total. Check the data "
-          "and the learning rate.")
+          "and the learning rate." + after_restore)
     if metrics["update_skipped"]:
       log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)",
                   done_step, int(metrics["nonfinite_consecutive"]),
@@ -277,13 +303,21 @@ class StepHandler:
     metrics.update(step_time=dt, host_cpu_time=(cpu - self._cpu) / steps)
     if self.throughput is not None:
       metrics.update(self.throughput(info, dt))
-    if self.data_stats is not None:
-      metrics.update(self.data_stats())
+    if data is not None:
+      metrics.update(data)
     if self.is_main:
       line = progress_line(done_step, self.total_steps, metrics, dt, metrics.get("mfu"))
       log.info(line + (self.suffix(metrics) if self.suffix else ""))
     self.writer.write(done_step, {k: v for k, v in metrics.items() if k != "step"})
     self._time, self._step, self._cpu = now, done_step, cpu
+
+
+class NonFiniteStop(FloatingPointError):
+  """max_consecutive_nonfinite skipped updates in a row; first_step: the first of them."""
+
+  def __init__(self, first_step: int, message: str):
+    super().__init__(message)
+    self.first_step = first_step
 
 
 # --------------------------------------------------------------------------
@@ -306,7 +340,18 @@ def run_loop(state: Any, *, step: int, total_steps: int,
   """
   stopped = "done"
   saved = set(checkpointer.all_steps()) if checkpointer is not None else set()
+  restored = getattr(checkpointer, "restored_step", None)
+  restored = restored if restored == step else None
+  if restored is not None:  # is the restored state good? the next step tells
+    handler.watch.add(step)
+    handler.restored = (restored, f"{checkpointer.directory}/{restored}")
   distributed.barrier("first_step")  # every process has compiled before any steps
+
+  def confirm():  # checkpoints a finite step followed: never rotated out for newer ones
+    for s, finite in handler.finite_next.items():
+      if finite and checkpointer is not None:
+        checkpointer.mark_good(s)
+    handler.finite_next.clear()
 
   with StopSignal() as stop:
     while step < total_steps:
@@ -319,14 +364,17 @@ def run_loop(state: Any, *, step: int, total_steps: int,
       if checkpointer is not None and step not in saved and (
           checkpointer.due(step) or halt or step == total_steps):
         handler.flush()  # what was handled (history, non-finite stop) is what is saved
+        confirm()
         checkpointer.save(step, state, data_states())
         saved.add(step)
+        handler.watch.add(step)
       if after_step is not None:
         after_step(step, state, handler.flush)
       if halt:
         stopped = "signal" if stop.received is not None else "stop_at"
         break
     handler.flush()
+    confirm()
   if stopped == "signal":
     log.warning("stopped by a signal at step %d; checkpoint saved, resume with the same "
                 "command", step)

@@ -15,7 +15,9 @@ Exact resume: the producer records each iterator's `get_state()` right after
 the `next()` that made a batch and ships it with the batch, so `get_state()`
 here is the data state after the last batch the consumer TOOK, however far
 ahead the producer is. Restoring that state and starting a new Prefetcher at
-the same step yields exactly the batches an uninterrupted run would have seen.
+the same step yields exactly the batches an uninterrupted run would have seen. The
+iterators' data counters (`stats()`, flamingo_jax/data/accounting.py) travel the same
+way: `stats()` here counts the examples of the consumed batches, never the read-ahead.
 
 The iterators belong to the producer thread from the constructor to `close()`:
 call their `set_state` before constructing, never `next`/`get_state` on them
@@ -31,6 +33,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a blocked producer checks for close()
+
+
+def _stats(it) -> Optional[dict]:
+  """it.stats() (the data counters) as a snapshot, None for iterators without them."""
+  return dict(it.stats()) if callable(getattr(it, "stats", None)) else None
 
 
 class _Failure:
@@ -68,8 +75,10 @@ class Prefetcher:
     self._schedule = schedule
     self._next_step = start_step  # the step the producer makes next
     self._consumed_step = start_step  # the step the consumer takes next
-    # State after the last consumed batch of each dataset (initially: as given).
+    # State and counters after the last consumed batch of each dataset (initially: as given).
     self._states = {n: it.get_state() for n, it in self._iterators.items()}
+    self._stats = {n: _stats(it) for n, it in self._iterators.items()}
+    self._stats = {n: v for n, v in self._stats.items() if v is not None}
     self._depth = depth
     self._closed = threading.Event()
     self._done = False
@@ -81,17 +90,21 @@ class Prefetcher:
       self._thread.start()
 
   # ------------------------------------------------------------------ producer
-  def _make(self) -> tuple[int, dict, dict]:
-    """(step, {name: device batch}, {name: iterator state after its batch})."""
+  def _make(self) -> tuple[int, dict, dict, dict]:
+    """(step, {name: device batch}, {name: iterator state after its batch}, {name:
+    counters after its batch})."""
     step = self._next_step
-    batches, states = {}, {}
+    batches, states, stats = {}, {}, {}
     for n in self._schedule(step):
       it = self._iterators[n]
       host = next(it)
       states[n] = it.get_state()
+      counts = _stats(it)
+      if counts is not None:
+        stats[n] = counts
       batches[n] = self._put(n, host)
     self._next_step += 1
-    return step, batches, states
+    return step, batches, states, stats
 
   def _offer(self, item) -> bool:
     """Blocks until the queue takes `item`; False once closed."""
@@ -148,9 +161,10 @@ class Prefetcher:
     if isinstance(item, _Failure):
       self._done = True
       raise item.error
-    step, batches, states = item
+    step, batches, states, stats = item
     assert step == self._consumed_step, (step, self._consumed_step)
     self._states.update(states)
+    self._stats.update(stats)
     self._consumed_step += 1
     return batches
 
@@ -163,6 +177,11 @@ class Prefetcher:
     """{name: iterator state} after the last consumed batch of each dataset: what a
     checkpoint saved now must hold to resume exactly."""
     return {n: dict(s) if isinstance(s, dict) else s for n, s in self._states.items()}
+
+  def stats(self) -> dict[str, dict]:
+    """{name: data counters} after the last consumed batch of each dataset (iterators
+    with stats() only): what the steps trained on so far."""
+    return {n: dict(s) for n, s in self._stats.items()}
 
   def close(self, timeout: float = 10.0) -> None:
     """Stops the producer and drops the batches made ahead. Idempotent. A producer

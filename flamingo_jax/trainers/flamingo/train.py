@@ -419,7 +419,7 @@ def train_loop(s: Setup, config, workdir: epath.Path, mesh, steps: CompiledSteps
   handler = StepHandler(total_steps=s.train.total_steps, log_every=s.train.log_every,
                         max_consecutive_nonfinite=s.train.max_consecutive_nonfinite,
                         writer=writer, start_step=step, on_step=on_step, throughput=throughput,
-                        data_stats=lambda: pipeline_stats(iterators))
+                        data_stats=lambda: pipeline_stats(prefetcher))
   try:
     state, step, stopped = run_loop(
         state, step=step, total_steps=s.train.total_steps, train_step=train_step,
