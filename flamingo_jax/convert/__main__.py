@@ -23,8 +23,11 @@ SUBCOMMANDS = {
                 "an IDEFICS model directory (IdeficsForVisionText2Text: config.json + "
                 "safetensors)"),
     "mllama": ("flamingo_jax.convert.mllama",
-               "a Llama 3.2 Vision directory (transformers' mllama; language side and "
-               "projector)"),
+               "a Llama 3.2 Vision directory (transformers' mllama: config.json + "
+               "safetensors)"),
+    "mllama-export": ("flamingo_jax.convert.mllama_export",
+                      "an mllama model directory back to transformers' layout (config.json + "
+                      "safetensors)"),
 }
 
 

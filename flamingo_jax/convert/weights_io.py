@@ -194,3 +194,57 @@ class StateDict:
     if unused:
       raise CheckpointError(f"{self.source}{len(unused)} tensors of the {what} were not "
                             f"converted: {unused[:8]}")
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], dtype: str = "float32"
+                      ) -> None:
+  """{name: array} -> one .safetensors file (F32 or BF16), the layout read_safetensors
+  reads and transformers' loaders expect (header padded to 8 bytes, metadata format pt)."""
+  import ml_dtypes
+  code, np_dtype = {"float32": ("F32", np.float32),
+                    "bfloat16": ("BF16", ml_dtypes.bfloat16)}[dtype]
+  header: dict = {"__metadata__": {"format": "pt"}}
+  blobs, offset = [], 0
+  for name in sorted(tensors):
+    data = np.ascontiguousarray(np.asarray(tensors[name], np.float32).astype(np_dtype)).tobytes()
+    header[name] = {"dtype": code, "shape": list(np.shape(tensors[name])),
+                    "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for data in blobs:
+      f.write(data)
+
+
+def write_safetensors_dir(out: str, tensors: Mapping[str, np.ndarray], dtype: str = "float32",
+                          max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """tensors -> out/model.safetensors, or shards model-0000i-of-0000n.safetensors of at
+  most max_shard_bytes (a tensor larger than that alone) with model.safetensors.index.json;
+  -> the file names."""
+  size = 4 if dtype == "float32" else 2
+  shards: list[list[str]] = [[]]
+  used = 0
+  for name in sorted(tensors):
+    nbytes = int(np.prod(np.shape(tensors[name]))) * size
+    if shards[-1] and used + nbytes > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(name)
+    used += nbytes
+  if len(shards) == 1:
+    write_safetensors(os.path.join(out, "model.safetensors"), tensors, dtype)
+    return ["model.safetensors"]
+  names, weight_map = [], {}
+  for i, shard in enumerate(shards):
+    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    write_safetensors(os.path.join(out, file), {k: tensors[k] for k in shard}, dtype)
+    names.append(file)
+    weight_map.update({k: file for k in shard})
+  total = sum(int(np.prod(np.shape(v))) * size for v in tensors.values())
+  with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return names

@@ -121,7 +121,7 @@ class MllamaVisionEncoder(nn.Module):
 
     padded = n + (-n % 8)
     x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - n), (0, 0))).reshape(b, t * padded, d)
-    real_tile = jnp.ones((b, t), bool) if tile_mask is None else tile_mask.astype(bool)
+    real_tile = jnp.ones((b, t), bool) if tile_mask is None else jnp.asarray(tile_mask, bool)
     real_tile = real_tile.at[:, 0].set(True)
     real = (real_tile[:, :, None] & (jnp.arange(padded) < n)[None, None]).reshape(b, -1)
     mask = (real[:, :, None] | real[:, None, :])[:, None]  # masked: both padding
