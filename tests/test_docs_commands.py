@@ -214,3 +214,16 @@ def test_the_docs_have_commands_and_every_one_is_covered():
 def test_doc_command(doc, command, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)  # config paths as the docs write them, from elsewhere
   check(command, str(tmp_path), monkeypatch, capsys)
+
+
+def test_synthetic_sizes_the_docs_quote_are_the_tools_defaults():
+  """docs/data.md's default sizes are `data.synthetic.Sizes()`'s (questions: 2 per pair)."""
+  from flamingo_jax.data.synthetic import Sizes
+  with open(os.path.join(REPO, "docs", "data.md")) as f:
+    text = " ".join(f.read().split())
+  m = re.search(r"Default size \((\d+)/(\d+) pairs, (\d+)/(\d+) questions, (\d+)/(\d+) "
+                r"documents, (\d+)/(\d+) videos, a ([\d,]+)-line corpus", text)
+  assert m, "docs/data.md no longer quotes the synthetic world's default sizes"
+  n = [int(g.replace(",", "")) for g in m.groups()]
+  d = Sizes()
+  assert n == [*d.pairs, *(2 * x for x in d.pairs), *d.documents, *d.videos, d.corpus_lines]
