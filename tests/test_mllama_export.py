@@ -54,6 +54,7 @@ def transformers_logits(directory, ids, mask, tiles):
                  use_cache=False).logits.numpy()
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, capsys):
   config, params = fine_tuned()
   ids, mask, _, tiles = batch()
