@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models.labels import path_str
+
 log = logging.getLogger(__name__)
 
 ALGORITHM = "fmix32-position-sum-x2-v1"  # stored beside the sums; another value: unverifiable
@@ -37,21 +39,8 @@ class CorruptError(Exception):
     self.name, self.cause, self.kind = name, cause, kind
 
 
-def leaf_name(path) -> str:
-  """A tree path as `a/b/0` (dict keys, attribute names, sequence indices)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def named_leaves(tree: Any) -> dict[str, Any]:
-  return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _fmix32(h):

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flamingo_jax.models.labels import path_str
+
 # Paths of the NFNet classifier (flamingo_jax.models.nfnet names it 'classifier').
 DEFAULT_EXCLUDE = r"(^|/)classifier(/|$)"
 
@@ -42,18 +44,6 @@ def unitwise_norm(x: jax.Array, name: str = "") -> jax.Array:
                      f"{x.shape} (supported: scalars, vectors, [in, out], [in, h, k], "
                      f"[kh, kw, in, out])")
   return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=keepdims))
-
-
-def _path_str(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
 
 
 def _exclusion_fn(exclude: Exclude) -> Callable[[str, Any], bool]:
@@ -103,11 +93,11 @@ def adaptive_grad_clip(clip: float = 0.01, eps: float = 1e-3,
 
     def clip_leaf(path, g, p):
       if g.shape != p.shape:
-        raise ValueError(f"adaptive_grad_clip: update {_path_str(path)!r} has shape {g.shape} "
+        raise ValueError(f"adaptive_grad_clip: update {path_str(path)!r} has shape {g.shape} "
                          f"but its parameter has {p.shape}")
-      if excluded(_path_str(path), p):
+      if excluded(path_str(path), p):
         return g
-      name = _path_str(path)
+      name = path_str(path)
       g_norm = unitwise_norm(g, name)
       max_norm = clip * jnp.maximum(unitwise_norm(p, name), eps)
       # max(., 1e-6) only guards the division; where it would matter g is kept.
