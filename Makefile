@@ -26,7 +26,7 @@ $(STAMP): setup.py | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --durations=15 tests
+	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

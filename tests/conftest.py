@@ -1,6 +1,7 @@
 """Shared test setup: 8 fake CPU devices for sharding tests, float32 matmuls, and the
 session fixtures several test modules read (built once per pytest process; read-only:
 a test that changes one copies it first)."""
+import logging
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -24,6 +25,18 @@ def tiny_config():
   return model_config(load_config(os.path.join(REPO, "configs", "tiny.py")))
 
 
+@pytest.fixture(autouse=True)
+def _package_logging_restored():
+  """A CLI run in-process (training.cli.setup_logging: a stderr handler on the flamingo_jax
+  logger, propagation off) leaves no handler behind for the tests after it."""
+  log = logging.getLogger("flamingo_jax")
+  saved = list(log.handlers), log.level, log.propagate
+  yield
+  log.handlers[:] = saved[0]
+  log.setLevel(saved[1])
+  log.propagate = saved[2]
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory) -> str:
   """Path of data_helpers.train_small_tokenizer's tokenizer.model (<image> 200, <EOC> 201)."""
@@ -43,3 +56,12 @@ def tiny_model_dir(tmp_path_factory):
   """(directory, FlamingoConfig): configs/tiny.py with random weights (seed 1) and a BPE
   tokenizer of eval_files' image captions and questions, exported as a model directory."""
   return export_tiny_model(tmp_path_factory.mktemp("tiny_model"), CAPTIONS, QUESTIONS, seed=1)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules with slow tests first, collection order otherwise. `make test` runs pytest-xdist
+  with --dist loadscope: each worker takes whole modules (a module fixture is built once, not
+  once per worker), the long modules start first and the short ones fill in at the end."""
+  del config
+  slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in slow)

@@ -93,6 +93,9 @@ class FakeCheckpointer:
   def save(self, step, state, data_states):
     self.saves.append((step, len(self.handler.history)))
 
+  def mark_good(self, step):  # a saved step that a finite step followed (never rotated out)
+    assert step in [s for s, _ in self.saves], step
+
 
 def test_checkpoint_follows_its_steps_handling(tmp_path, fetches):
   h = handler(tmp_path)

@@ -84,13 +84,27 @@ def quiet_checkpoint_metadata_warning() -> None:
     absl_log.addFilter(_NoMetadataWarning())
 
 
+class _CurrentStderr(logging.StreamHandler):
+  """Writes to whatever sys.stderr is when a record comes, not the stream of the call that
+  set logging up: an in-process caller (a notebook, a test's captured stderr) may replace
+  and close that stream, which would turn every later log line into a logging error."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    del value
+
+
 def setup_logging() -> None:
   """flamingo_jax.* INFO logs to stderr with timestamps (the progress line among them)."""
   quiet_checkpoint_metadata_warning()
   package_log = logging.getLogger("flamingo_jax")
   if any(getattr(h, "_flamingo_cli", False) for h in package_log.handlers):
     return
-  handler = logging.StreamHandler(sys.stderr)
+  handler = _CurrentStderr()
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler._flamingo_cli = True
   package_log.addHandler(handler)
