@@ -390,7 +390,14 @@ def model_config(cfg) -> FlamingoConfig:
 
 def validate(c: FlamingoConfig) -> None:
   """Cross-field checks; every message names the offending key."""
-  r, x, lm = c.resampler, c.xattn, c.lm
+  for check_part in (_validate_vision_and_resampler, _validate_xattn, _validate_lm_and_sizes,
+                     _validate_tokens):
+    check_part(c)
+
+
+def _validate_vision_and_resampler(c: FlamingoConfig) -> None:
+  """The vision encoder's options and the resampler (or projector) that reads it."""
+  r = c.resampler
   _choice(r.kind, ("perceiver", "mlp", "transformer", "linear"), "model.resampler.kind")
   if c.vision.name == "mllama":
     mv = c.vision.mllama
@@ -410,6 +417,11 @@ def validate(c: FlamingoConfig) -> None:
          "config keys 'model.resampler.temporal_embeddings' / 'num_media_embeddings' must be "
          "off with model.resampler.kind 'linear' (a projection only)")
   _choice(r.activation, ACTIVATIONS, "model.resampler.activation")
+
+
+def _validate_xattn(c: FlamingoConfig) -> None:
+  """The cross-attention blocks: kind, placement, heads, gating, masking."""
+  x, lm = c.xattn, c.lm
   _choice(x.kind, ("gated_dense", "vanilla"), "model.xattn.kind")
   _choice(x.placement, ("paper", "openflamingo", "middle", "explicit"),
           "model.xattn.placement")
@@ -439,6 +451,11 @@ def validate(c: FlamingoConfig) -> None:
   _check(x.no_image != "attend_all" or x.kind == "gated_dense",
          "config key 'model.xattn.no_image' 'attend_all' masks the FFW output: it needs "
          "model.xattn.kind 'gated_dense'")
+
+
+def _validate_lm_and_sizes(c: FlamingoConfig) -> None:
+  """The LM's options, the dtypes and every size that must be positive."""
+  r, x, lm = c.resampler, c.xattn, c.lm
   _choice(lm.family, tuple(LM_FAMILIES), "model.lm.family")
   _choice(lm.activation, ACTIVATIONS + GATED_ACTIVATIONS, "model.lm.activation")
   _choice(lm.norm, ("layernorm", "rmsnorm"), "model.lm.norm")
@@ -479,6 +496,11 @@ def validate(c: FlamingoConfig) -> None:
          "0 < low < high")
   _check(lm.sliding_window >= 0,
          f"config key 'model.lm.sliding_window' must be >= 0 (0: none), got {lm.sliding_window}")
+
+
+def _validate_tokens(c: FlamingoConfig) -> None:
+  """The vocabulary's rows and the special token ids."""
+  r, lm = c.resampler, c.lm
   rows = lm.embedding_rows or lm.vocab_size
   _check(0 <= lm.embedding_rows <= lm.vocab_size,
          f"config key 'model.lm.embedding_rows' ({lm.embedding_rows}) must be in "
