@@ -123,6 +123,16 @@ def _heads_out(kernel: np.ndarray) -> np.ndarray:
   return kernel.reshape(kernel.shape[0], -1).T
 
 
+def _attention_and_mlp(pre: str, kind: str, attn: Mapping, ffw: Mapping,
+                       width: int) -> dict[str, np.ndarray]:
+  """One decoder layer's q/k/v/o projections (`self_attn` or `cross_attn`) and SwiGLU MLP."""
+  out = {f"{pre}{kind}.{n}_proj.weight": _heads_out(attn[ours]["kernel"])
+         for n, ours in (("q", "query"), ("k", "key"), ("v", "value"))}
+  out[f"{pre}{kind}.o_proj.weight"] = attn["out"]["kernel"].reshape(-1, width).T
+  out.update({f"{pre}mlp.{n}_proj.weight": ffw[n]["kernel"].T for n in ("gate", "up", "down")})
+  return out
+
+
 def export_tensors(c: FlamingoConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Our params (either layer layout) -> transformers >= 4.52's mllama state dict."""
   check_structure(c)
@@ -140,28 +150,18 @@ def export_tensors(c: FlamingoConfig, params: Mapping[str, Any]) -> dict[str, np
     out.update({
         pre + "input_layernorm.weight": b["attn_norm"]["scale"],
         pre + "post_attention_layernorm.weight": b["ffw_norm"]["scale"],
-        pre + "self_attn.q_proj.weight": _heads_out(a["query"]["kernel"]),
-        pre + "self_attn.k_proj.weight": _heads_out(a["key"]["kernel"]),
-        pre + "self_attn.v_proj.weight": _heads_out(a["value"]["kernel"]),
-        pre + "self_attn.o_proj.weight": a["out"]["kernel"].reshape(-1, c.lm.width).T,
-        **{pre + f"mlp.{n}_proj.weight": b["ffw"][n]["kernel"].T for n in ("gate", "up",
-                                                                         "down")}})
+        **_attention_and_mlp(pre, "self_attn", a, b["ffw"], c.lm.width)})
   for k, i in enumerate(cross):
     b, pre = p[f"xattn_block_{x.layers[k]}"], f"model.language_model.layers.{i}."
     a = b["attn"]
     out.update({
         pre + "input_layernorm.weight": a["norm_query"]["scale"],
         pre + "post_attention_layernorm.weight": b["norm_ffw"]["scale"],
-        pre + "cross_attn.q_proj.weight": _heads_out(a["query"]["kernel"]),
-        pre + "cross_attn.k_proj.weight": _heads_out(a["key"]["kernel"]),
-        pre + "cross_attn.v_proj.weight": _heads_out(a["value"]["kernel"]),
-        pre + "cross_attn.o_proj.weight": a["out"]["kernel"].reshape(-1, c.lm.width).T,
+        **_attention_and_mlp(pre, "cross_attn", a, b["ffw"], c.lm.width),
         pre + "cross_attn.q_norm.weight": a["query_norm"]["scale"],
         pre + "cross_attn.k_norm.weight": a["key_norm"]["scale"],
         pre + "cross_attn_attn_gate": b["attn_gate"].reshape(1),
-        pre + "cross_attn_mlp_gate": b["ffw_gate"].reshape(1),
-        **{pre + f"mlp.{n}_proj.weight": b["ffw"][n]["kernel"].T for n in ("gate", "up",
-                                                                         "down")}})
+        pre + "cross_attn_mlp_gate": b["ffw_gate"].reshape(1)})
   proj = p["resampler"]["projection"]
   out["model.multi_modal_projector.weight"] = proj["kernel"].T
   out["model.multi_modal_projector.bias"] = proj["bias"]
